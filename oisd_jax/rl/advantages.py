@@ -1,0 +1,106 @@
+"""Outcome advantages for group-sampled rollouts (METHOD.md, "GRPO" and its baselines).
+
+Every estimator maps rewards [B, G] (B prompts x G rollouts, grouped by prompt) to one
+scalar advantage per rollout [B, G]; the step broadcasts it over the response tokens.
+All functions are pure jnp and jit-safe; G is static (an array shape), so the G == 1
+special cases are Python branches, not traced ones.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def _all_equal(x_BG: Array) -> Array:
+    """[B, 1] bool: the group's rewards are all equal.
+
+    Equal rewards must give an advantage of exactly 0, but mean() of equal floats need
+    not reproduce them bit-for-bit (3 x 0.1 sums to 0.30000000000000004), so the zero
+    is forced instead of trusted to cancellation.
+    """
+    return jnp.max(x_BG, axis=-1, keepdims=True) == jnp.min(x_BG, axis=-1, keepdims=True)
+
+
+def grpo(rewards_BG: Array, eps: float = 1e-6, norm_by_std: bool = True) -> Array:
+    """GRPO advantage A = (R - mean_g R) / (std_g R + eps), std unbiased (ddof=1).
+
+    A group of one sample has mean 0 and std 1 (verl's convention), so A = R / (1 + eps)
+    (or A = R with norm_by_std=False). Equal rewards in a group give exactly 0.
+    """
+    r = rewards_BG.astype(jnp.float32)
+    g = r.shape[-1]
+    if g == 1:
+        return r / (1.0 + eps) if norm_by_std else r
+    centered = r - jnp.mean(r, axis=-1, keepdims=True)
+    if norm_by_std:
+        std = jnp.std(r, axis=-1, keepdims=True, ddof=1)
+        centered = centered / (std + eps)
+    return jnp.where(_all_equal(r), 0.0, centered)
+
+
+def dr_grpo(rewards_BG: Array) -> Array:
+    """Dr.GRPO advantage A = R - mean_g R (no std division); G == 1 gives A = R."""
+    return grpo(rewards_BG, norm_by_std=False)
+
+
+def rloo(rewards_BG: Array) -> Array:
+    """RLOO: A_i = R_i - mean_{j != i} R_j = G / (G - 1) * (R_i - mean_g R).
+
+    G == 1 has no other sample to form a baseline; like verl we use baseline 0, so
+    A = R (the same convention as GRPO's "group of one has mean 0").
+    """
+    r = rewards_BG.astype(jnp.float32)
+    g = r.shape[-1]
+    if g == 1:
+        return r
+    adv = (r - jnp.mean(r, axis=-1, keepdims=True)) * (g / (g - 1))
+    return jnp.where(_all_equal(r), 0.0, adv)
+
+
+def reinforce_pp(
+    rewards_BG: Array, mask_BG: Array | None = None, eps: float = 1e-6
+) -> Array:
+    """REINFORCE++ (outcome reward, gamma = 1): returns whitened over the whole batch.
+
+    A = (R - mean) / (std + eps), mean and unbiased std over every rollout of the batch
+    (not per group). `mask_BG` (bool or float, optional) selects / weights rollouts:
+    the weights act as frequency weights, mean = sum(w R) / sum(w) and
+    var = sum(w (R - mean)^2) / (sum(w) - 1). Passing each rollout's number of response
+    tokens as the weight reproduces verl's token-level `masked_whiten` of the returns
+    (which weights sequences by their length); verl normalises with rsqrt(var + 1e-8)
+    where we use 1 / (std + eps), a difference below 1e-6 relative. Masked-out rollouts
+    get A = 0; a batch of equal rewards gives exactly 0.
+    """
+    r = rewards_BG.astype(jnp.float32)
+    w = jnp.ones_like(r) if mask_BG is None else mask_BG.astype(jnp.float32)
+    n = jnp.sum(w)
+    mean = jnp.sum(w * r) / jnp.maximum(n, 1e-12)
+    var = jnp.sum(w * (r - mean) ** 2) / jnp.maximum(n - 1.0, 1e-12)
+    adv = (r - mean) / (jnp.sqrt(var) + eps)
+    in_batch = w > 0
+    r_in_max = jnp.max(jnp.where(in_batch, r, -jnp.inf))
+    r_in_min = jnp.min(jnp.where(in_batch, r, jnp.inf))
+    # One rollout, or all rewards equal: no signal. n <= 1 would also divide by ~0.
+    degenerate = (r_in_max == r_in_min) | (n <= 1.0)
+    return jnp.where(in_batch & ~degenerate, adv, 0.0)
+
+
+ESTIMATORS: dict[str, Callable[..., Array]] = {
+    "grpo": grpo,
+    "dr_grpo": dr_grpo,
+    "rloo": rloo,
+    "reinforce_pp": reinforce_pp,
+}
+_ALIASES = {"dr.grpo": "dr_grpo", "drgrpo": "dr_grpo", "reinforce++": "reinforce_pp"}
+
+
+def compute(name: str, rewards_BG: Array, **kwargs) -> Array:
+    """Dispatch by config name ('grpo', 'dr_grpo', 'rloo', 'reinforce_pp')."""
+    key = _ALIASES.get(name.lower(), name.lower())
+    if key not in ESTIMATORS:
+        raise ValueError(f"unknown advantage estimator {name!r}; choose from {sorted(ESTIMATORS)}")
+    return ESTIMATORS[key](rewards_BG, **kwargs)

@@ -1,0 +1,119 @@
+"""Advantage estimators vs float64 NumPy references written from METHOD.md / verl."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from oisd_jax.rl import advantages
+
+
+def np_grpo(r, eps=1e-6, norm_by_std=True):
+    r = np.asarray(r, np.float64)
+    out = np.zeros_like(r)
+    for b in range(r.shape[0]):
+        g = r[b]
+        if len(g) == 1:  # a group of one sample has mean 0, std 1
+            mean, std = 0.0, 1.0
+        else:
+            mean, std = g.mean(), g.std(ddof=1)
+        out[b] = (g - mean) / (std + eps) if norm_by_std else g - mean
+    return out
+
+
+def np_rloo(r):
+    r = np.asarray(r, np.float64)
+    b, g = r.shape
+    if g == 1:
+        return r.copy()
+    out = np.zeros_like(r)
+    for i in range(b):
+        for j in range(g):
+            out[i, j] = r[i, j] - np.delete(r[i], j).mean()
+    return out
+
+
+def np_reinforce_pp(r, w=None, eps=1e-6):
+    r = np.asarray(r, np.float64)
+    w = np.ones_like(r) if w is None else np.asarray(w, np.float64)
+    # Expand frequency weights into repeated samples: the definition, not the formula.
+    samples = np.repeat(r.ravel(), w.ravel().astype(int))
+    mean, std = samples.mean(), samples.std(ddof=1)
+    return np.where(w > 0, (r - mean) / (std + eps), 0.0)
+
+
+@pytest.fixture
+def rewards():
+    rng = np.random.default_rng(0)
+    r = rng.integers(0, 2, size=(5, 8)).astype(np.float32)
+    r[0] = 1.0  # all correct
+    r[1] = 0.0  # all wrong
+    r[2] = rng.normal(size=8)  # continuous rewards too
+    return r
+
+
+def test_grpo_matches_reference(rewards):
+    out = np.asarray(jax.jit(advantages.grpo)(rewards))
+    np.testing.assert_allclose(out, np_grpo(rewards), rtol=1e-5, atol=1e-6)
+    assert np.all(out[:2] == 0.0)  # equal rewards -> exactly 0
+
+
+def test_grpo_equal_rewards_exact_zero_for_inexact_mean():
+    # mean(0.1, 0.1, 0.1) != 0.1 in floating point; the advantage must still be 0.
+    r = jnp.full((2, 3), 0.1, jnp.float32)
+    for fn in (advantages.grpo, advantages.dr_grpo, advantages.rloo):
+        assert np.all(np.asarray(fn(r)) == 0.0)
+    assert np.all(np.asarray(advantages.reinforce_pp(r)) == 0.0)
+
+
+def test_grpo_group_of_one():
+    r = np.array([[1.0], [0.0], [0.5]], np.float32)
+    np.testing.assert_allclose(advantages.grpo(r), np_grpo(r), rtol=1e-6)
+    np.testing.assert_allclose(advantages.dr_grpo(r), r)
+    np.testing.assert_allclose(advantages.rloo(r), r)
+
+
+def test_dr_grpo(rewards):
+    np.testing.assert_allclose(advantages.dr_grpo(rewards), np_grpo(rewards, norm_by_std=False),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_rloo(rewards):
+    out = jax.jit(advantages.rloo)(rewards)
+    np.testing.assert_allclose(out, np_rloo(rewards), rtol=1e-5, atol=1e-6)
+
+
+def test_reinforce_pp_batch_whitening(rewards):
+    out = np.asarray(jax.jit(advantages.reinforce_pp)(rewards))
+    np.testing.assert_allclose(out, np_reinforce_pp(rewards), rtol=1e-5, atol=1e-6)
+    # Whitened over the whole batch, not per group: a uniform group is not zeroed.
+    assert np.all(out[0] > 0) and np.all(out[1] < 0)
+
+
+def test_reinforce_pp_mask_and_token_weights(rewards):
+    rng = np.random.default_rng(1)
+    mask = (rng.random(rewards.shape) > 0.3).astype(np.float32)
+    np.testing.assert_allclose(advantages.reinforce_pp(rewards, mask), np_reinforce_pp(rewards, mask),
+                               rtol=1e-5, atol=1e-6)
+    lengths = rng.integers(0, 20, size=rewards.shape).astype(np.float32)  # verl's token weighting
+    np.testing.assert_allclose(advantages.reinforce_pp(rewards, lengths),
+                               np_reinforce_pp(rewards, lengths), rtol=1e-5, atol=1e-6)
+
+
+def test_reinforce_pp_degenerate_batches():
+    one = np.zeros((2, 2), np.float32)
+    one[0, 0] = 1.0
+    m = np.zeros((2, 2), np.float32)
+    m[0, 0] = 1.0
+    assert np.all(np.asarray(advantages.reinforce_pp(one, m)) == 0.0)  # one rollout
+    assert np.all(np.asarray(advantages.reinforce_pp(one, np.zeros_like(m))) == 0.0)
+
+
+def test_compute_dispatch(rewards):
+    np.testing.assert_allclose(advantages.compute("GRPO", rewards, eps=1e-3),
+                               np_grpo(rewards, eps=1e-3), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(advantages.compute("reinforce++", rewards),
+                               np_reinforce_pp(rewards), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(advantages.compute("rloo", rewards), np_rloo(rewards),
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError):
+        advantages.compute("ppo", rewards)
