@@ -1,0 +1,353 @@
+"""RL losses vs float64 NumPy references (METHOD.md formulas, verl conventions)."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from oisd_jax.rl import losses
+
+RTOL, ATOL = 2e-5, 2e-6
+
+
+# ---------------------------------------------------------------- NumPy references
+
+
+def np_softmax(z):
+    z = np.asarray(z, np.float64)
+    mx = np.max(np.where(np.isfinite(z), z, -np.inf), axis=-1, keepdims=True)
+    mx = np.where(np.isfinite(mx), mx, 0.0)
+    e = np.exp(z - mx)  # exp(-inf) = 0
+    s = e.sum(-1, keepdims=True)
+    return np.divide(e, s, out=np.zeros_like(e), where=s > 0)
+
+
+def np_kl(p, q):
+    """sum p log(p/q) with 0 log 0 = 0."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.where(p > 0, p * (np.log(p) - np.log(q)), 0.0)
+    return t.sum(-1)
+
+
+def np_js(zs, zt, temp=1.0, beta=0.5):
+    ps, pt = np_softmax(np.asarray(zs, np.float64) / temp), np_softmax(np.asarray(zt, np.float64) / temp)
+    m = beta * pt + (1 - beta) * ps
+    return beta * np_kl(pt, m) + (1 - beta) * np_kl(ps, m)
+
+
+def np_policy(logp, old, adv, mask, el=0.2, eh=0.2, c=10.0, clamp=20.0):
+    """verl's compute_policy_loss, element by element."""
+    logp, old, adv, mask = (np.asarray(x, np.float64) for x in (logp, old, adv, mask))
+    adv = np.broadcast_to(adv[:, None] if adv.ndim == 1 else adv, logp.shape)
+    out = np.zeros_like(logp)
+    for idx in np.ndindex(logp.shape):
+        a, r = adv[idx], np.exp(np.clip(logp[idx] - old[idx], -clamp, clamp))
+        l = max(-a * r, -a * min(max(r, 1 - el), 1 + eh))
+        if a < 0 and c is not None:
+            l = min(l, -a * c)
+        out[idx] = l
+    return (out * mask).sum() / mask.sum(), out
+
+
+# ---------------------------------------------------------------- aggregation
+
+
+def _rand_batch(seed, b=4, t=7):
+    rng = np.random.default_rng(seed)
+    loss = rng.normal(size=(b, t)).astype(np.float32)
+    mask = (rng.random((b, t)) > 0.3).astype(np.float32)
+    mask[-1] = 0.0  # a padding row: must not count as a sequence
+    return loss, mask
+
+
+def test_aggregate_modes_vs_numpy():
+    loss, mask = _rand_batch(0)
+    l64, m64 = loss.astype(np.float64), mask.astype(np.float64)
+    rows = m64.sum(-1) > 0
+    ref = {
+        "token-mean": (l64 * m64).sum() / m64.sum(),
+        "seq-mean-token-mean": np.mean([(l64[i] * m64[i]).sum() / m64[i].sum() for i in np.where(rows)[0]]),
+        "seq-mean-token-sum": np.mean([(l64[i] * m64[i]).sum() for i in np.where(rows)[0]]),
+    }
+    for mode, want in ref.items():
+        got = jax.jit(functools.partial(losses.aggregate, mode=mode))(loss, mask)
+        np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL, err_msg=mode)
+    np.testing.assert_allclose(
+        losses.aggregate(loss, mask, "seq-mean-token-sum", norm_len=16.0),
+        ref["seq-mean-token-sum"] / 16.0, rtol=RTOL)
+    with pytest.raises(ValueError):
+        losses.aggregate(loss, mask, "token-sum")
+
+
+def test_aggregate_packed_segments():
+    # Two rows, each packing several sequences (segment 0 = padding).
+    rng = np.random.default_rng(1)
+    loss = rng.normal(size=(2, 8)).astype(np.float32)
+    seg = np.array([[1, 1, 1, 2, 2, 3, 0, 0], [1, 1, 1, 1, 2, 2, 2, 2]], np.int32)
+    mask = (seg > 0).astype(np.float32)
+    mask[0, 0] = mask[1, 4] = 0.0  # prompt-like masked tokens inside sequences
+    seqs = [(r, s) for r in range(2) for s in range(1, 4) if (seg[r] == s).any()]
+    per_mean, per_sum = [], []
+    for r, s in seqs:
+        sel = seg[r] == s
+        per_sum.append((loss[r, sel] * mask[r, sel]).astype(np.float64).sum())
+        per_mean.append(per_sum[-1] / mask[r, sel].sum())
+    for mode, want in (("seq-mean-token-mean", np.mean(per_mean)), ("seq-mean-token-sum", np.mean(per_sum))):
+        got = losses.aggregate(loss, mask, mode, segment_ids_BT=seg)
+        np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL, err_msg=mode)
+    np.testing.assert_allclose(losses.aggregate_denom(mask, "seq-mean-token-mean", segment_ids_BT=seg), 5)
+
+
+@pytest.mark.parametrize("mode", losses.AGG_MODES)
+def test_aggregate_global_denominator_sums_exactly_over_micro_batches(mode):
+    loss, mask = _rand_batch(2, b=6)
+    full = losses.aggregate(loss, mask, mode)
+    den = losses.aggregate_denom(mask, mode)
+    parts = [losses.aggregate(loss[i:i + 2], mask[i:i + 2], mode, denom=den) for i in range(0, 6, 2)]
+    np.testing.assert_allclose(sum(parts), full, rtol=1e-6)
+    # and the gradients add up too
+    g_full = jax.grad(lambda l: losses.aggregate(l, mask, mode))(loss)
+    g_parts = np.concatenate([jax.grad(lambda l, m=mask[i:i + 2]: losses.aggregate(l, m, mode, denom=den))(
+        loss[i:i + 2]) for i in range(0, 6, 2)])
+    np.testing.assert_allclose(g_parts, g_full, rtol=1e-6)
+
+
+def test_aggregate_all_masked_is_zero():
+    loss, _ = _rand_batch(3)
+    for mode in losses.AGG_MODES:
+        assert float(losses.aggregate(loss, np.zeros_like(loss), mode)) == 0.0
+
+
+# ---------------------------------------------------------------- policy loss
+
+
+def _policy_regions():
+    """Ratios and advantages that hit every branch of the clipped objective."""
+    log_r = np.log(np.array([
+        [1.05, 1.5, 0.5, 1.0, 0.9],   # A > 0: inside, above 1+eps (clip), below 1-eps (no clip), r=1
+        [1.05, 0.5, 1.5, 5.0, 20.0],  # A < 0: inside, below 1-eps (clip), above, <c, > c (dual)
+        [0.5, 2.0, 30.0, 1.0, 0.1],   # A = 0 / mixed-sign per-token advantages
+    ]))
+    old = np.random.default_rng(4).normal(size=log_r.shape) - 3.0
+    logp = (old + log_r).astype(np.float32)
+    adv = np.array([[0.7] * 5, [-1.3] * 5, [0.0, 2.0, -0.4, -1.0, 0.5]], np.float32)
+    mask = np.ones_like(logp)
+    mask[2, 4] = 0.0
+    logp[2, 4] = np.nan  # junk at a masked position must not leak into loss or grads
+    return logp, old.astype(np.float32), adv, mask
+
+
+def test_policy_loss_regions_and_clip_fractions():
+    logp, old, adv, mask = _policy_regions()
+    loss, metrics = jax.jit(losses.policy_loss)(logp, old, adv, mask)
+    want, per_tok = np_policy(np.nan_to_num(logp), old, adv, mask)
+    np.testing.assert_allclose(loss, want, rtol=RTOL)
+    n = mask.sum()
+    # A>0 & r>1.2: (0,1), (2,1) [r=2], (2,4) masked -> 2. A<0 & r<0.8: (1,1) -> 1.
+    # A<0 & r>10: (1,4), (2,2) [r=e^20 after the clamp] -> 2.
+    np.testing.assert_allclose(metrics["clip_frac_high"], 2 / n, rtol=1e-6)
+    np.testing.assert_allclose(metrics["clip_frac_low"], 1 / n, rtol=1e-6)
+    np.testing.assert_allclose(metrics["clip_frac_dual"], 2 / n, rtol=1e-6)
+    r = np.exp(np.clip(np.nan_to_num(logp).astype(np.float64) - old, -20, 20))
+    np.testing.assert_allclose(metrics["ratio_mean"], (r * mask).sum() / n, rtol=1e-5)
+    k3 = (r - 1) - np.log(r)
+    np.testing.assert_allclose(metrics["approx_kl"], (k3 * mask).sum() / n, rtol=1e-5)
+    # Gradient: -A r where the unclipped term is active, 0 where a clip binds.
+    g = jax.grad(lambda lp: losses.policy_loss(lp, old, adv, mask)[0])(logp)
+    a = adv.astype(np.float64)
+    lr = np.nan_to_num(logp).astype(np.float64) - old
+    active = np.isclose(per_tok, -a * r) & (np.abs(lr) < 20)
+    active &= ~((a > 0) & (r > 1.2)) & ~((a < 0) & (r < 0.8)) & ~((a < 0) & (r > 10))
+    want_g = np.where(active & (mask > 0), -a * r, 0.0) / n
+    np.testing.assert_allclose(g, want_g, rtol=1e-5, atol=1e-7)
+    assert np.all(np.isfinite(g))
+
+
+def test_policy_loss_asymmetric_clip_no_dual_and_seq_adv():
+    rng = np.random.default_rng(5)
+    old = rng.normal(size=(3, 6)).astype(np.float32)
+    logp = (old + rng.normal(scale=0.8, size=old.shape)).astype(np.float32)
+    adv_b = np.array([1.0, -2.0, 0.3], np.float32)
+    mask = (rng.random(old.shape) > 0.2).astype(np.float32)
+    loss, _ = losses.policy_loss(logp, old, adv_b, mask, clip_low=0.1, clip_high=0.28, dual_clip=None)
+    want, _ = np_policy(logp, old, adv_b, mask, el=0.1, eh=0.28, c=None)
+    np.testing.assert_allclose(loss, want, rtol=RTOL)
+    loss_d, _ = losses.policy_loss(logp, old, adv_b, mask, dual_clip=3.0)
+    np.testing.assert_allclose(loss_d, np_policy(logp, old, adv_b, mask, c=3.0)[0], rtol=RTOL)
+
+
+def test_policy_loss_on_policy_is_minus_advantage():
+    rng = np.random.default_rng(6)
+    logp = rng.normal(size=(2, 5)).astype(np.float32)
+    adv = np.array([0.5, -1.5], np.float32)
+    mask = np.ones_like(logp)
+    loss, m = losses.policy_loss(logp, logp, adv, mask)
+    np.testing.assert_allclose(loss, -adv.mean(), rtol=1e-6)
+    assert float(m["approx_kl"]) == 0.0 and float(m["ratio_mean"]) == 1.0
+    assert losses.bupo_policy_loss(logp, logp, adv, mask)[0] == loss
+
+
+def test_kl_penalty_estimators():
+    rng = np.random.default_rng(7)
+    logp = rng.normal(size=(3, 5)).astype(np.float32)
+    ref = (logp + rng.normal(scale=2.0, size=logp.shape)).astype(np.float32)
+    ref[0, 0] = logp[0, 0] + 25.0  # exercises the +-20 log-ratio clamp and the +-10 clamp
+    d = logp.astype(np.float64) - ref
+    np.testing.assert_allclose(losses.kl_penalty(logp, ref, "k1"), d, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(losses.kl_penalty(logp, ref, "k2"), 0.5 * d ** 2, rtol=1e-5, atol=1e-6)
+    lr = np.clip(-d, -20, 20)
+    k3 = np.clip(np.exp(lr) - lr - 1, -10, 10)
+    np.testing.assert_allclose(losses.kl_penalty(logp, ref, "low_var_kl"), k3, rtol=1e-5, atol=1e-6)
+    assert float(losses.kl_penalty(logp, ref, "k3")[0, 0]) == 10.0
+    np.testing.assert_allclose(losses.kl_penalty(logp, ref, "abs"), np.abs(d), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError):
+        losses.kl_penalty(logp, ref, "k4")
+
+
+# ---------------------------------------------------------------- JS divergence
+
+
+@pytest.mark.parametrize("assume_finite", [False, True])
+def test_js_matches_numpy(assume_finite):
+    rng = np.random.default_rng(8)
+    zs = rng.normal(scale=3.0, size=(3, 4, 50)).astype(np.float32)
+    zt = rng.normal(scale=3.0, size=(3, 4, 50)).astype(np.float32)
+    for temp, beta in ((1.0, 0.5), (0.7, 0.5), (1.3, 0.3)):
+        f = jax.jit(functools.partial(losses.js_divergence, temperature=temp, beta=beta,
+                                      assume_finite=assume_finite))
+        np.testing.assert_allclose(f(zs, zt), np_js(zs, zt, temp, beta), rtol=1e-4, atol=1e-6)
+    js = np.asarray(losses.js_divergence(zs, zt))
+    assert np.all(js >= -1e-7) and np.all(js <= np.log(2) + 1e-6)
+    np.testing.assert_allclose(losses.js_divergence(zs, zs), 0.0, atol=1e-6)
+
+
+def test_js_with_neg_inf_entries_and_empty_rows():
+    rng = np.random.default_rng(9)
+    zs = rng.normal(size=(5, 6)).astype(np.float32)
+    zt = rng.normal(size=(5, 6)).astype(np.float32)
+    zs[0, 4:] = zt[0, 4:] = -np.inf  # same masked keys in both
+    zs[1, 0] = -np.inf  # student excludes a key the teacher has
+    zt[2, 5] = -np.inf  # and the reverse
+    zs[3, :] = zt[3, :] = -np.inf  # an empty row
+    zs[4, :3], zt[4, 3:] = -np.inf, -np.inf  # disjoint supports: JS = log 2
+    want = np_js(zs, zt)
+    want[3] = 0.0
+    got = jax.jit(losses.js_divergence)(zs, zt)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got[4], np.log(2), rtol=1e-6)
+    # masked keys behave exactly like deleting them
+    np.testing.assert_allclose(got[0], losses.js_divergence(zs[0, :4], zt[0, :4]), rtol=1e-6)
+    g = jax.grad(lambda z: jnp.sum(losses.js_divergence(z, zt)))(zs)
+    assert np.all(np.isfinite(g))
+    assert np.all(np.asarray(g)[~np.isfinite(zs)] == 0.0)
+
+
+def test_js_underflow_is_finite():
+    # Probabilities that underflow to 0 in f32 (logit gaps of 1e3) must not give NaN.
+    zs = np.array([[0.0, 1000.0, -1000.0, 5.0]], np.float32)
+    zt = np.array([[1000.0, 0.0, 3.0, -1000.0]], np.float32)
+    for af in (False, True):
+        v, g = jax.value_and_grad(lambda z: jnp.sum(losses.js_divergence(z, zt, assume_finite=af)))(zs)
+        np.testing.assert_allclose(v, np.log(2), rtol=1e-6)
+        assert np.all(np.isfinite(g))
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.5, 2.0])
+def test_js_gradient_closed_form(tau):
+    """METHOD (paper A.3): dJS/dz_s = (1/tau) p_s (g - <p_s, g>), g = 1/2 log(p_s/m); 0 for the teacher."""
+    rng = np.random.default_rng(10)
+    zs = rng.normal(scale=2.0, size=(4, 30)).astype(np.float32)
+    zt = rng.normal(scale=2.0, size=(4, 30)).astype(np.float32)
+    gs, gt = jax.grad(lambda a, b: jnp.sum(losses.js_divergence(a, b, temperature=tau)), argnums=(0, 1))(zs, zt)
+    ps, pt = np_softmax(zs / tau), np_softmax(zt.astype(np.float64) / tau)
+    g = 0.5 * np.log(ps / (0.5 * (ps + pt)))
+    want = ps * (g - (ps * g).sum(-1, keepdims=True)) / tau
+    np.testing.assert_allclose(gs, want, rtol=1e-4, atol=1e-7)
+    assert np.all(np.asarray(gt) == 0.0)
+    gs_f = jax.grad(lambda a: jnp.sum(losses.js_divergence(a, zt, tau, assume_finite=True)))(zs)
+    np.testing.assert_allclose(gs_f, want, rtol=1e-4, atol=1e-7)
+
+
+def test_entropy_helper():
+    rng = np.random.default_rng(11)
+    z = rng.normal(size=(3, 9)).astype(np.float32)
+    z[1, :4] = -np.inf
+    p = np_softmax(z / 0.8)
+    want = -np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0).sum(-1)
+    np.testing.assert_allclose(losses.entropy(z, 0.8), want, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- OISD losses
+
+
+def test_think_loss_signed_and_global_denominator():
+    rng = np.random.default_rng(12)
+    js = rng.random((4, 6)).astype(np.float32) * 0.5
+    adv_b = np.array([2.5, -0.4, -3.0, 0.7], np.float32)
+    mask = (rng.random((4, 6)) > 0.3).astype(np.float32)
+    mask[1] = 0.0  # all-masked row
+    w = np.clip(adv_b, -1.0, 1.0)[:, None]
+    want = (w * js * mask).sum() / mask.sum()
+    np.testing.assert_allclose(jax.jit(losses.think_loss)(js, adv_b, mask), want, rtol=1e-6)
+    adv_bt = np.repeat(adv_b[:, None], 6, 1)
+    np.testing.assert_allclose(losses.think_loss(js, adv_bt, mask), want, rtol=1e-6)
+    np.testing.assert_allclose(losses.think_loss(js, adv_b, mask, adv_clip=2.0),
+                               (np.clip(adv_b, -2, 2)[:, None] * js * mask).sum() / mask.sum(), rtol=1e-6)
+    assert float(losses.think_loss(js, -np.abs(adv_b), mask)) < 0  # negative advantages push away
+    parts = losses.think_loss(js[:2], adv_b[:2], mask[:2], denom=mask.sum()) + \
+        losses.think_loss(js[2:], adv_b[2:], mask[2:], denom=mask.sum())
+    np.testing.assert_allclose(parts, want, rtol=1e-6)
+    assert float(losses.think_loss(js, adv_b, np.zeros_like(mask))) == 0.0
+
+
+def np_attention_loss(s, t, w, valid, c=1.0):
+    total, n = 0.0, 0
+    for b, q in np.ndindex(valid.shape):
+        if valid[b, q]:
+            total += np.clip(w[b, q], -c, c) * np_js(s[b, q], t[b, q]).mean()
+            n += 1
+    return total / max(n, 1)
+
+
+def _attention_inputs(seed=13, b=2, q=3, h=4, k=10):
+    rng = np.random.default_rng(seed)
+    s = rng.normal(scale=2.0, size=(b, q, h, k)).astype(np.float32)
+    t = rng.normal(scale=2.0, size=(b, q, h, k)).astype(np.float32)
+    n_keys = rng.integers(1, k + 1, size=(b, q))
+    unused = np.arange(k)[None, None, :] >= n_keys[..., None]  # padded key slots
+    s[np.broadcast_to(unused[:, :, None, :], s.shape)] = -np.inf
+    t[np.broadcast_to(unused[:, :, None, :], t.shape)] = -np.inf
+    w = np.array([[1.7, 1.7, 1.7], [-0.6, -0.6, -0.6]], np.float32)
+    valid = np.array([[1, 1, 0], [1, 1, 1]], np.float32)
+    s[0, 2] = t[0, 2] = -np.inf  # an invalid step: every key unused
+    s[0, 2, 0, 0] = np.nan  # junk in an invalid row must not leak either
+    return s, t, w, valid
+
+
+def test_attention_loss_vs_numpy_and_finite_grads():
+    s, t, w, valid = _attention_inputs()
+    got = jax.jit(losses.attention_loss)(s, t, w, valid)
+    np.testing.assert_allclose(got, np_attention_loss(s, t, w, valid), rtol=1e-5)
+    gs, gt = jax.grad(losses.attention_loss, argnums=(0, 1))(s, t, w, valid)
+    assert np.all(np.isfinite(gs)) and np.all(np.asarray(gt) == 0.0)
+    gs = np.asarray(gs)
+    assert np.all(gs[0, 2] == 0.0) and np.all(gs[~np.isfinite(s)] == 0.0)
+    # per-step closed form: d/ds = clip(w) / (n_valid * H) * dJS/dz_s
+    ps, pt = np_softmax(s[1, 0]), np_softmax(t[1, 0])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        g = np.where(ps > 0, 0.5 * np.log(ps / (0.5 * (ps + pt))), 0.0)
+    want = ps * (g - (ps * g).sum(-1, keepdims=True)) * (-0.6) / (valid.sum() * s.shape[2])
+    np.testing.assert_allclose(gs[1, 0], want, rtol=1e-4, atol=1e-8)
+
+
+def test_attention_loss_all_invalid_and_denominator():
+    s, t, w, valid = _attention_inputs(seed=14)
+    zero = np.zeros_like(valid)
+    v, g = jax.value_and_grad(losses.attention_loss)(s, t, w, zero)
+    assert float(v) == 0.0 and np.all(np.asarray(g) == 0.0)
+    full = losses.attention_loss(s, t, w, valid)
+    den = valid.sum()
+    parts = sum(losses.attention_loss(s[i:i + 1], t[i:i + 1], w[i:i + 1], valid[i:i + 1], denom=den)
+                for i in range(2))
+    np.testing.assert_allclose(parts, full, rtol=1e-6)
