@@ -1,0 +1,53 @@
+"""Settings shared by the paper's four model configs (METHOD.md); not a config on its own.
+
+A model file calls `get_config(hf_path=..., tap_layer=..., max_new_tokens=...)`. The data
+paths are placeholders: point them at your copies (`--config.data.train_path=...`, or
+`paper.get_config(data_dir=...)`).
+"""
+from __future__ import annotations
+
+import pathlib
+
+import ml_collections
+
+from oisd_jax.config import import_config_module
+
+base = import_config_module(pathlib.Path(__file__).with_name("base.py"))
+
+
+def get_config(*, hf_path: str, tap_layer: int, max_new_tokens: int,
+               data_dir: str = "/path/to/data") -> ml_collections.ConfigDict:
+    c = base.get_config()
+    c.model.hf_path = hf_path
+    c.model.dtype = "bfloat16"  # bf16 compute, f32 master weights and moments
+    c.model.param_dtype = "float32"
+    c.model.remat_policy = "nothing_saveable"
+    c.model.attn_impl = "cudnn"  # GPU; use 'blocked' on TPU (xla's T x T scores do not fit 8k)
+
+    c.data.format = "parquet"
+    c.data.train_path = f"{data_dir}/deepmath-5k.parquet"
+    c.data.max_prompt_len = 1024
+    c.data.truncation = "left"
+    c.data.eval_sets = base.paper_eval_sets(data_dir)
+
+    c.sampler.max_new_tokens = max_new_tokens
+    c.sampler.temperature = 1.0
+    c.sampler.top_p = 1.0
+    c.sampler.top_k = 0
+    c.sampler.n = 8
+
+    c.rl.algorithm = "oisd"
+    c.rl.tap_layer = tap_layer
+    c.rl.clip_low = c.rl.clip_high = 0.2
+    c.rl.dual_clip = 10.0
+    c.rl.kl_coef = 0.0
+    c.rl.entropy_coef = 0.0
+
+    c.optim.lr = 1e-6
+    c.optim.schedule = "constant"
+
+    c.train.steps = 300
+    c.train.prompts_per_step = 128
+    c.train.mini_batch_prompts = 32
+    c.train.sft_warmup_steps = 0
+    return c

@@ -1,0 +1,57 @@
+"""The embedded default: the built-in 4-layer model on the synthetic arithmetic task.
+
+Sized so a 2-core CPU run (supervised warm-up, then OISD) finishes in minutes, in float32
+(CPUs have no bf16 matmul units). `--config=configs/tiny.py:grpo` gives the GRPO baseline.
+"""
+from __future__ import annotations
+
+import pathlib
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+from oisd_jax.config import apply_arg, import_config_module
+
+base = import_config_module(pathlib.Path(__file__).with_name("base.py"))
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    c = base.get_config()
+    c.model.preset = "tiny"
+    c.model.dtype = "float32"
+    c.model.remat_policy = "none"  # activations are tiny; recompute would only cost time
+
+    c.data.format = "synthetic"
+    c.data.max_prompt_len = 64
+    c.data.eval_sets = ml_collections.ConfigDict({"synthetic": {"path": placeholder(str), "k": 4}})
+
+    c.sampler.max_new_tokens = 16  # "\boxed{123}<eos>" plus a little slack
+    c.sampler.n = 4
+    c.sampler.prompt_bucket = 16
+    c.sampler.batch_size = 16
+    c.sampler.kv_dtype = "float32"
+
+    c.rl.algorithm = "oisd"
+    c.rl.tap_layer = 2  # of 4 blocks
+    c.rl.attn_steps = 4
+    c.rl.attn_window = 8
+    c.rl.attn_stride = 8
+    c.rl.logit_chunk = 256
+    c.rl.micro_batch_tokens = 4096
+    c.rl.bupo_steps = 10
+
+    c.optim.lr = 1e-4  # a tiny model moves visibly in tens of steps only at a larger lr
+
+    c.train.steps = 40
+    c.train.prompts_per_step = 16
+    c.train.mini_batch_prompts = 8
+    c.train.sft_warmup_steps = 200  # a random model never boxes an answer: no reward signal
+    c.train.sft_lr = 1e-3
+    c.train.sft_batch_size = 32
+    c.train.eval_every = 10
+    c.train.eval_prompts = 64
+    c.train.checkpoint_every = 20
+    c.train.keep_checkpoints = 2
+    c.train.reward_workers = 2
+    c.train.reward_timeout_s = 2.0
+    return apply_arg(c, arg)
