@@ -1,0 +1,192 @@
+"""Checkpoints: train state + data-iterator state + PRNG key + config, one orbax step each.
+
+A thin layer over `orbax.checkpoint.CheckpointManager` (orbax-checkpoint 0.12.8):
+
+- one step directory `<dir>/<step>/` with four items: `state` (the train-state pytree,
+  `StandardSave`: tensorstore/OCDBT, written shard-by-shard by the processes that hold
+  them), `data` (the input pipeline's state), `rng` (the PRNG key as JSON) and `config`;
+- atomic: orbax writes `<step>.orbax-checkpoint-tmp` and renames it once every process
+  has finished (on GCS it writes a commit marker instead), so a crash mid-save leaves no
+  half-written step that `latest_step()` would return; leftover tmp folders are removed
+  when a manager opens the directory;
+- async: `save` returns once device arrays are copied to host memory (so the caller may
+  donate or overwrite them right away); the files are written in the background. Call
+  `wait_until_finished()` before reading the files or exiting;
+- keep-N: only the newest `max_to_keep` steps are kept;
+- restore reads straight into the shardings of an abstract pytree (ShapeDtypeStructs with
+  `.sharding`), so no host ever holds the whole model; a latest step that cannot be read
+  is skipped with a warning and the previous one is used.
+
+Every process must call every method (orbax coordinates the processes; process 0 writes
+the JSON items and finalises the step).
+"""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import logging
+import os
+import warnings
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+_ITEMS = ("state", "data", "rng", "config")
+_BYTES_KEY = "__bytes_b64__"
+
+
+@dataclasses.dataclass
+class Restored:
+    step: int
+    state: Any  # the train-state pytree, sharded like the abstract state given to restore
+    data_state: Any  # as given to save (JSON values; bytes round-trip too)
+    rng: jax.Array | None  # same kind as saved: typed key or raw uint32 key data
+    config: dict | None  # the saved config as a plain dict (tuples come back as lists)
+
+
+def _encode_json(x: Any) -> Any:
+    """JSON-safe copy; bytes (e.g. a serialized iterator state) become base64 strings."""
+    if isinstance(x, (bytes, bytearray)):
+        return {_BYTES_KEY: base64.b64encode(bytes(x)).decode("ascii")}
+    if isinstance(x, dict):
+        return {str(k): _encode_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_encode_json(v) for v in x]
+    if isinstance(x, np.generic):
+        return x.item()
+    return x
+
+
+def _decode_json(x: Any) -> Any:
+    if isinstance(x, dict):
+        if set(x) == {_BYTES_KEY}:
+            return base64.b64decode(x[_BYTES_KEY])
+        return {k: _decode_json(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_decode_json(v) for v in x]
+    return x
+
+
+def _config_to_dict(config: Any) -> dict | None:
+    if config is None:
+        return None
+    if hasattr(config, "to_json_best_effort"):  # ml_collections.ConfigDict
+        return json.loads(config.to_json_best_effort())
+    return json.loads(json.dumps(_encode_json(dict(config)), default=str))
+
+
+def _rng_to_json(rng: Any) -> dict | None:
+    if rng is None:
+        return None
+    typed = jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
+    impl = str(jax.random.key_impl(rng)) if typed else None
+    data = jax.random.key_data(rng) if typed else rng
+    if isinstance(data, jax.Array) and not data.is_fully_addressable:
+        data = data.addressable_data(0)  # keys are replicated: every shard is the whole key
+    data = np.asarray(data)
+    return {"typed": typed, "impl": impl, "dtype": str(data.dtype), "shape": list(data.shape),
+            "data": data.ravel().tolist()}
+
+
+def _rng_from_json(d: dict | None) -> jax.Array | None:
+    if not d:
+        return None
+    data = np.asarray(d["data"], dtype=d["dtype"]).reshape(d["shape"])
+    if d["typed"]:
+        return jax.random.wrap_key_data(data, impl=d["impl"])
+    return jax.numpy.asarray(data)
+
+
+class Checkpointer:
+    """Save / resume a training run in `directory` (created if missing; may be gs://...)."""
+
+    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3,
+                 async_save: bool = True):
+        self.directory = os.fspath(directory)
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=ocp.checkpoint_managers.LatestN(n=max_to_keep),
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,  # a crash mid-save leaves a tmp folder: drop it
+            create=True)
+        self._manager = ocp.CheckpointManager(self.directory, item_names=_ITEMS, options=options)
+
+    # ------------------------------------------------------------------ save
+    def save(self, step: int, state: Any, *, data_state: Any = None, rng: jax.Array | None = None,
+             config: Any = None) -> bool:
+        """Start saving `step` (async unless disabled). False if that step already exists."""
+        if step in self.all_steps():
+            warnings.warn(f"checkpoint step {step} already exists in {self.directory}; not saved",
+                          RuntimeWarning, stacklevel=2)
+            return False
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(_encode_json({"data_state": data_state})),
+            rng=ocp.args.JsonSave(_rng_to_json(rng) or {}),
+            config=ocp.args.JsonSave(_config_to_dict(config) or {}))
+        return bool(self._manager.save(step, args=args, force=True))
+
+    # ------------------------------------------------------------------ query
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    # ------------------------------------------------------------------ restore
+    def restore(self, step: int | None = None, abstract_state: Any = None, *,
+                fallback: bool = True) -> Restored:
+        """Restore `step` (None = the newest readable one) into `abstract_state`'s shardings.
+
+        abstract_state: pytree like the saved state with jax.ShapeDtypeStruct leaves carrying
+          `.sharding` (e.g. from `jax.eval_shape` + the param shardings); arrays are read
+          directly into those shardings and dtypes. None restores as saved (single host).
+        fallback: with step=None, a step that fails to read is skipped with a warning and
+          the next older one is tried.
+        """
+        self._manager.wait_until_finished()  # a save in flight is not readable yet
+        candidates = [step] if step is not None else sorted(self.all_steps(), reverse=True)
+        if not candidates:
+            raise FileNotFoundError(f"no checkpoints in {self.directory}")
+        errors = []
+        for s in candidates:
+            try:
+                return self._restore_step(s, abstract_state)
+            except Exception as e:  # orbax/tensorstore raise many types for unreadable files
+                if step is not None or not fallback:
+                    raise
+                errors.append(f"step {s}: {type(e).__name__}: {e}")
+                msg = (f"checkpoint step {s} in {self.directory} is unreadable "
+                       f"({type(e).__name__}: {str(e)[:300]}); trying an older step")
+                logging.warning(msg)
+                warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        raise RuntimeError(f"no readable checkpoint in {self.directory}:\n" + "\n".join(errors))
+
+    def _restore_step(self, step: int, abstract_state: Any) -> Restored:
+        args = ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=ocp.args.JsonRestore(),
+            rng=ocp.args.JsonRestore(),
+            config=ocp.args.JsonRestore())
+        out = self._manager.restore(step, args=args)
+        if out.data is None or out.rng is None or out.config is None or out.state is None:
+            raise ValueError(f"checkpoint step {step} lacks an item")
+        return Restored(step=step, state=out.state, data_state=_decode_json(out.data)["data_state"],
+                        rng=_rng_from_json(out.rng), config=out.config or None)
+
+    # ------------------------------------------------------------------ lifecycle
+    def wait_until_finished(self) -> None:
+        """Block until async saves are on disk (and raise their errors, if any)."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
