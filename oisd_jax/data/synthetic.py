@@ -1,0 +1,152 @@
+"""The embedded default task: seeded arithmetic problems and a tokenizer defined in code.
+
+A tiny transformer (2-4 layers, d=64-128) learns 2-digit addition/subtraction in
+minutes on CPU, yet starts well below perfect, so RL has signal. The tokenizer is a real
+`PreTrainedTokenizerFast` (WordLevel over characters and a few words, < 64 ids) with a
+chat template, so the synthetic task runs the same code path as Qwen3/Llama:
+apply_chat_template, decode, save_pretrained / AutoTokenizer reload, math reward.
+
+Prompt:   <bos><|user|>what is 12+7*3?<|assistant|>
+Response: \\boxed{33}<eos>            (or, with reasoning: 7*3=21, 12+21=33 so \\boxed{33}<eos>)
+`\\boxed{` is a single token, and so is `}`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import string
+from typing import Sequence
+
+import numpy as np
+
+from oisd_jax.data.sources import Record
+
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>")
+BOXED_TOKEN = "\\boxed{"
+CHARS = tuple(string.digits) + tuple("+-*/=().,?: \n{}")
+WORDS = ("Please", "reason", "step", "by", "and", "put", "your", "final", "answer", "within",
+         "what", "is", "the", "so", "compute")
+VOCAB = SPECIAL_TOKENS + (BOXED_TOKEN,) + CHARS + WORDS
+OPS = ("+", "-", "*")
+
+CHAT_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- for m in messages -%}"
+    "{%- if m['role'] not in ['system', 'user', 'assistant'] -%}"
+    "{{- raise_exception('unknown role: ' + m['role']) -}}"
+    "{%- endif -%}"
+    "{{- '<|' + m['role'] + '|>' + m['content'] -}}"
+    "{%- if m['role'] == 'assistant' -%}{{- eos_token -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|assistant|>' -}}{%- endif -%}"
+)
+
+
+def synthetic_tokenizer():
+    """A fresh PreTrainedTokenizerFast over VOCAB (ids = positions in VOCAB, pad = 0)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(VOCAB)}, unk_token="<unk>"))
+    # every character is its own piece, except runs of letters (the words)
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[A-Za-z]+|\s|."), behavior="isolated")
+    tok.decoder = decoders.Fuse()  # concatenate pieces: spaces are tokens of their own
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    tok.add_tokens([AddedToken(BOXED_TOKEN, special=False, normalized=False)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+        unk_token="<unk>", extra_special_tokens=list(SPECIAL_TOKENS[4:]),
+        chat_template=CHAT_TEMPLATE, model_max_length=4096,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class ArithmeticTask:
+    """Difficulty knobs. digits: operand size; ops: subset of + - *; num_terms >= 2.
+
+    The default (2-digit + and -, two terms) is learnable by a 2-layer d=64 model within
+    minutes but not by a bigram lookup. `reasoning` adds intermediate steps to the
+    reference response (for warm-up); the answer format is unchanged.
+    """
+
+    digits: int = 2
+    ops: tuple[str, ...] = ("+", "-")
+    num_terms: int = 2
+    reasoning: bool = False
+    system_prompt: str | None = None
+
+    def __post_init__(self):
+        if self.digits < 1 or self.num_terms < 2 or not self.ops or set(self.ops) - set(OPS):
+            raise ValueError(f"bad ArithmeticTask {self}: digits >= 1, num_terms >= 2, ops in {OPS}")
+
+
+def _tokens(expression: str) -> tuple[list[int], list[str]]:
+    nums, ops, cur = [], [], ""
+    for c in expression:
+        if c.isdigit():
+            cur += c
+        elif c in OPS and cur:
+            nums.append(int(cur))
+            ops.append(c)
+            cur = ""
+        else:
+            raise ValueError(f"not an arithmetic expression: {expression!r}")
+    if not cur:
+        raise ValueError(f"not an arithmetic expression: {expression!r}")
+    return nums + [int(cur)], ops
+
+
+def solve(expression: str) -> tuple[int, list[str]]:
+    """Value of `a op b op ...` (usual precedence, no eval) and the steps taken."""
+    nums, ops = _tokens(expression)
+    steps = []
+    vals, pending = [nums[0]], []
+    for op, b in zip(ops, nums[1:]):  # multiplications first
+        if op == "*":
+            steps.append(f"{vals[-1]}*{b}={vals[-1] * b}")
+            vals[-1] *= b
+        else:
+            vals.append(b)
+            pending.append(op)
+    acc = vals[0]
+    for op, b in zip(pending, vals[1:]):  # then left to right
+        new = acc + b if op == "+" else acc - b
+        steps.append(f"{acc}{op}{b}={new}")
+        acc = new
+    return acc, steps
+
+
+def reference_response(expression: str, *, reasoning: bool = False) -> str:
+    """The response the reward scores 1 (without the EOS, which the template appends)."""
+    value, steps = solve(expression)
+    answer = f"{BOXED_TOKEN}{value}}}"
+    return f"{', '.join(steps)} so {answer}" if reasoning and steps else answer
+
+
+def make_problems(n: int, *, seed: int, task: ArithmeticTask = ArithmeticTask()) -> list[Record]:
+    """n seeded problems: {"prompt": chat messages, "answer": str, "expression": str}."""
+    rng = np.random.default_rng(seed)
+    lo, hi = (10 ** (task.digits - 1) if task.digits > 1 else 0), 10 ** task.digits
+    records = []
+    for _ in range(n):
+        nums = rng.integers(lo, hi, size=task.num_terms)
+        ops = rng.choice(list(task.ops), size=task.num_terms - 1)
+        expression = str(nums[0]) + "".join(f"{o}{b}" for o, b in zip(ops, nums[1:]))
+        prompt = [{"role": "user", "content": f"what is {expression}?"}]
+        if task.system_prompt:
+            prompt.insert(0, {"role": "system", "content": task.system_prompt})
+        records.append({"prompt": prompt, "answer": str(solve(expression)[0]),
+                        "expression": expression})
+    return records
+
+
+def sft_examples(records: Sequence[Record], tokenizer, *, reasoning: bool = False
+                 ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(prompt_ids, response_ids) int32 pairs for a supervised warm-up; response ends in EOS."""
+    out = []
+    for r in records:
+        prompt = tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True,
+                                               tokenize=True, return_dict=False)
+        text = reference_response(r["expression"], reasoning=reasoning)
+        response = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        out.append((np.asarray(prompt, np.int32), np.asarray(response, np.int32)))
+    return out

@@ -1,0 +1,87 @@
+"""Prompts -> int32 token ids through the tokenizer's own chat template.
+
+Every model (Qwen3, Llama, the synthetic task's in-code tokenizer) goes through
+`tokenizer.apply_chat_template`, so the template is the single source of truth for role
+markers and BOS. Qwen3's template reads `enable_thinking`; we pass `enable_thinking=False`
+(METHOD.md: thinking disabled) to every template, which is harmless because a Jinja
+template ignores variables it does not use.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import numpy as np
+
+Truncation = Literal["left", "error"]
+DEFAULT_TEMPLATE_KWARGS: Mapping[str, Any] = {"enable_thinking": False}
+
+
+class PromptTooLongError(ValueError):
+    pass
+
+
+def load_tokenizer(path: str | Path):
+    """A local Hugging Face tokenizer folder (tokenizer.json / tokenizer_config.json)."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"tokenizer folder not found: {path.resolve()}")
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise OSError(f"could not load a tokenizer from {path.resolve()}: {e}") from e
+
+
+def _as_ids(out: Any) -> list[int]:
+    # transformers 5 returns a BatchEncoding unless return_dict=False; accept either.
+    if hasattr(out, "keys") and "input_ids" in out:
+        out = out["input_ids"]
+    return list(out)
+
+
+def render_prompt(tokenizer, prompt: Sequence[Mapping[str, str]] | str,
+                  chat_template_kwargs: Mapping[str, Any] | None = None) -> str:
+    """The prompt text exactly as the model sees it (for logs and debugging)."""
+    if isinstance(prompt, str):
+        return prompt
+    kwargs = dict(DEFAULT_TEMPLATE_KWARGS if chat_template_kwargs is None else chat_template_kwargs)
+    return tokenizer.apply_chat_template(
+        [dict(m) for m in prompt], add_generation_prompt=True, tokenize=False, **kwargs)
+
+
+def encode_prompt(
+    tokenizer,
+    prompt: Sequence[Mapping[str, str]] | str,
+    *,
+    max_prompt_len: int | None = None,
+    truncation: Truncation = "left",
+    chat_template_kwargs: Mapping[str, Any] | None = None,
+) -> np.ndarray:
+    """Token ids [T] int32 of a prompt, ending where the assistant's reply starts.
+
+    Chat messages go through the chat template with the generation prompt; a plain
+    string is encoded as is (the tokenizer's own special tokens, e.g. a BOS, included).
+    Over `max_prompt_len`: 'left' keeps the last tokens (the question's end and the
+    assistant header matter most), 'error' raises PromptTooLongError.
+    """
+    if truncation not in ("left", "error"):
+        raise ValueError(f"truncation must be 'left' or 'error', got {truncation!r}")
+    if max_prompt_len is not None and max_prompt_len < 1:
+        raise ValueError(f"max_prompt_len must be >= 1, got {max_prompt_len}")
+    if isinstance(prompt, str):
+        ids = _as_ids(tokenizer(prompt)["input_ids"])
+    else:
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError(f"{type(tokenizer).__name__} has no chat template; "
+                             "use string prompts or a tokenizer that has one")
+        kwargs = dict(DEFAULT_TEMPLATE_KWARGS if chat_template_kwargs is None else chat_template_kwargs)
+        ids = _as_ids(tokenizer.apply_chat_template(
+            [dict(m) for m in prompt], add_generation_prompt=True, tokenize=True,
+            return_dict=False, **kwargs))
+    if max_prompt_len is not None and len(ids) > max_prompt_len:
+        if truncation == "error":
+            raise PromptTooLongError(f"prompt has {len(ids)} tokens > max_prompt_len={max_prompt_len}")
+        ids = ids[len(ids) - max_prompt_len:]
+    return np.asarray(ids, dtype=np.int32)
