@@ -10,7 +10,7 @@ import pathlib
 
 import ml_collections
 
-from oisd_jax.config import import_config_module
+from oisd_jax.config_files import import_config_module
 
 base = import_config_module(pathlib.Path(__file__).with_name("base.py"))
 

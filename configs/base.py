@@ -8,7 +8,7 @@ on its own. Usage:
   python -m oisd_jax.train --config=configs/base.py:oisd,rl.tap_layer=2
   python -m oisd_jax.train --config=configs/qwen3_4b.py --config.rl.think_weight=0.05
 
-The optional argument after ':' is parsed by `oisd_jax.config.apply_arg`: a bare word picks
+The optional argument after ':' is parsed by `oisd_jax.config_files.apply_arg`: a bare word picks
 `rl.algorithm`, `key=value` items set dotted fields. Fields that may be None are
 `placeholder`s so command-line overrides keep a type.
 """
@@ -17,7 +17,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-from oisd_jax.config import apply_arg
+from oisd_jax.config_files import apply_arg
 
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -52,18 +52,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data = d = ml_collections.ConfigDict()
     d.train_path = placeholder(str)  # training set file (.parquet / .jsonl); unused for synthetic
     d.format = "synthetic"  # synthetic | parquet | jsonl
-    d.prompt_field = "prompt"  # chat messages (or a string) column
+    # Exactly one of prompt_field / question_field is set (the other None).
+    d.prompt_field = "prompt"  # dotted path to chat messages (or a prompt string)
+    d.question_field = placeholder(str)  # dotted path to a plain question: [system, user] chat
     d.answer_field = "reward_model.ground_truth"  # dotted path to the ground-truth answer
-    d.question_field = "question"  # plain question column, used when prompt_field is absent
-    d.system_prompt = SYSTEM_PROMPT  # system message added to plain questions
+    d.system_prompt = SYSTEM_PROMPT  # system message added to plain questions; None = none
     d.max_prompt_len = 1024  # prompt tokens after the chat template
     d.truncation = "left"  # longer prompts: left = keep the end | error
     d.on_bad_row = "skip"  # rows with missing/empty fields: skip (counted) | error
     d.seed = 0  # shuffle seed of the prompt stream
     d.synthetic = s = ml_collections.ConfigDict()
     s.digits = 2  # digits per operand
-    s.ops = "+-"  # operators drawn from this set
-    s.num_terms = 2  # operands per problem
+    s.ops = "+-"  # operators drawn from this set (of + - *)
+    s.num_terms = 2  # operands per problem (>= 2)
     s.reasoning = False  # reference responses with a short worked prefix before \boxed{}
     s.num_eval = 64  # held-out problems of an eval set with path None
     # name -> {path, k}: Avg@k / Pass@k benchmarks; path None = held-out synthetic problems.

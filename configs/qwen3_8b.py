@@ -5,7 +5,7 @@ import pathlib
 
 import ml_collections
 
-from oisd_jax.config import apply_arg, import_config_module
+from oisd_jax.config_files import apply_arg, import_config_module
 
 paper = import_config_module(pathlib.Path(__file__).with_name("_paper.py"))
 

@@ -10,7 +10,7 @@ import pathlib
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-from oisd_jax.config import apply_arg, import_config_module
+from oisd_jax.config_files import apply_arg, import_config_module
 
 base = import_config_module(pathlib.Path(__file__).with_name("base.py"))
 

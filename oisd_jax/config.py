@@ -3,18 +3,15 @@
 `validate` runs before anything compiles and reports every problem at once, each naming
 its field path. `algorithm_settings` turns `rl.algorithm` into explicit switches so no
 other module branches on the algorithm's name. The schema itself (every field, its
-default) lives in configs/base.py.
+default) lives in configs/base.py; reading config files is oisd_jax.config_files.
 """
 from __future__ import annotations
 
-import ast
 import dataclasses
-import importlib.util
 import json
 import logging
 import math
 import os
-import sys
 from typing import Any, Iterable, Mapping
 
 import ml_collections
@@ -267,9 +264,14 @@ def validate(config: ml_collections.ConfigDict, *, num_layers: int | None = None
 
     # data
     fmt = c.choice("data.format", DATA_FORMATS)
-    for f in ("prompt_field", "answer_field", "question_field", "system_prompt"):
-        if not isinstance(c.get(f"data.{f}"), str):
-            c.bad(f"data.{f}={c.get(f'data.{f}')!r} must be a string")
+    prompt_f, question_f = c.get("data.prompt_field"), c.get("data.question_field")
+    if bool(prompt_f) == bool(question_f):
+        c.bad(f"data.prompt_field={prompt_f!r} and data.question_field={question_f!r}: set "
+              "exactly one (chat-message prompts, or plain questions)")
+    for f in ("answer_field", "system_prompt"):
+        v = c.get(f"data.{f}")
+        if v is not _MISSING and not isinstance(v, str) and not (f == "system_prompt" and v is None):
+            c.bad(f"data.{f}={v!r} must be a string")
     max_prompt = c.number("data.max_prompt_len", ge=1, integer=True)
     c.choice("data.truncation", TRUNCATIONS)
     c.choice("data.on_bad_row", BAD_ROW_POLICIES)
@@ -290,7 +292,7 @@ def validate(config: ml_collections.ConfigDict, *, num_layers: int | None = None
                   "model.tokenizer_path (the synthetic tokenizer only covers the synthetic task)")
     if fmt == "synthetic":
         c.number("data.synthetic.digits", ge=1, integer=True)
-        c.number("data.synthetic.num_terms", ge=1, integer=True)
+        c.number("data.synthetic.num_terms", ge=2, integer=True)
         c.number("data.synthetic.num_eval", ge=1, integer=True)
         c.boolean("data.synthetic.reasoning")
         ops = c.get("data.synthetic.ops")
@@ -401,92 +403,3 @@ def validate(config: ml_collections.ConfigDict, *, num_layers: int | None = None
 
     if c.problems:
         raise ConfigError(c.problems)
-
-
-# ----------------------------------------------------------------------------- loading
-def import_config_module(path: str | os.PathLike):
-    """Import a config file by path, once per file (config files are not a package)."""
-    path = os.path.realpath(os.fspath(path))
-    name = "_oisd_config_" + "".join(ch if ch.isalnum() else "_" for ch in path)
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        if spec is None or spec.loader is None:
-            raise FileNotFoundError(f"no config file at {path}")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            del sys.modules[name]
-            raise
-    return sys.modules[name]
-
-
-def load_config_file(spec: str | os.PathLike) -> ml_collections.ConfigDict:
-    """'configs/qwen3_4b.py' or 'configs/qwen3_4b.py:grpo,rl.kl_coef=0.001' -> ConfigDict."""
-    path, sep, arg = os.fspath(spec).partition(".py:")
-    path += ".py" if sep else ""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no config file at {path}")
-    return import_config_module(path).get_config(arg or None)
-
-
-def _split_items(arg: str) -> list[str]:
-    """Split on commas outside brackets and quotes, so tuple values survive."""
-    items, depth, quote, cur = [], 0, None, ""
-    for ch in arg:
-        if quote:
-            quote = None if ch == quote else quote
-        elif ch in "'\"":
-            quote = ch
-        elif ch in "([{":
-            depth += 1
-        elif ch in ")]}":
-            depth -= 1
-        elif ch == "," and depth == 0:
-            items.append(cur)
-            cur = ""
-            continue
-        cur += ch
-    items.append(cur)
-    return [i.strip() for i in items if i.strip()]
-
-
-def _parse_value(text: str) -> Any:
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text  # bare strings need no quotes: rl.loss_agg=token-mean
-
-
-def apply_arg(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
-    """Apply a config file's ':arg' string, then lock the config (typos fail loudly).
-
-    Items are comma-separated: a bare word is an algorithm (`grpo`, `bupo`, `oisd`, ...;
-    `dr_grpo` also selects its seq-mean-token-sum aggregation), `a.b=value` sets a dotted
-    field (value parsed as a Python literal, else taken as a string).
-    """
-    for item in _split_items(arg or ""):
-        key, eq, text = item.partition("=")
-        key = key.strip()
-        if not eq:
-            if key not in ALGORITHMS:
-                raise ConfigError([f"config argument {key!r} is not an algorithm {ALGORITHMS} "
-                                   "nor a key=value pair"])
-            config.rl.algorithm = key
-            if key == "dr_grpo":
-                config.rl.loss_agg = "seq-mean-token-sum"
-            continue
-        *parents, leaf = key.split(".")
-        node = config
-        try:
-            for p in parents:
-                node = node[p]
-            if leaf not in node:
-                raise KeyError(leaf)
-            node[leaf] = _parse_value(text.strip())
-        except (KeyError, AttributeError) as e:
-            raise ConfigError([f"config argument {key!r}: no such field"]) from e
-        except TypeError as e:
-            raise ConfigError([f"config argument {key}={text!r}: {e}"]) from e
-    return config.lock()

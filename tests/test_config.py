@@ -5,8 +5,8 @@ import pathlib
 import ml_collections
 import pytest
 
-from oisd_jax.config import (ALGORITHMS, AlgorithmSettings, ConfigError, algorithm_settings,
-                             apply_arg, load_config_file, validate)
+from oisd_jax.config import ALGORITHMS, AlgorithmSettings, ConfigError, algorithm_settings, validate
+from oisd_jax.config_files import apply_arg, load_config_file
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 # Blocks of each shipped config's model (from the models' published config.json files).
@@ -246,3 +246,38 @@ def test_apply_arg_locks_a_plain_configdict():
     c = apply_arg(ml_collections.ConfigDict({"rl": {"algorithm": "grpo", "loss_agg": "x"}}),
                   "oisd")
     assert c.is_locked and c.rl.algorithm == "oisd"
+
+
+def test_field_mapping_and_synthetic_knobs():
+    assert problems(load("tiny", "data.question_field=question")) == [
+        "data.prompt_field='prompt' and data.question_field='question': set exactly one "
+        "(chat-message prompts, or plain questions)"]
+    validate(load("tiny", "data.question_field=question,data.prompt_field=None,"
+                          "data.system_prompt=None"), num_layers=4)
+    assert problems(load("tiny", "data.synthetic.ops='+/',data.synthetic.num_terms=1")) == [
+        "data.synthetic.num_terms=1 must be >= 2",
+        "data.synthetic.ops='+/' must be a non-empty string of '+-*'"]
+
+
+def test_num_layers_from_the_model_preset():
+    pytest.importorskip("oisd_jax.model")
+    with pytest.raises(ConfigError, match="rl.tap_layer=4 is out of range 1..3 for a 4-layer"):
+        validate(load("tiny", "rl.tap_layer=4"))
+    with pytest.raises(ConfigError, match="model: cannot resolve the number of layers"):
+        validate(load("tiny", "model.preset=huge"))
+
+
+def test_command_line_overrides_with_config_flags():
+    """The trainer's path: ml_collections config_flags with --config.a.b=value overrides."""
+    from absl import flags
+    from ml_collections import config_flags
+    argv = ["prog", f"--config={CONFIGS / 'base.py'}:oisd", "--config.rl.tap_layer=3",
+            "--config.model.hf_path=/some/where", "--config.mesh.shape=(2,-1,1)",
+            "--config.rl.think_weight=0.05", "--config.data.eval_sets.synthetic.path=/e.jsonl"]
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "config file", flag_values=fv, sys_argv=argv)
+    fv(argv)
+    c = fv.config
+    assert (c.rl.algorithm, c.rl.tap_layer, c.model.hf_path, c.mesh.shape, c.rl.think_weight,
+            c.data.eval_sets.synthetic.path) == ("oisd", 3, "/some/where", (2, -1, 1), 0.05,
+                                                 "/e.jsonl")
