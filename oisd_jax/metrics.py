@@ -58,7 +58,9 @@ class MetricsWriter:
         if not self.active:
             return
         os.makedirs(self.workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(self.workdir, METRICS_FILE), "a", encoding="utf-8")
+        # line-buffered: a crash loses at most the line being written
+        self._jsonl = open(os.path.join(self.workdir, METRICS_FILE), "a", buffering=1,
+                           encoding="utf-8")
         if tensorboard:
             from tensorboardX import SummaryWriter  # heavy import, only where it is used
             self._tb = SummaryWriter(logdir=os.path.join(self.workdir, TB_DIR))

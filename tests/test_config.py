@@ -260,7 +260,10 @@ def test_field_mapping_and_synthetic_knobs():
 
 
 def test_num_layers_from_the_model_preset():
-    pytest.importorskip("oisd_jax.model")
+    model_config = pytest.importorskip("oisd_jax.model.config")
+    from oisd_jax import config as oc
+    # the enums are copied (config.py must not import the model): keep them equal
+    assert (oc.REMAT_POLICIES, oc.ATTN_IMPLS) == (model_config.REMAT_POLICIES, model_config.ATTN_IMPLS)
     with pytest.raises(ConfigError, match="rl.tap_layer=4 is out of range 1..3 for a 4-layer"):
         validate(load("tiny", "rl.tap_layer=4"))
     with pytest.raises(ConfigError, match="model: cannot resolve the number of layers"):
