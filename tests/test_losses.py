@@ -10,6 +10,19 @@ from oisd_jax.rl import losses
 
 RTOL, ATOL = 2e-5, 2e-6
 
+# One compile per helper instead of eager op-by-op dispatch (keeps the file fast).
+js_div = jax.jit(losses.js_divergence, static_argnames=("temperature", "beta", "assume_finite"))
+
+
+@functools.partial(jax.jit, static_argnames=("temperature", "assume_finite"))
+def js_grads(zs, zt, temperature=1.0, assume_finite=False):
+    f = lambda a, b: jnp.sum(losses.js_divergence(a, b, temperature, assume_finite=assume_finite))  # noqa: E731
+    return jax.value_and_grad(f, argnums=(0, 1))(zs, zt)
+
+
+policy = jax.jit(losses.policy_loss, static_argnames=("clip_low", "clip_high", "dual_clip", "agg"))
+attn_grads = jax.jit(jax.value_and_grad(losses.attention_loss, argnums=(0, 1)))
+
 
 # ---------------------------------------------------------------- NumPy references
 
@@ -140,7 +153,7 @@ def _policy_regions():
 
 def test_policy_loss_regions_and_clip_fractions():
     logp, old, adv, mask = _policy_regions()
-    loss, metrics = jax.jit(losses.policy_loss)(logp, old, adv, mask)
+    loss, metrics = policy(logp, old, adv, mask)
     want, per_tok = np_policy(np.nan_to_num(logp), old, adv, mask)
     np.testing.assert_allclose(loss, want, rtol=RTOL)
     n = mask.sum()
@@ -154,7 +167,7 @@ def test_policy_loss_regions_and_clip_fractions():
     k3 = (r - 1) - np.log(r)
     np.testing.assert_allclose(metrics["approx_kl"], (k3 * mask).sum() / n, rtol=1e-5)
     # Gradient: -A r where the unclipped term is active, 0 where a clip binds.
-    g = jax.grad(lambda lp: losses.policy_loss(lp, old, adv, mask)[0])(logp)
+    g = jax.jit(jax.grad(lambda lp: losses.policy_loss(lp, old, adv, mask)[0]))(logp)
     a = adv.astype(np.float64)
     lr = np.nan_to_num(logp).astype(np.float64) - old
     active = np.isclose(per_tok, -a * r) & (np.abs(lr) < 20)
@@ -170,10 +183,10 @@ def test_policy_loss_asymmetric_clip_no_dual_and_seq_adv():
     logp = (old + rng.normal(scale=0.8, size=old.shape)).astype(np.float32)
     adv_b = np.array([1.0, -2.0, 0.3], np.float32)
     mask = (rng.random(old.shape) > 0.2).astype(np.float32)
-    loss, _ = losses.policy_loss(logp, old, adv_b, mask, clip_low=0.1, clip_high=0.28, dual_clip=None)
+    loss, _ = policy(logp, old, adv_b, mask, clip_low=0.1, clip_high=0.28, dual_clip=None)
     want, _ = np_policy(logp, old, adv_b, mask, el=0.1, eh=0.28, c=None)
     np.testing.assert_allclose(loss, want, rtol=RTOL)
-    loss_d, _ = losses.policy_loss(logp, old, adv_b, mask, dual_clip=3.0)
+    loss_d, _ = policy(logp, old, adv_b, mask, dual_clip=3.0)
     np.testing.assert_allclose(loss_d, np_policy(logp, old, adv_b, mask, c=3.0)[0], rtol=RTOL)
 
 
@@ -182,7 +195,7 @@ def test_policy_loss_on_policy_is_minus_advantage():
     logp = rng.normal(size=(2, 5)).astype(np.float32)
     adv = np.array([0.5, -1.5], np.float32)
     mask = np.ones_like(logp)
-    loss, m = losses.policy_loss(logp, logp, adv, mask)
+    loss, m = policy(logp, logp, adv, mask)
     np.testing.assert_allclose(loss, -adv.mean(), rtol=1e-6)
     assert float(m["approx_kl"]) == 0.0 and float(m["ratio_mean"]) == 1.0
     assert losses.bupo_policy_loss(logp, logp, adv, mask)[0] == loss
@@ -217,9 +230,9 @@ def test_js_matches_numpy(assume_finite):
         f = jax.jit(functools.partial(losses.js_divergence, temperature=temp, beta=beta,
                                       assume_finite=assume_finite))
         np.testing.assert_allclose(f(zs, zt), np_js(zs, zt, temp, beta), rtol=1e-4, atol=1e-6)
-    js = np.asarray(losses.js_divergence(zs, zt))
+    js = np.asarray(js_div(zs, zt))
     assert np.all(js >= -1e-7) and np.all(js <= np.log(2) + 1e-6)
-    np.testing.assert_allclose(losses.js_divergence(zs, zs), 0.0, atol=1e-6)
+    np.testing.assert_allclose(js_div(zs, zs), 0.0, atol=1e-6)
 
 
 def test_js_with_neg_inf_entries_and_empty_rows():
@@ -233,12 +246,12 @@ def test_js_with_neg_inf_entries_and_empty_rows():
     zs[4, :3], zt[4, 3:] = -np.inf, -np.inf  # disjoint supports: JS = log 2
     want = np_js(zs, zt)
     want[3] = 0.0
-    got = jax.jit(losses.js_divergence)(zs, zt)
+    got = js_div(zs, zt)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got[4], np.log(2), rtol=1e-6)
     # masked keys behave exactly like deleting them
-    np.testing.assert_allclose(got[0], losses.js_divergence(zs[0, :4], zt[0, :4]), rtol=1e-6)
-    g = jax.grad(lambda z: jnp.sum(losses.js_divergence(z, zt)))(zs)
+    np.testing.assert_allclose(got[0], js_div(zs[0, :4], zt[0, :4]), rtol=1e-6)
+    _, (g, _) = js_grads(zs, zt)
     assert np.all(np.isfinite(g))
     assert np.all(np.asarray(g)[~np.isfinite(zs)] == 0.0)
 
@@ -248,7 +261,7 @@ def test_js_underflow_is_finite():
     zs = np.array([[0.0, 1000.0, -1000.0, 5.0]], np.float32)
     zt = np.array([[1000.0, 0.0, 3.0, -1000.0]], np.float32)
     for af in (False, True):
-        v, g = jax.value_and_grad(lambda z: jnp.sum(losses.js_divergence(z, zt, assume_finite=af)))(zs)
+        v, (g, _) = js_grads(zs, zt, assume_finite=af)
         np.testing.assert_allclose(v, np.log(2), rtol=1e-6)
         assert np.all(np.isfinite(g))
 
@@ -259,13 +272,13 @@ def test_js_gradient_closed_form(tau):
     rng = np.random.default_rng(10)
     zs = rng.normal(scale=2.0, size=(4, 30)).astype(np.float32)
     zt = rng.normal(scale=2.0, size=(4, 30)).astype(np.float32)
-    gs, gt = jax.grad(lambda a, b: jnp.sum(losses.js_divergence(a, b, temperature=tau)), argnums=(0, 1))(zs, zt)
+    _, (gs, gt) = js_grads(zs, zt, temperature=tau)
     ps, pt = np_softmax(zs / tau), np_softmax(zt.astype(np.float64) / tau)
     g = 0.5 * np.log(ps / (0.5 * (ps + pt)))
     want = ps * (g - (ps * g).sum(-1, keepdims=True)) / tau
     np.testing.assert_allclose(gs, want, rtol=1e-4, atol=1e-7)
     assert np.all(np.asarray(gt) == 0.0)
-    gs_f = jax.grad(lambda a: jnp.sum(losses.js_divergence(a, zt, tau, assume_finite=True)))(zs)
+    _, (gs_f, _) = js_grads(zs, zt, temperature=tau, assume_finite=True)
     np.testing.assert_allclose(gs_f, want, rtol=1e-4, atol=1e-7)
 
 
@@ -327,9 +340,8 @@ def _attention_inputs(seed=13, b=2, q=3, h=4, k=10):
 
 def test_attention_loss_vs_numpy_and_finite_grads():
     s, t, w, valid = _attention_inputs()
-    got = jax.jit(losses.attention_loss)(s, t, w, valid)
+    got, (gs, gt) = attn_grads(s, t, w, valid)
     np.testing.assert_allclose(got, np_attention_loss(s, t, w, valid), rtol=1e-5)
-    gs, gt = jax.grad(losses.attention_loss, argnums=(0, 1))(s, t, w, valid)
     assert np.all(np.isfinite(gs)) and np.all(np.asarray(gt) == 0.0)
     gs = np.asarray(gs)
     assert np.all(gs[0, 2] == 0.0) and np.all(gs[~np.isfinite(s)] == 0.0)
@@ -344,10 +356,10 @@ def test_attention_loss_vs_numpy_and_finite_grads():
 def test_attention_loss_all_invalid_and_denominator():
     s, t, w, valid = _attention_inputs(seed=14)
     zero = np.zeros_like(valid)
-    v, g = jax.value_and_grad(losses.attention_loss)(s, t, w, zero)
+    v, (g, _) = attn_grads(s, t, w, zero)
     assert float(v) == 0.0 and np.all(np.asarray(g) == 0.0)
-    full = losses.attention_loss(s, t, w, valid)
+    loss = jax.jit(losses.attention_loss)
+    full = loss(s, t, w, valid)
     den = valid.sum()
-    parts = sum(losses.attention_loss(s[i:i + 1], t[i:i + 1], w[i:i + 1], valid[i:i + 1], denom=den)
-                for i in range(2))
+    parts = sum(loss(s[i:i + 1], t[i:i + 1], w[i:i + 1], valid[i:i + 1], denom=den) for i in range(2))
     np.testing.assert_allclose(parts, full, rtol=1e-6)
