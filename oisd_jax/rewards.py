@@ -151,10 +151,11 @@ def _parse(text: str) -> list:
     return mv.parse(f"\\boxed{{{text}}}", extraction_config=config, parsing_timeout=None)
 
 
-@functools.lru_cache(maxsize=4096)
-def _parse_gold(gold: str) -> tuple:
-    # G rollouts share one ground truth: cache it (parse is ~all of the cost).
-    return tuple(_parse(gold))
+@functools.lru_cache(maxsize=8192)
+def _parse_cached(text: str) -> tuple:
+    # Parsing is ~all of the cost, and it repeats: G rollouts share one ground truth and
+    # often the same answer. Timeouts raise, so they are never cached.
+    return tuple(_parse(text))
 
 
 @contextlib.contextmanager
@@ -183,8 +184,8 @@ def time_limit(seconds: float | None) -> Iterator[None]:
 
 def _math_check(pred: str, ground_truth: str) -> float:
     gold_text = _gold_answer(ground_truth)
-    gold = _parse_gold(gold_text)
-    target = _parse(pred)
+    gold = _parse_cached(gold_text)
+    target = list(_parse_cached(pred))
     if not gold or not target:
         # Unparseable on either side (e.g. a word answer): fall back to strict matching.
         return float(bool(gold_text) and normalize_answer(pred) == normalize_answer(gold_text))

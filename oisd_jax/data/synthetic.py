@@ -61,7 +61,8 @@ def synthetic_tokenizer():
 
 @dataclasses.dataclass(frozen=True)
 class ArithmeticTask:
-    """Difficulty knobs. digits: operand size; ops: subset of + - *; num_terms >= 2.
+    """Difficulty knobs. digits: operand size; ops: subset of + - * (tuple or "+-");
+    num_terms >= 2.
 
     The default (2-digit + and -, two terms) is learnable by a 2-layer d=64 model within
     minutes but not by a bigram lookup. `reasoning` adds intermediate steps to the
@@ -75,6 +76,8 @@ class ArithmeticTask:
     system_prompt: str | None = None
 
     def __post_init__(self):
+        if isinstance(self.ops, str):  # configs spell ops as a string, e.g. "+-"
+            object.__setattr__(self, "ops", tuple(self.ops))
         if self.digits < 1 or self.num_terms < 2 or not self.ops or set(self.ops) - set(OPS):
             raise ValueError(f"bad ArithmeticTask {self}: digits >= 1, num_terms >= 2, ops in {OPS}")
 
