@@ -1,0 +1,192 @@
+"""Multi-host runs: start `jax.distributed` from the environment, split data per process,
+and let process 0 alone write files.
+
+Where the settings come from, first match wins:
+  1. explicit arguments (`--coordinator=host:port --num_processes=N --process_id=i`),
+  2. `JAX_COORDINATOR_ADDRESS` + `JAX_NUM_PROCESSES` + `JAX_PROCESS_ID`,
+  3. SLURM (`srun`: one task per node owning all its GPUs, or one task per GPU),
+  4. Cloud TPU VM slices (every worker runs the same command; jax reads the metadata),
+  5. Open MPI (`mpirun`),
+otherwise one process: `initialize()` does nothing, so the same entry point runs on a
+laptop and on a cluster. Call it before anything touches a jax backend.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+from typing import Any, Callable, Sequence, TypeVar
+
+import jax
+import numpy as np
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistInfo:
+    source: str            # explicit | env | slurm | tpu | ompi | single
+    process_index: int
+    process_count: int
+    local_device_count: int
+    device_count: int
+    coordinator: str | None
+
+
+def _int_env(name: str, default: int | None = None) -> int | None:
+    v = os.environ.get(name)
+    return int(v) if v not in (None, "") else default
+
+
+def detect() -> str:
+    """Which launcher started this process (without initializing anything)."""
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        return "env"
+    if "SLURM_JOB_ID" in os.environ and (_int_env("SLURM_NTASKS") or _int_env("SLURM_NPROCS") or 1) > 1:
+        return "slurm"
+    if len([h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1 \
+            or os.environ.get("OISD_TPU_POD") == "1" or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
+        return "tpu"
+    if (_int_env("OMPI_COMM_WORLD_SIZE") or 1) > 1:
+        return "ompi"
+    return "single"
+
+
+def _slurm_local_devices() -> list[int] | None:
+    """With one SLURM task per node, the task owns all of the node's GPUs.
+
+    (jax's SLURM detection assumes one task per GPU and would give each task only GPU
+    SLURM_LOCALID.) None = let jax decide.
+    """
+    per_node = os.environ.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
+    gpus = os.environ.get("SLURM_GPUS_ON_NODE") or os.environ.get("SLURM_GPUS_PER_NODE", "").split(":")[-1]
+    if per_node == "1" and gpus and gpus.isdigit() and int(gpus) > 1:
+        return list(range(int(gpus)))
+    return None
+
+
+_INFO: DistInfo | None = None
+
+
+def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
+               local_device_ids: Sequence[int] | None = None, *, cpu_collectives: str = "gloo",
+               timeout_s: int = 300) -> DistInfo:
+    """Start jax.distributed when this is one process of many; a no-op otherwise.
+
+    Idempotent. `cpu_collectives` picks the cross-process collectives of the CPU backend
+    (tests and CPU clusters); GPUs use NCCL and TPUs ICI/DCN regardless.
+    """
+    global _INFO
+    if _INFO is not None:
+        return _INFO
+    explicit = coordinator is not None or num_processes is not None or process_id is not None
+    source = "explicit" if explicit else detect()
+    if source == "explicit" and (coordinator is None or num_processes is None or process_id is None):
+        raise ValueError("explicit multi-process settings need coordinator, num_processes and process_id")
+    if source != "single":
+        if source == "env":
+            coordinator = os.environ["JAX_COORDINATOR_ADDRESS"]
+            num_processes = _int_env("JAX_NUM_PROCESSES", num_processes)
+            process_id = _int_env("JAX_PROCESS_ID", process_id)
+        if source == "slurm" and local_device_ids is None:
+            local_device_ids = _slurm_local_devices()
+        jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                                   process_id=process_id, local_device_ids=local_device_ids,
+                                   initialization_timeout=timeout_s)
+    _INFO = DistInfo(source=source, process_index=jax.process_index(), process_count=jax.process_count(),
+                     local_device_count=jax.local_device_count(), device_count=jax.device_count(),
+                     coordinator=coordinator)
+    if source != "single":
+        log.info("jax.distributed (%s): process %d of %d, %d local / %d global devices", source,
+                 _INFO.process_index, _INFO.process_count, _INFO.local_device_count, _INFO.device_count)
+    return _INFO
+
+
+def add_flags(parser) -> None:
+    """--coordinator/--num_processes/--process_id on an argparse parser (None = from the environment)."""
+    parser.add_argument("--coordinator", default=None, help="host:port of process 0 (explicit multi-process)")
+    parser.add_argument("--num_processes", type=int, default=None)
+    parser.add_argument("--process_id", type=int, default=None)
+
+
+# ----------------------------------------------------------------------------- process 0 writes
+def is_main() -> bool:
+    return jax.process_index() == 0
+
+
+def main_only(fn: Callable[..., T]) -> Callable[..., T | None]:
+    """Decorator: run `fn` on process 0 only (metrics, JSON, plots); others get None.
+
+    Never wrap anything with collectives inside (orbax saves, jitted steps): every
+    process must call those.
+    """
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        return fn(*args, **kwargs) if is_main() else None
+    return wrapped
+
+
+def sync(name: str) -> None:
+    """Barrier across processes (e.g. before process 0 reads what all wrote)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+def broadcast_from_main(tree: Any) -> Any:
+    """Process 0's value of a pytree of arrays/scalars, on every process (e.g. a seed, a resume step)."""
+    if jax.process_count() == 1:
+        return tree
+    from jax.experimental import multihost_utils
+    return multihost_utils.broadcast_one_to_all(tree)
+
+
+# ----------------------------------------------------------------------------- per-process data
+def process_rows(global_rows: int, process_index: int | None = None, process_count: int | None = None) -> slice:
+    """The contiguous rows of a global batch that this process feeds.
+
+    Matches a batch sharded over ("data", "fsdp") on a mesh built from `jax.devices()`
+    (devices ordered by process), so `make_global` can assemble it without moving data.
+    """
+    i = jax.process_index() if process_index is None else process_index
+    n = jax.process_count() if process_count is None else process_count
+    if global_rows % n:
+        raise ValueError(f"global batch of {global_rows} rows does not split over {n} processes")
+    per = global_rows // n
+    return slice(i * per, (i + 1) * per)
+
+
+def shard_list(items: Sequence[T], process_index: int | None = None, process_count: int | None = None) -> list[T]:
+    """This process's share of a host-level list (prompts, eval problems), strided so
+    uneven lengths stay balanced."""
+    i = jax.process_index() if process_index is None else process_index
+    n = jax.process_count() if process_count is None else process_count
+    return list(items[i::n])
+
+
+def make_global(local_tree: Any, shardings: Any, global_rows: int | None = None) -> Any:
+    """Global jax.Arrays from each process's rows (leading axis) of a pytree of host arrays.
+
+    Every process calls it with its `process_rows` slice; nothing is gathered anywhere.
+    """
+    def one(x, sharding):
+        x = np.asarray(x)
+        rows = global_rows if global_rows is not None else x.shape[0] * jax.process_count()
+        return jax.make_array_from_process_local_data(sharding, x, (rows, *x.shape[1:]))
+    if not isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(one, local_tree, shardings)
+    return jax.tree.map(lambda x: one(x, shardings), local_tree)
+
+
+def to_host(tree: Any) -> Any:
+    """Full NumPy copies of (possibly multi-process) global arrays on every process.
+
+    For small results (metrics, rewards, generated tokens); never for parameters.
+    """
+    if jax.process_count() == 1:
+        return jax.tree.map(np.asarray, tree)
+    from jax.experimental import multihost_utils
+    return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
