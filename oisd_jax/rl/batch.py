@@ -1,0 +1,208 @@
+"""TrainBatch: rollouts packed into fixed rows, plus the attention-probe indices of OISD.
+
+Shift convention (decided once, used everywhere): position t of a row *predicts* the
+token at t + 1. The step's targets are `tokens` shifted left by one, and every per-token
+array (loss_mask, advantages, old_logp, ref_logp) is aligned to the predicting position:
+loss_mask[t] = 1 iff tokens[t + 1] is a response token of the same sequence (the first
+EOS included). A rollout with prompt length P and response length n therefore has its
+loss at positions P - 1 .. P + n - 2 (relative to its start), and those are also its
+"decoding steps": the attention probe for step t is the query at position t, the one
+that produced response token t + 1.
+
+Packing is host-side NumPy (first-fit decreasing into rows of `row_len`); positions
+restart at 0 for each sequence, segment ids count 1, 2, ... within a row and 0 marks
+padding, so the decoder's attention never crosses sequences.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import numpy as np
+from flax import struct
+
+
+@struct.dataclass
+class TrainBatch:
+    """One mini-batch (one optimizer update), split into M micro-batches of R rows of T."""
+    tokens: jax.Array        # [M, R, T] int32
+    positions: jax.Array     # [M, R, T] int32, restart at 0 per sequence
+    segment_ids: jax.Array   # [M, R, T] int32, 0 = padding
+    loss_mask: jax.Array     # [M, R, T] f32, 1 where position t predicts a response token
+    advantages: jax.Array    # [M, R, T] f32, the rollout's advantage on its loss positions
+    old_logp: jax.Array      # [M, R, T] f32, log pi_old(tokens[t+1]) (from make_logprob_fn)
+    attn_queries: jax.Array  # [M, R, Qr] int32 row positions of the sampled decoding steps
+    attn_keys: jax.Array     # [M, R, Qr, K] int32 row positions, -1 = unused
+    attn_weight: jax.Array   # [M, R, Qr] f32, the advantage of the step's rollout
+    attn_valid: jax.Array    # [M, R, Qr] f32, 1 for real sampled steps
+    ref_logp: jax.Array | None = None  # [M, R, T] f32, reference policy (KL); None = off
+
+    @property
+    def targets(self) -> jax.Array:
+        return shift_left(self.tokens)
+
+
+def shift_left(tokens):
+    """targets[..., t] = tokens[..., t + 1]; the last column gets 0 (never in the mask)."""
+    xp = np if isinstance(tokens, np.ndarray) else jax.numpy
+    return xp.concatenate([tokens[..., 1:], xp.zeros_like(tokens[..., :1])], axis=-1)
+
+
+def num_probe_keys(row_len: int, window: int, stride: int) -> int:
+    """K = W + ceil(max_len / s): local window plus every possible strided global key."""
+    return window + math.ceil(row_len / stride)
+
+
+def pack_rows(lengths: Sequence[int], row_len: int, num_rows: int | None = None,
+              max_seqs_per_row: int | None = None) -> list[tuple[int, int]]:
+    """First-fit decreasing: (row, offset) for each sequence, in input order.
+
+    Raises ValueError naming the sequence when one is longer than a row, and when
+    `num_rows` rows are not enough.
+    """
+    lengths = [int(n) for n in lengths]
+    for i, n in enumerate(lengths):
+        if n > row_len:
+            raise ValueError(f"sequence {i} has {n} tokens (prompt + response), longer than "
+                             f"row_len={row_len}; raise row_len or shorten prompts/responses")
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: ties keep order
+    used: list[int] = []   # tokens used per row
+    count: list[int] = []  # sequences per row
+    place: list[tuple[int, int] | None] = [None] * len(lengths)
+    for i in order:
+        n = lengths[i]
+        row = next((r for r in range(len(used)) if used[r] + n <= row_len
+                    and (max_seqs_per_row is None or count[r] < max_seqs_per_row)), None)
+        if row is None:
+            if num_rows is not None and len(used) >= num_rows:
+                raise ValueError(f"packing needs more than num_rows={num_rows} rows of {row_len} "
+                                 f"tokens ({sum(lengths)} tokens in {len(lengths)} sequences)")
+            used.append(0)
+            count.append(0)
+            row = len(used) - 1
+        place[i] = (row, used[row])
+        used[row] += n
+        count[row] += 1
+    return place  # type: ignore[return-value]
+
+
+def probe_keys(steps: np.ndarray, window: int, stride: int, num_keys: int) -> np.ndarray:
+    """Key positions for decoding steps `steps` [q] (relative to the sequence start).
+
+    K_t = {t-W+1 .. t} (local) union {j <= t-W : j mod s == 0} (strided global, prompt
+    included), padded to `num_keys` with -1. Local keys below 0 are -1.
+    """
+    steps = np.asarray(steps, np.int64)[:, None]
+    local = steps - np.arange(window - 1, -1, -1)[None]                   # [q, W]
+    local = np.where(local >= 0, local, -1)
+    glob = np.arange(num_keys - window, dtype=np.int64)[None] * stride     # [1, G]
+    glob = np.where(glob <= steps - window, glob, -1)
+    return np.concatenate([local, np.broadcast_to(glob, (len(steps), glob.shape[1]))], axis=1)
+
+
+def build_train_batch(
+    prompt_tokens: Sequence[Sequence[int]],
+    response_tokens: Sequence[Sequence[int]],
+    response_lengths: Sequence[int],
+    advantages: Sequence[float],
+    *,
+    row_len: int,
+    rows_per_micro: int | None = None,
+    num_micro: int | None = None,
+    micro_batch_tokens: int | None = None,
+    attn_steps: int = 0,
+    attn_window: int = 64,
+    attn_stride: int = 64,
+    max_seqs_per_row: int | None = None,
+    rng: np.random.Generator | int | None = 0,
+    ref_logp: bool = False,
+) -> TrainBatch:
+    """Pack N rollouts (prompt + first `response_lengths[i]` response tokens) into a TrainBatch.
+
+    rows_per_micro: R; default micro_batch_tokens // row_len.
+    num_micro: M; default the fewest micro-batches that hold every sequence. Fix it (and
+        max_seqs_per_row) for shapes that do not change between steps (no recompiles).
+    attn_steps: Q decoding steps sampled per rollout (0 = no probes). A row gets
+        Q * max_seqs_per_row probe slots (default: the most sequences any row holds);
+        rollouts with fewer than Q steps use all of them and leave slots invalid.
+    Rollouts with an empty response are dropped (no loss, no probes). old_logp is zero:
+    fill it with make_logprob_fn before the updates (batch.replace(old_logp=...)).
+    ref_logp=True allocates a zero ref_logp for the KL term, to be filled the same way.
+    Returns NumPy arrays (device_put them with the step's batch shardings).
+    """
+    n_seq = len(prompt_tokens)
+    if not (len(response_tokens) == len(response_lengths) == len(advantages) == n_seq):
+        raise ValueError(f"prompt_tokens ({n_seq}), response_tokens ({len(response_tokens)}), "
+                         f"response_lengths ({len(response_lengths)}) and advantages "
+                         f"({len(advantages)}) must have the same length")
+    if rows_per_micro is None:
+        if micro_batch_tokens is None:
+            raise ValueError("give rows_per_micro or micro_batch_tokens")
+        rows_per_micro = micro_batch_tokens // row_len
+        if rows_per_micro < 1:
+            raise ValueError(f"micro_batch_tokens={micro_batch_tokens} < row_len={row_len}")
+    rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+
+    seqs, adv, plen = [], [], []
+    for i in range(n_seq):
+        n = int(response_lengths[i])
+        if n > len(response_tokens[i]) or n < 0:
+            raise ValueError(f"response_lengths[{i}]={n} but response {i} has {len(response_tokens[i])} tokens")
+        if n == 0:
+            continue
+        p = np.asarray(prompt_tokens[i], np.int64)
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty: the first response token needs a predicting position")
+        seqs.append(np.concatenate([p, np.asarray(response_tokens[i][:n], np.int64)]))
+        adv.append(float(advantages[i]))
+        plen.append(len(p))
+
+    R = rows_per_micro
+    cap = None if num_micro is None else num_micro * R
+    place = pack_rows([len(s) for s in seqs], row_len, cap, max_seqs_per_row)
+    rows_used = 1 + max((r for r, _ in place), default=-1)
+    M = num_micro if num_micro is not None else max(1, -(-rows_used // R))
+    n_rows = M * R
+    per_row = np.bincount([r for r, _ in place], minlength=n_rows)
+    max_per_row = max_seqs_per_row or max(1, int(per_row.max(initial=0)))
+    Qr = attn_steps * max_per_row
+    K = num_probe_keys(row_len, attn_window, attn_stride) if attn_steps else 0
+
+    shape = (n_rows, row_len)
+    tokens, positions, segs = (np.zeros(shape, np.int32) for _ in range(3))
+    mask, advs = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+    q_idx = np.zeros((n_rows, Qr), np.int32)
+    k_idx = np.full((n_rows, Qr, K), -1, np.int32)
+    q_w, q_valid = np.zeros((n_rows, Qr), np.float32), np.zeros((n_rows, Qr), np.float32)
+    next_seg = np.zeros(n_rows, np.int32)
+    next_q = np.zeros(n_rows, np.int32)
+    for (row, off), s, a, p in zip(place, seqs, adv, plen):
+        n = len(s)
+        next_seg[row] += 1
+        tokens[row, off:off + n] = s
+        positions[row, off:off + n] = np.arange(n)
+        segs[row, off:off + n] = next_seg[row]
+        mask[row, off + p - 1:off + n - 1] = 1.0  # predicting positions of the response
+        advs[row, off + p - 1:off + n - 1] = a
+        if attn_steps:
+            steps = np.arange(p - 1, n - 1)  # decoding steps, relative to the sequence start
+            if len(steps) > attn_steps:
+                steps = np.sort(rng.choice(steps, attn_steps, replace=False))
+            keys = probe_keys(steps, attn_window, attn_stride, K)
+            j = next_q[row]
+            q = len(steps)
+            q_idx[row, j:j + q] = off + steps
+            k_idx[row, j:j + q] = np.where(keys >= 0, keys + off, -1)
+            q_w[row, j:j + q] = a
+            q_valid[row, j:j + q] = 1.0
+            next_q[row] += attn_steps  # a rollout owns Q slots; unused ones stay invalid
+
+    def mr(x):  # [M*R, ...] -> [M, R, ...]
+        return x.reshape((M, R) + x.shape[1:])
+
+    return TrainBatch(
+        tokens=mr(tokens), positions=mr(positions), segment_ids=mr(segs), loss_mask=mr(mask),
+        advantages=mr(advs), old_logp=np.zeros((M, R, row_len), np.float32),
+        attn_queries=mr(q_idx), attn_keys=mr(k_idx), attn_weight=mr(q_w), attn_valid=mr(q_valid),
+        ref_logp=np.zeros((M, R, row_len), np.float32) if ref_logp else None)
