@@ -1,0 +1,332 @@
+"""The one compiled RL update: (TrainState, TrainBatch) -> (TrainState, metrics).
+
+Inside a single jit: global per-token weights from the whole mini-batch, a `lax.scan`
+over micro-batches accumulating f32 gradients of `step_loss.micro_loss`, the global grad
+norm, and AdamW (optax, global-norm clipping) -- skipped, and counted, when the norm is
+not finite. The state is donated; in/out shardings follow `parallel.RULES` (params and
+moments FSDP/tensor-sharded alike, rows of the batch over ("data", "fsdp")).
+
+A separate jitted pass (`make_logprob_fn`) computes old log-probs with the training
+model before the updates of an RL step (and reference log-probs for the KL term).
+
+BuPO: the trainer builds two step functions, `StepConfig.from_config(c, bupo=True)` for
+the first `rl.bupo_steps` steps and `bupo=False` after, instead of branching in the jit.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from jax.sharding import Mesh, NamedSharding
+
+from oisd_jax import parallel
+from oisd_jax.model import ModelConfig, Taps, final_norm, forward, unembed
+from oisd_jax.model.params import Params, abstract, logical_axes
+from oisd_jax.model.params import shardings as param_shardings
+from oisd_jax.rl import chunked, losses
+from oisd_jax.rl.batch import TrainBatch, shift_left
+from oisd_jax.rl.step_loss import Weights, micro_loss, token_weights
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """Everything the compiled update needs besides the model shape (hashable, static)."""
+    temperature: float = 1.0          # T_s: log-probs of logits / T_s
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: float | None = 10.0
+    ratio_log_clamp: float = 20.0
+    loss_agg: str = "token-mean"      # token-mean | seq-mean-token-mean | seq-mean-token-sum
+    loss_norm_len: float | None = None  # seq-mean-token-sum's constant (Dr.GRPO: max response)
+    kl_coef: float = 0.0              # > 0 needs batch.ref_logp
+    kl_type: str = "k3"
+    entropy_coef: float = 0.0
+    pg_weight: float = 1.0            # 1 always in training; 0 isolates the OISD terms
+    tap_layer: int | None = None      # l (1-based) for OISD / BuPO
+    think_weight: float = 0.0         # lambda_think
+    attn_weight: float = 0.0          # lambda_attn
+    tau: float = 1.0
+    adv_clip: float = 1.0             # c in w = clip(A, -c, c)
+    lens_norm: bool = True
+    oisd_metrics: bool = False        # log think/attention JS even when their weight is 0
+    bupo: bool = False                # L_pg on pi_l = softmax(W_U h_l / T_s)
+    bupo_lens_norm: bool = False
+    logit_chunk: int | None = 1024    # tokens of T per vocabulary chunk; None = unchunked
+    fused_head: bool = True           # gradient-in-forward vocabulary head (see step_loss)
+    lr: float = 1e-6
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0            # 0 = off
+    skip_nonfinite: bool = True
+    schedule: str = "constant"        # constant | cosine (after linear warm-up)
+    warmup_steps: int = 0
+    decay_steps: int = 0              # cosine: optimizer updates over which to decay
+    end_lr_factor: float = 0.0
+
+    def __post_init__(self):
+        if self.loss_agg not in losses.AGG_MODES:
+            raise ValueError(f"StepConfig.loss_agg={self.loss_agg!r}: choose from {losses.AGG_MODES}")
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"StepConfig.schedule={self.schedule!r}: constant | cosine")
+        needs_tap = self.think_on or self.attn_on or self.bupo or self.oisd_metrics
+        if needs_tap and self.tap_layer is None:
+            raise ValueError("StepConfig.tap_layer is required for OISD terms, their metrics, or BuPO")
+        if self.bupo and (self.think_on or self.attn_on or self.oisd_metrics):
+            raise ValueError("StepConfig: bupo (internal-policy L_pg) does not combine with OISD terms")
+        if self.dual_clip is not None and self.dual_clip <= 1.0 + self.clip_high:
+            raise ValueError(f"StepConfig.dual_clip={self.dual_clip} must exceed 1 + clip_high")
+
+    @property
+    def think_on(self) -> bool:
+        return self.think_weight != 0
+
+    @property
+    def attn_on(self) -> bool:
+        return self.attn_weight != 0
+
+    @property
+    def think_metrics(self) -> bool:
+        return self.oisd_metrics
+
+    @property
+    def attn_metrics(self) -> bool:
+        return self.oisd_metrics
+
+    def replace(self, **kw) -> "StepConfig":
+        return dataclasses.replace(self, **kw)
+
+    @classmethod
+    def from_config(cls, config, bupo: bool = False) -> "StepConfig":
+        """From the ml_collections config (rl / optim / sampler / train sections).
+
+        `rl.algorithm` decides which terms are on (oisd_jax.config.algorithm_settings);
+        bupo=True gives the internal-policy step of BuPO's first `rl.bupo_steps` steps.
+        """
+        from oisd_jax.config import algorithm_settings  # a leaf module (no jax)
+        s = algorithm_settings(config)
+        if bupo and not s.use_bupo:
+            raise ValueError(f"bupo=True but rl.algorithm={s.algorithm!r} is not bupo")
+        rl, o, t = config.rl, config.optim, config.train
+        updates = int(t.steps) * max(1, int(t.prompts_per_step) // int(t.mini_batch_prompts)) \
+            * int(rl.get("ppo_epochs", 1))
+        return cls(
+            temperature=float(config.sampler.temperature), clip_low=float(rl.clip_low),
+            clip_high=float(rl.clip_high),
+            dual_clip=None if rl.dual_clip is None else float(rl.dual_clip),
+            ratio_log_clamp=float(rl.ratio_log_clamp), loss_agg=rl.loss_agg,
+            loss_norm_len=float(config.sampler.max_new_tokens) if rl.loss_agg == "seq-mean-token-sum" else None,
+            kl_coef=float(rl.kl_coef), kl_type=rl.kl_type, entropy_coef=float(rl.entropy_coef),
+            tap_layer=s.tap_layer, think_weight=s.think_weight, attn_weight=s.attn_weight,
+            tau=float(rl.tau), adv_clip=float(rl.adv_clip), lens_norm=bool(rl.lens_norm),
+            bupo=bupo, bupo_lens_norm=bool(rl.bupo_lens_norm),
+            logit_chunk=None if not rl.logit_chunk else int(rl.logit_chunk),
+            lr=float(o.lr), b1=float(o.b1), b2=float(o.b2), eps=float(o.eps),
+            weight_decay=float(o.weight_decay), grad_clip=float(o.grad_clip),
+            skip_nonfinite=bool(o.get("skip_nonfinite", True)), schedule=o.schedule,
+            warmup_steps=int(o.warmup_steps), decay_steps=updates,
+            end_lr_factor=float(o.get("end_lr_factor", 0.0)))
+
+
+@struct.dataclass
+class TrainState:
+    params: Params      # f32 master weights
+    opt_state: Any      # optax state; moments shaped (and sharded) like params
+    step: Array         # int32 optimizer updates attempted
+    skipped: Array      # int32 updates skipped for a non-finite gradient norm
+
+
+# ----------------------------------------------------------------------------- optimizer
+def make_schedule(cfg: StepConfig) -> optax.Schedule:
+    if cfg.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            0.0, cfg.lr, cfg.warmup_steps, max(cfg.decay_steps, cfg.warmup_steps + 1), cfg.lr * cfg.end_lr_factor)
+    if cfg.warmup_steps:
+        return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps),
+                                     optax.constant_schedule(cfg.lr)], [cfg.warmup_steps])
+    return optax.constant_schedule(cfg.lr)
+
+
+def make_optimizer(cfg: StepConfig) -> optax.GradientTransformation:
+    adamw = optax.adamw(make_schedule(cfg), cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay)
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw) if cfg.grad_clip > 0 else adamw
+
+
+# ----------------------------------------------------------------------------- shardings
+def state_shardings(model_cfg: ModelConfig, step_cfg: StepConfig, mesh: Mesh) -> TrainState:
+    """NamedShardings of the state: optimizer moments follow their params."""
+    p_sh = param_shardings(model_cfg, mesh)
+    rep = parallel.replicated(mesh)
+    opt_abs = jax.eval_shape(make_optimizer(step_cfg).init, abstract(model_cfg))
+    opt_sh = optax.tree_map_params(make_optimizer(step_cfg), lambda _, s: s, opt_abs, p_sh,
+                                   transform_non_params=lambda _: rep)
+    return TrainState(params=p_sh, opt_state=opt_sh, step=rep, skipped=rep)
+
+
+def batch_shardings(mesh: Mesh, with_ref: bool = False) -> TrainBatch:
+    """Rows (axis 1 of every [M, R, ...] field) over the mesh's batch axes."""
+    sh = NamedSharding(mesh, parallel.logical_to_spec((None, "batch"), mesh=mesh))
+    return TrainBatch(tokens=sh, positions=sh, segment_ids=sh, loss_mask=sh, advantages=sh, old_logp=sh,
+                      attn_queries=sh, attn_keys=sh, attn_weight=sh, attn_valid=sh,
+                      ref_logp=sh if with_ref else None)
+
+
+def abstract_train_state(model_cfg: ModelConfig, step_cfg: StepConfig, mesh: Mesh | None = None) -> TrainState:
+    """ShapeDtypeStructs (with shardings under a mesh) for AOT lowering / planning."""
+    shapes = jax.eval_shape(lambda p: init_train_state(p, step_cfg), abstract(model_cfg))
+    if mesh is None:
+        return shapes
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                        state_shardings(model_cfg, step_cfg, mesh))
+
+
+def init_train_state(params: Params, step_cfg: StepConfig, mesh: Mesh | None = None,
+                     model_cfg: ModelConfig | None = None) -> TrainState:
+    """Fresh optimizer state; with a mesh (and model_cfg) each device makes only its shard."""
+    def make(p):
+        return TrainState(params=p, opt_state=make_optimizer(step_cfg).init(p),
+                          step=jnp.zeros((), jnp.int32), skipped=jnp.zeros((), jnp.int32))
+    if mesh is None:
+        return make(params)
+    if model_cfg is None:
+        raise ValueError("init_train_state with a mesh needs model_cfg")
+    sh = state_shardings(model_cfg, step_cfg, mesh)
+    return jax.jit(make, in_shardings=(sh.params,), out_shardings=sh)(params)
+
+
+class _MeshJit:
+    """A jitted function traced and run inside `jax.set_mesh(mesh)` (activation
+    constraints in the decoder read the ambient mesh); `.lower` for AOT analysis."""
+
+    def __init__(self, fn: Callable, mesh: Mesh | None):
+        self.fn, self.mesh = fn, mesh
+
+    def _ctx(self):
+        return jax.set_mesh(self.mesh) if self.mesh is not None else _Null()
+
+    def __call__(self, *args):
+        with self._ctx():
+            return self.fn(*args)
+
+    def lower(self, *args):
+        with self._ctx():
+            return self.fn.lower(*args)
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+# ----------------------------------------------------------------------------- the step
+def _check(model_cfg: ModelConfig, cfg: StepConfig):
+    if cfg.tap_layer is not None and not 1 <= cfg.tap_layer < model_cfg.num_layers:
+        raise ValueError(f"StepConfig.tap_layer={cfg.tap_layer} must be in 1..{model_cfg.num_layers - 1}")
+
+
+def compute_grads(params: Params, batch: TrainBatch, model_cfg: ModelConfig, cfg: StepConfig,
+                  fused: bool | None = None) -> tuple[Array, Params, dict]:
+    """(loss, f32 grads, metrics) of a whole mini-batch: a scan over its M micro-batches.
+
+    The weights (denominators) come from the whole mini-batch first, so the result
+    equals one big batch up to float summation order.
+    """
+    _check(model_cfg, cfg)
+    fused = cfg.fused_head if fused is None else fused
+    w = token_weights(batch, cfg)
+    axes = logical_axes(model_cfg)
+    zeros = jax.tree.map(lambda p, a: parallel.constrain(jnp.zeros(p.shape, jnp.float32), tuple(a)),
+                         params, axes)
+
+    def body(acc, xs):
+        mb, pg_w, tok_w = xs
+        grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+        (loss, m), g = grad_fn(params, mb, Weights(pg_w, tok_w, w.attn_denom), model_cfg, cfg, fused)
+        g = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc, g)
+        return g, (loss, m)
+
+    grads, (loss_m, m_m) = jax.lax.scan(body, zeros, (batch, w.pg, w.tok))
+    metrics = {k: (jnp.max(v) if k == "ratio_max" else jnp.sum(v)) for k, v in m_m.items()}
+    return jnp.sum(loss_m), grads, metrics
+
+
+def train_step(state: TrainState, batch: TrainBatch, model_cfg: ModelConfig, cfg: StepConfig) -> tuple[TrainState, dict]:
+    """The pure update (make_train_step jits it)."""
+    loss, grads, metrics = compute_grads(state.params, batch, model_cfg, cfg)
+    tx = make_optimizer(cfg)
+    gnorm = optax.global_norm(grads)
+    ok = jnp.isfinite(gnorm) if cfg.skip_nonfinite else jnp.array(True)
+
+    def apply(_):
+        updates, opt = tx.update(grads, state.opt_state, state.params)
+        return optax.apply_updates(state.params, updates), opt
+
+    params, opt_state = jax.lax.cond(ok, apply, lambda _: (state.params, state.opt_state), None)
+    skipped = state.skipped + (1 - ok.astype(jnp.int32))
+    metrics.update(loss=loss, grad_norm=gnorm, update_skipped=1 - ok.astype(jnp.int32), skipped=skipped,
+                   lr=make_schedule(cfg)(state.step - state.skipped),
+                   tokens=jnp.sum(batch.loss_mask), packed_tokens=jnp.sum(batch.segment_ids > 0))
+    return TrainState(params=params, opt_state=opt_state, step=state.step + 1, skipped=skipped), metrics
+
+
+def make_train_step(model_cfg: ModelConfig, step_cfg: StepConfig, mesh: Mesh | None = None) -> _MeshJit:
+    """ONE jitted (state, batch) -> (state, metrics); the state is donated.
+
+    With a mesh, in/out shardings come from parallel.RULES; batch rows must divide by
+    the product of the mesh's batch axes.
+    """
+    _check(model_cfg, step_cfg)
+    fn = lambda s, b: train_step(s, b, model_cfg, step_cfg)  # noqa: E731
+    if mesh is None:
+        return _MeshJit(jax.jit(fn, donate_argnums=(0,)), None)
+    st = state_shardings(model_cfg, step_cfg, mesh)
+    jitted = jax.jit(fn, donate_argnums=(0,), in_shardings=(st, batch_shardings(mesh, step_cfg.kl_coef > 0)),
+                     out_shardings=(st, parallel.replicated(mesh)))
+    return _MeshJit(jitted, mesh)
+
+
+# ----------------------------------------------------------------------------- old log-probs
+def policy_logprobs(params: Params, tokens: Array, positions: Array, segment_ids: Array, loss_mask: Array,
+                    model_cfg: ModelConfig, cfg: StepConfig) -> Array:
+    """log pi(tokens[t+1] | ..t) of the step's acting policy for [M, R, T] rows, 0 off the mask."""
+    def one(xs):
+        tok, pos, seg, mask = xs
+        taps = Taps(residual_layers=(cfg.tap_layer,)) if cfg.bupo else Taps()
+        out = forward(params, model_cfg, tok, pos, seg, taps)
+        h = out.hidden
+        if cfg.bupo:
+            h = out.residuals[cfg.tap_layer]
+            h = final_norm(params, model_cfg, h) if cfg.bupo_lens_norm else h
+        t = chunked.token_terms(h, unembed(params, model_cfg), shift_left(tok), temperature=cfg.temperature,
+                                chunk_size=cfg.logit_chunk, want_entropy=False)
+        return jnp.where(mask != 0, t["logp"], 0.0)
+    return jax.lax.map(one, (tokens, positions, segment_ids, loss_mask))
+
+
+def make_logprob_fn(model_cfg: ModelConfig, step_cfg: StepConfig, mesh: Mesh | None = None) -> Callable:
+    """Jitted (params, batch) -> old_logp [M, R, T] at the sampling temperature (BuPO's
+    internal policy when step_cfg.bupo). Use with reference params for batch.ref_logp."""
+    _check(model_cfg, step_cfg)
+    fn = lambda p, *a: policy_logprobs(p, *a, model_cfg, step_cfg)  # noqa: E731
+    if mesh is None:
+        jitted = _MeshJit(jax.jit(fn), None)
+    else:
+        row = NamedSharding(mesh, parallel.logical_to_spec((None, "batch"), mesh=mesh))
+        # Params keep whatever layout they come in (training or decode rules).
+        jitted = _MeshJit(jax.jit(fn, in_shardings=(None,) + (row,) * 4, out_shardings=row), mesh)
+
+    def logprobs(params: Params, batch: TrainBatch) -> Array:
+        return jitted(params, batch.tokens, batch.positions, batch.segment_ids, batch.loss_mask)
+    logprobs.lower = lambda params, batch: jitted.lower(  # type: ignore[attr-defined]
+        params, batch.tokens, batch.positions, batch.segment_ids, batch.loss_mask)
+    return logprobs

@@ -1,0 +1,271 @@
+"""The loss of one micro-batch, read top to bottom like METHOD.md.
+
+    forward (taps only for the terms that are on)
+    -> vocabulary head: L_pg (+ KL, - entropy bonus) on the acting policy and
+       lambda_think * L_think on the layer-l lens, over token chunks, never [T, V] twice
+    -> lambda_attn * L_attn on the probed attention of layers l and L.
+
+Every normaliser is global over the mini-batch: `token_weights` turns the loss mask into
+per-token weights (mask / n_tokens for token-mean; per-sequence for the seq-mean modes)
+once, before the micro-batch loop, so each micro-batch's loss is a plain weighted sum
+and their sum is the mini-batch loss exactly (up to float order).
+
+The vocabulary head has two implementations of the same function:
+  head_reference  helper-1's `chunked.token_terms` (chunk remat: logits recomputed in
+                  backward) and the aggregation of `losses`; differentiable term by term.
+  head_fused      a custom VJP that computes the gradient while each chunk's logits are
+                  still live (3 vocabulary matmuls per head instead of 4: forward, dh, dW)
+                  and accumulates dW in f32. The step uses this one.
+"""
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from oisd_jax.model import Taps, final_norm, forward
+from oisd_jax.model.params import Params
+from oisd_jax.rl import chunked, losses
+
+if TYPE_CHECKING:  # pragma: no cover
+    from oisd_jax.model import ModelConfig
+    from oisd_jax.rl.batch import TrainBatch
+    from oisd_jax.rl.step import StepConfig
+
+Array = jax.Array
+
+
+class Weights(NamedTuple):
+    """Global per-token weights of one mini-batch ([M, R, T]) and the probe count."""
+    pg: Array         # weight of L_pg / KL / entropy terms (depends on loss_agg)
+    tok: Array        # mask / n_tokens: L_think and every token-mean metric
+    attn_denom: Array  # number of valid sampled steps (scalar)
+
+
+def token_weights(batch: "TrainBatch", cfg: "StepConfig") -> Weights:
+    """Per-token weights such that sum(loss * w) is the configured aggregation."""
+    mask = batch.loss_mask.astype(jnp.float32)
+    tok = mask / jnp.maximum(jnp.sum(mask), 1.0)
+    if cfg.loss_agg == "token-mean":
+        pg = tok
+    else:
+        # A sequence is a (row, segment id) pair; rows never straddle micro-batches.
+        T = mask.shape[-1]
+        m2 = mask.reshape(-1, T)
+        seg = jnp.clip(batch.segment_ids.reshape(-1, T), 0, T)
+        key = (jnp.arange(m2.shape[0])[:, None] * (T + 1) + seg).reshape(-1)
+        counts = jax.ops.segment_sum(m2.reshape(-1), key, num_segments=m2.shape[0] * (T + 1))
+        n_seq = jnp.maximum(jnp.sum(counts > 0), 1).astype(jnp.float32)
+        if cfg.loss_agg == "seq-mean-token-mean":
+            per = jnp.maximum(counts[key].reshape(mask.shape), 1.0)
+        elif cfg.loss_agg == "seq-mean-token-sum":
+            per = 1.0 if cfg.loss_norm_len is None else float(cfg.loss_norm_len)
+        else:
+            raise ValueError(f"unknown loss_agg {cfg.loss_agg!r}; choose from {losses.AGG_MODES}")
+        pg = mask / (per * n_seq)
+    attn_denom = jnp.sum(batch.attn_valid.astype(jnp.float32))
+    return Weights(pg=pg, tok=tok, attn_denom=attn_denom)
+
+
+# ----------------------------------------------------------------------------- the vocabulary head
+def _objective(t: dict, d: dict, cfg: "StepConfig") -> tuple[Array, dict]:
+    """Head loss and metric sums from per-token terms. Any slice of tokens: all sums."""
+    pg, _ = losses.policy_loss(t["logp"], d["old_logp"], d["adv"], d["pg_w"], cfg.clip_low,
+                               cfg.clip_high, cfg.dual_clip, cfg.ratio_log_clamp, "token-mean",
+                               denom=1.0)
+    _, pm = losses.policy_loss(jax.lax.stop_gradient(t["logp"]), d["old_logp"], d["adv"], d["tok_w"],
+                               cfg.clip_low, cfg.clip_high, cfg.dual_clip, cfg.ratio_log_clamp,
+                               "token-mean", denom=1.0)
+    n = jnp.sum(d["tok_w"])  # the policy metrics are local means; make them global sums
+    sums = {k: pm[k] * n for k in ("clip_frac_low", "clip_frac_high", "clip_frac_dual", "approx_kl")}
+    sums["pg_loss"] = pg
+    sums["entropy"] = jnp.sum(jax.lax.stop_gradient(t["entropy"]) * d["tok_w"])
+    loss = cfg.pg_weight * pg
+    if cfg.kl_coef:
+        kl = losses.aggregate(losses.kl_penalty(t["logp"], d["ref_logp"], cfg.kl_type), d["pg_w"],
+                              denom=1.0)
+        sums["kl"] = kl
+        loss = loss + cfg.kl_coef * kl
+    if cfg.entropy_coef:
+        loss = loss - cfg.entropy_coef * losses.aggregate(t["entropy"], d["pg_w"], denom=1.0)
+    if "js" in t:
+        think = losses.think_loss(t["js"], d["adv"], d["tok_w"], cfg.adv_clip, denom=1.0)
+        sums["think_loss"] = jax.lax.stop_gradient(think)
+        sums["think_js"] = jnp.sum(jax.lax.stop_gradient(t["js"]) * d["tok_w"])
+        sums["lens_entropy"] = jnp.sum(t["lens_entropy"] * d["tok_w"])
+        if cfg.think_weight:
+            loss = loss + cfg.think_weight * think
+    maxes = {"ratio_max": pm["ratio_max"]}
+    return loss, {"sums": sums, "maxes": maxes}
+
+
+def _lean_terms(z: Array, zl: Array | None, tgt: Array, cfg: "StepConfig") -> dict:
+    """Per-token terms from f32 logits [N, C, V] (few [N, C, V] temporaries)."""
+    zs = z / cfg.temperature
+    lse = jax.nn.logsumexp(zs, axis=-1)
+    t = {"logp": jnp.take_along_axis(zs, tgt[..., None], axis=-1)[..., 0] - lse}
+    ze = zs if cfg.entropy_coef else jax.lax.stop_gradient(zs)
+    lse_e = lse if cfg.entropy_coef else jax.lax.stop_gradient(lse)
+    t["entropy"] = lse_e - jnp.sum(jnp.exp(ze - lse_e[..., None]) * ze, axis=-1)
+    if zl is not None:
+        t["js"] = losses.js_divergence(zl, z, temperature=cfg.tau, assume_finite=True)
+        zls = jax.lax.stop_gradient(zl) / cfg.temperature
+        lse_l = jax.nn.logsumexp(zls, axis=-1)
+        t["lens_entropy"] = lse_l - jnp.sum(jnp.exp(zls - lse_l[..., None]) * zls, axis=-1)
+    return t
+
+
+def head_reference(h: Array, hl: Array | None, w: Array, d: dict, cfg: "StepConfig",
+                   compute_dtype, chunk: int | None) -> tuple[Array, dict]:
+    """The head via `chunked.token_terms` (chunk remat); differentiable term by term."""
+    t = chunked.token_terms(h, w, d["targets"], temperature=cfg.temperature, chunk_size=chunk,
+                            h_lens_NTD=hl, tau=cfg.tau, want_entropy=True,
+                            entropy_grad=bool(cfg.entropy_coef), compute_dtype=compute_dtype)
+    return _objective(t, d, cfg)
+
+
+def _split(x: Array, c: int) -> Array:
+    """[N, T, ...] -> [T/c, N, c, ...] (T padded to a multiple of c with zeros)."""
+    n, t = x.shape[:2]
+    k = -(-t // c)
+    x = jnp.pad(x, [(0, 0), (0, k * c - t)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape((n, k, c) + x.shape[2:]), 1, 0)
+
+
+def _unsplit(x: Array, t: int) -> Array:
+    k, n, c = x.shape[:3]
+    return jnp.moveaxis(x, 0, 1).reshape((n, k * c) + x.shape[3:])[:, :t]
+
+
+def make_fused_head(cfg: "StepConfig", compute_dtype, chunk: int | None):
+    """head(h [N,T,D], hl [N,T,D] | None, w [D,V] (master dtype), d) -> (loss, metrics)."""
+    mm = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
+
+    def run(h, hl, w, d, with_grad: bool):
+        t_len = h.shape[1]
+        c = t_len if chunk is None or chunk >= t_len else int(chunk)
+        wc = w.astype(compute_dtype)  # cast once; chunks share it
+        lens_grad = hl is not None and bool(cfg.think_on)
+        xs = {"h": _split(h, c), "hl": None if hl is None else _split(hl, c),
+              "d": {k: _split(v, c) for k, v in d.items()}}
+
+        def chunk_fn(carry, x):
+            loss_acc, dw_acc, sums_acc, max_acc = carry
+            hc, hlc, dc = x["h"], x["hl"], x["d"]
+
+            def from_logits(z, zl):
+                return _objective(_lean_terms(z, zl, jnp.clip(dc["targets"], 0, w.shape[1] - 1), cfg), dc, cfg)
+
+            z = mm("ncd,dv->ncv", hc.astype(compute_dtype), wc)
+            zl = None if hlc is None else mm("ncd,dv->ncv", hlc.astype(compute_dtype), wc)
+            if with_grad:
+                if lens_grad:
+                    (loss, aux), (dz, dzl) = jax.value_and_grad(from_logits, (0, 1), has_aux=True)(z, zl)
+                else:  # no lens, or a metric-only lens: no lens gradient to pay for
+                    (loss, aux), dz = jax.value_and_grad(from_logits, 0, has_aux=True)(z, zl)
+                dz = dz.astype(compute_dtype)
+                dh = mm("ncv,dv->ncd", dz, wc).astype(h.dtype)
+                dw = mm("ncd,ncv->dv", hc.astype(compute_dtype), dz)
+                dhl = None
+                if lens_grad:
+                    dzl = dzl.astype(compute_dtype)
+                    dhl = mm("ncv,dv->ncd", dzl, wc).astype(hl.dtype)
+                    dw = dw + mm("ncd,ncv->dv", hlc.astype(compute_dtype), dzl)
+                dw_acc = dw_acc + dw
+            else:
+                loss, aux = from_logits(z, zl)
+                dh = dhl = None
+            sums = {k: sums_acc[k] + v for k, v in aux["sums"].items()}
+            maxes = {k: jnp.maximum(max_acc[k], v) for k, v in aux["maxes"].items()}
+            return (loss_acc + loss, dw_acc, sums, maxes), (dh, dhl)
+
+        zero = jnp.zeros((), jnp.float32)
+        sums0, maxes0 = _metric_zeros(cfg, hl is not None)
+        dw0 = jnp.zeros(w.shape, jnp.float32) if with_grad else None
+        (loss, dw, sums, maxes), (dh, dhl) = jax.lax.scan(chunk_fn, (zero, dw0, sums0, maxes0), xs)
+        grads = None
+        if with_grad:
+            grads = (_unsplit(dh, t_len), _unsplit(dhl, t_len) if lens_grad else None, dw.astype(w.dtype))
+        return (loss, {**sums, **maxes}), grads
+
+    @jax.custom_vjp
+    def head(h, hl, w, d):
+        return run(h, hl, w, d, with_grad=False)[0]
+
+    def fwd(h, hl, w, d):
+        out, grads = run(h, hl, w, d, with_grad=True)
+        return out, grads
+
+    def bwd(grads, ct):
+        g = ct[0]  # metrics carry no gradient
+        dh, dhl, dw = grads
+        scale = lambda x: None if x is None else (g * x).astype(x.dtype)  # noqa: E731
+        return scale(dh), scale(dhl), scale(dw), None
+
+    head.defvjp(fwd, bwd)
+    return head
+
+
+def _metric_zeros(cfg: "StepConfig", lens: bool) -> tuple[dict, dict]:
+    names = ["clip_frac_low", "clip_frac_high", "clip_frac_dual", "approx_kl", "pg_loss", "entropy"]
+    if cfg.kl_coef:
+        names.append("kl")
+    if lens:
+        names += ["think_loss", "think_js", "lens_entropy"]
+    z = jnp.zeros((), jnp.float32)
+    return {k: z for k in names}, {"ratio_max": z}
+
+
+# ----------------------------------------------------------------------------- the micro-batch loss
+def micro_loss(params: Params, mb: "TrainBatch", w: Weights, model_cfg: "ModelConfig",
+               cfg: "StepConfig", fused: bool = True) -> tuple[Array, dict]:
+    """Loss of one micro-batch (fields [R, T], weights [R, T]) and its metric sums."""
+    L, l = model_cfg.num_layers, cfg.tap_layer
+    think, attn = cfg.think_on or cfg.think_metrics, cfg.attn_on or cfg.attn_metrics
+    taps = Taps(
+        residual_layers=(l,) if (think or cfg.bupo) else (),
+        attn_layers=(l, L) if attn else (),
+        attn_queries=mb.attn_queries if attn else None,
+        attn_keys=mb.attn_keys if attn else None)
+    out = forward(params, model_cfg, mb.tokens, mb.positions, mb.segment_ids, taps)
+
+    # Acting policy: the final layer, or BuPO's internal policy pi_l (no final norm by default).
+    if cfg.bupo:
+        h = out.residuals[l]
+        h = final_norm(params, model_cfg, h) if cfg.bupo_lens_norm else h
+    else:
+        h = out.hidden
+    # OISD student: the logit lens of layer l (final norm when lens_norm).
+    hl = None
+    if think:
+        hl = final_norm(params, model_cfg, out.residuals[l]) if cfg.lens_norm else out.residuals[l]
+        if not cfg.think_on:  # metric only: the step's gradient stays GRPO's
+            hl = jax.lax.stop_gradient(hl)
+    w_unembed = params.embed.T if model_cfg.tie_embeddings else params.lm_head
+    d = {"targets": mb.targets, "old_logp": mb.old_logp, "adv": mb.advantages,
+         "pg_w": w.pg, "tok_w": w.tok}
+    if cfg.kl_coef:
+        d["ref_logp"] = mb.ref_logp
+    cdt = jnp.dtype(model_cfg.dtype)
+    if fused:
+        loss, metrics = make_fused_head(cfg, cdt, cfg.logit_chunk)(h, hl, w_unembed, d)
+    else:
+        loss, metrics = head_reference(h, hl, w_unembed, d, cfg, cdt, cfg.logit_chunk)
+        metrics = {**metrics["sums"], **metrics["maxes"]}
+
+    if attn:
+        s_l, s_L = out.attn_logits[l], out.attn_logits[L]
+        if not cfg.attn_on:
+            s_l = jax.lax.stop_gradient(s_l)
+        l_attn = losses.attention_loss(s_l, s_L, mb.attn_weight, mb.attn_valid, cfg.adv_clip,
+                                       denom=w.attn_denom)
+        # Unweighted JS (weight 1, never clipped) for the metric; shares the JS with l_attn.
+        ones = jnp.ones_like(mb.attn_weight)
+        metrics["attn_js"] = jax.lax.stop_gradient(losses.attention_loss(
+            s_l, s_L, ones, mb.attn_valid, 1.0, denom=w.attn_denom))
+        metrics["attn_loss"] = jax.lax.stop_gradient(l_attn)
+        if cfg.attn_on:
+            loss = loss + cfg.attn_weight * l_attn
+    return loss, metrics
