@@ -167,18 +167,22 @@ def shard_list(items: Sequence[T], process_index: int | None = None, process_cou
     return list(items[i::n])
 
 
-def make_global(local_tree: Any, shardings: Any, global_rows: int | None = None) -> Any:
-    """Global jax.Arrays from each process's rows (leading axis) of a pytree of host arrays.
+def make_global(local_tree: Any, shardings: Any, axis: int = 0) -> Any:
+    """Global jax.Arrays from each process's rows of a pytree of host arrays.
 
-    Every process calls it with its `process_rows` slice; nothing is gathered anywhere.
+    Every process calls it with its `process_rows` slice along `axis` (the axis sharded
+    over the batch mesh axes; 1 for TrainBatch's [M, R, ...] fields); nothing is gathered
+    anywhere. `shardings`: one Sharding for every leaf, or a matching pytree.
     """
+    n = jax.process_count()
+
     def one(x, sharding):
         x = np.asarray(x)
-        rows = global_rows if global_rows is not None else x.shape[0] * jax.process_count()
-        return jax.make_array_from_process_local_data(sharding, x, (rows, *x.shape[1:]))
-    if not isinstance(shardings, jax.sharding.Sharding):
-        return jax.tree.map(one, local_tree, shardings)
-    return jax.tree.map(lambda x: one(x, shardings), local_tree)
+        shape = x.shape[:axis] + (x.shape[axis] * n,) + x.shape[axis + 1:]
+        return jax.make_array_from_process_local_data(sharding, x, shape)
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda x: one(x, shardings), local_tree)
+    return jax.tree.map(one, local_tree, shardings)
 
 
 def to_host(tree: Any) -> Any:
