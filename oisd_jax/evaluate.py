@@ -1,0 +1,312 @@
+"""Avg@k and Pass@k of a policy on math benchmarks (the paper's protocol, METHOD.md).
+
+    python -m oisd_jax.evaluate --config=configs/qwen3_4b.py --workdir=runs/oisd \
+        --benchmarks=aime24,aime25,amc23,math500
+    python -m oisd_jax.evaluate --config=configs/qwen3_4b.py --hf=/models/Qwen3-4B
+
+k samples per problem (the config's eval_sets[name].k: 32 for AIME, 16 for AMC23 and
+MATH500), sampled with the training Sampler at the config's temperature / top_p / response
+budget and template, scored with the training reward. Writes `<out>/results.json`, a
+per-sample dump `<out>/samples.jsonl` (one line per rollout), and prints a table. A rerun
+with the same --out skips problems whose k samples are already in the dump; the sampling
+key of each chunk of problems depends only on the seed, the benchmark and the chunk's first
+problem, so an interrupted-and-resumed evaluation draws the same samples as an
+uninterrupted one.
+
+Public functions: `pass_at_k(n, c, k)` (unbiased estimator), `avg_at_k`, `summarize`, and
+`score_examples` (sample k per problem, score with the training reward), which the
+trainer's periodic evaluation also uses.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import zlib
+from typing import TYPE_CHECKING, Any, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags
+
+if TYPE_CHECKING:  # the estimators import without the sampler / decoder stack
+    from oisd_jax import rollout
+    from oisd_jax.sampler import Sampler, SamplingParams
+
+log = logging.getLogger("oisd_jax.evaluate")
+RESULTS_FILE, SAMPLES_FILE, META_FILE = "results.json", "samples.jsonl", "eval_meta.json"
+
+
+# ----------------------------------------------------------------------------- estimators
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """1 - C(n-c, k) / C(n, k): the chance that k of the n samples include a correct one.
+
+    Computed as a product (no huge binomials): 1 - prod_{i=n-c+1}^{n} (1 - k / i).
+    """
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
+    if n - c < k:
+        return 1.0
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def avg_at_k(correct: np.ndarray | Sequence[Sequence[float]]) -> float:
+    """Mean accuracy over k samples per problem ([problems, k] of 0/1), averaged over problems."""
+    a = np.asarray(correct, np.float64)
+    if a.ndim != 2 or a.size == 0:
+        raise ValueError(f"avg_at_k wants a non-empty [problems, k] array, got shape {a.shape}")
+    return float(a.mean())
+
+
+def summarize(correct: np.ndarray, ks: Sequence[int] | None = None) -> dict[str, float]:
+    """avg@k and pass@k' (k' in ks, up to k) of a [problems, k] 0/1 array."""
+    P, k = np.asarray(correct).shape
+    ks = ks or sorted({1, 2, 4, 8, 16, 32, k} & set(range(1, k + 1)))
+    c = np.asarray(correct).sum(1).astype(int)
+    out = {f"avg@{k}": avg_at_k(correct)}
+    for kk in ks:
+        out[f"pass@{kk}"] = float(np.mean([pass_at_k(k, int(ci), kk) for ci in c]))
+    return out
+
+
+def score_examples(sampler: Sampler, params, tokenizer, examples: Sequence[dict], *, k: int,
+                   sampling: SamplingParams, key: jax.Array, batch_size: int, reward_pool,
+                   ) -> tuple[np.ndarray, rollout.Rollouts]:
+    """k rollouts per example (dicts with prompt_ids and answer): ([P, k] rewards, rollouts)."""
+    from oisd_jax import rollout
+    sampling = dataclasses.replace(sampling, n=k)
+    ro = rollout.generate(sampler, params, tokenizer, [e["prompt_ids"] for e in examples], key, sampling,
+                          batch_size)
+    answers = [e["answer"] for e in examples for _ in range(k)]
+    rewards = np.asarray(reward_pool.score(ro.texts, answers), np.float32).reshape(len(examples), k)
+    return rewards, ro
+
+
+# ----------------------------------------------------------------------------- benchmarks
+def load_benchmarks(config, tokenizer, names: Sequence[str] | None = None, *, k: int | None = None,
+                    limit: int | None = None) -> dict[str, tuple[list[dict], int]]:
+    """name -> (examples with prompt_ids / answer / index, k) from `config.data.eval_sets`,
+    built exactly as the trainer builds its eval sets (same files, template, truncation and
+    held-out synthetic problems). k overrides every set's k; limit keeps the first problems."""
+    from oisd_jax import train_setup as TS  # the trainer's own eval-set construction
+    sets = config.data.eval_sets
+    names = list(names or sets.keys())
+    unknown = [n for n in names if n not in sets]
+    if unknown:
+        raise ValueError(f"unknown benchmark(s) {unknown}; config.data.eval_sets has {sorted(sets.keys())}")
+    sub = ml_collections.ConfigDict(config.to_dict())
+    sub.data.eval_sets = ml_collections.ConfigDict({n: sets[n].to_dict() for n in names})
+    sub.train.eval_prompts = int(limit or 0)
+    if k is not None:
+        for n in names:
+            sub.data.eval_sets[n].k = int(k)
+    held = []
+    if any(sets[n].path is None for n in names):
+        if config.data.format != "synthetic":
+            raise ValueError("an eval set with path None means held-out synthetic problems; "
+                             f"data.format is {config.data.format!r}")
+        held = TS._records(config)[1]
+    return TS._eval_sets(sub, tokenizer, held)
+
+
+def make_sampler(config, model_cfg) -> "tuple[Sampler, SamplingParams]":
+    """The trainer's Sampler and sampling settings for a config (see train_setup.build_setup)."""
+    from oisd_jax import parallel
+    from oisd_jax.sampler import Sampler, SamplingParams
+    mesh_shape = config.mesh.sampler_shape or config.mesh.shape
+    sp = config.sampler
+    sampler = Sampler(model_cfg, max_prompt_len=int(config.data.max_prompt_len),
+                      max_new_tokens=int(sp.max_new_tokens), mesh=parallel.make_mesh(tuple(mesh_shape)),
+                      prompt_bucket=int(sp.prompt_bucket), kv_dtype=sp.kv_dtype, truncation=config.data.truncation)
+    sampling = SamplingParams(temperature=float(sp.temperature), top_p=float(sp.top_p), top_k=int(sp.top_k),
+                              n=int(sp.n), eos_ids=model_cfg.eos_token_ids, greedy=False)
+    return sampler, sampling
+
+
+# ----------------------------------------------------------------------------- the dump
+def read_dump(path: str | os.PathLike) -> dict[tuple[str, int], dict[int, dict]]:
+    """(benchmark, problem index) -> {sample index: record}; later lines win, and a torn
+    last line (a crash mid-write) is ignored."""
+    out: dict[tuple[str, int], dict[int, dict]] = {}
+    if not os.path.exists(path):
+        return out
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            out.setdefault((r["benchmark"], int(r["index"])), {})[int(r["sample"])] = r
+    return out
+
+
+def complete_rewards(dump: dict, name: str, examples: Sequence[dict], k: int) -> dict[int, list[float]]:
+    """problem index -> its k rewards, for the problems whose k samples are all in the dump."""
+    out = {}
+    for e in examples:
+        got = dump.get((name, int(e["index"])), {})
+        if all(j in got for j in range(k)):
+            out[int(e["index"])] = [float(got[j]["reward"]) for j in range(k)]
+    return out
+
+
+def _check_meta(out_dir: str, meta: dict, overwrite: bool) -> None:
+    """A dump is resumed only by the same evaluation (model, sampling, seed, each set's k)."""
+    path = os.path.join(out_dir, META_FILE)
+    if overwrite:
+        for fn in (SAMPLES_FILE, RESULTS_FILE):
+            if os.path.exists(os.path.join(out_dir, fn)):
+                os.remove(os.path.join(out_dir, fn))
+    elif os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+        clash = {k: (old.get(k), meta.get(k)) for k in set(old) | set(meta)
+                 if k != "benchmarks" and old.get(k) != meta.get(k)}
+        old_sets = old.get("benchmarks", {})
+        clash.update({n: (old_sets[n], v) for n, v in meta["benchmarks"].items() if old_sets.get(n, v) != v})
+        if clash:
+            raise ValueError(f"{out_dir} holds another evaluation (was, now): {clash}; "
+                             "use another --out or --overwrite")
+        meta = {**meta, "benchmarks": {**old_sets, **meta["benchmarks"]}}
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=2)
+
+
+# ----------------------------------------------------------------------------- the loop
+def evaluate(run, benchmarks: dict[str, tuple[list[dict], int]], out_dir: str, *, seed: int = 0,
+             reward_pool=None, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Sample, score and dump every benchmark's problems (skipping those already dumped);
+    returns (and writes) the results: per benchmark n, k, avg@k, pass@k'; and their mean."""
+    from oisd_jax import metrics
+    from oisd_jax.rewards import RewardPool
+    if jax.process_count() > 1:
+        raise NotImplementedError("the evaluation CLI runs in one process (it may use all its devices)")
+    config = run.config
+    os.makedirs(out_dir, exist_ok=True)
+    sampler, sampling = make_sampler(config, run.model_cfg)
+    meta = {"source": run.source, "seed": int(seed), "reward": config.train.reward,
+            "sampling": {k: v for k, v in dataclasses.asdict(sampling).items() if k != "n"},
+            "max_new_tokens": int(config.sampler.max_new_tokens), "max_prompt_len": int(config.data.max_prompt_len),
+            "benchmarks": {n: {"k": k} for n, (ex, k) in benchmarks.items()}}
+    meta = json.loads(json.dumps(meta, default=list))  # tuples as lists, as they read back
+    _check_meta(out_dir, meta, overwrite)
+    dump_path = os.path.join(out_dir, SAMPLES_FILE)
+    dump = read_dump(dump_path)
+    batch = int(config.sampler.batch_size)
+    pending = {n: [e for e in ex if int(e["index"]) not in complete_rewards(dump, n, ex, k)]
+               for n, (ex, k) in benchmarks.items()}
+    total = sum(len(ex) for ex, _ in benchmarks.values())
+    done = total - sum(map(len, pending.values()))
+    bar = metrics.ProgressBar(total, initial=done, process_index=0 if progress else 1, fields={}, desc="eval")
+    own_pool = reward_pool is None
+    pool = reward_pool or RewardPool(config.train.reward, workers=int(config.train.reward_workers),
+                                     timeout_s=float(config.train.reward_timeout_s))
+    params = sampler.reshard(run.params)
+    base = jax.random.key(int(seed))
+    try:
+        with open(dump_path, "a", encoding="utf-8") as f:
+            for name, (examples, k) in benchmarks.items():
+                todo = pending[name]
+                for start in range(0, len(todo), batch):
+                    chunk = todo[start:start + batch]
+                    key = jax.random.fold_in(jax.random.fold_in(base, zlib.crc32(name.encode())),
+                                             int(chunk[0]["index"]))
+                    rewards, ro = score_examples(sampler, params, run.tokenizer, chunk, k=k, sampling=sampling,
+                                                 key=key, batch_size=batch, reward_pool=pool)
+                    truncated = ro.truncated(sampling.eos_ids)
+                    for b, e in enumerate(chunk):
+                        for j in range(k):
+                            r = b * k + j
+                            f.write(json.dumps({
+                                "benchmark": name, "index": int(e["index"]), "sample": j, "answer": str(e["answer"]),
+                                "reward": float(rewards[b, j]), "response": ro.texts[r],
+                                "length": int(len(ro.tokens[r])), "truncated": bool(truncated[r])}) + "\n")
+                    f.flush()  # a chunk is on disk before the next starts: resume point
+                    done += len(chunk)
+                    bar.update(done)
+    finally:
+        bar.close()
+        if own_pool:
+            pool.close()
+    return write_results(out_dir, benchmarks, source=run.source)
+
+
+def write_results(out_dir: str, benchmarks: dict[str, tuple[list[dict], int]], *, source: str) -> dict[str, Any]:
+    """results.json from the dump: per benchmark avg@k / pass@k', and the mean over benchmarks."""
+    dump = read_dump(os.path.join(out_dir, SAMPLES_FILE))
+    per = {}
+    for name, (examples, k) in benchmarks.items():
+        done = complete_rewards(dump, name, examples, k)
+        if len(done) != len(examples):
+            raise RuntimeError(f"{name}: {len(examples) - len(done)} problems lack samples in the dump")
+        correct = np.array([done[int(e["index"])] for e in examples], np.float64)
+        per[name] = {"problems": len(examples), "k": k, **summarize(correct)}
+    mean: dict[str, float] = {"avg": float(np.mean([v[f"avg@{v['k']}"] for v in per.values()]))}
+    common = set.intersection(*({m for m in v if m.startswith("pass@")} for v in per.values())) if per else set()
+    for m in sorted(common, key=lambda s: int(s[5:])):
+        mean[m] = float(np.mean([v[m] for v in per.values()]))
+    results = {"source": source, "benchmarks": per, "mean": mean}
+    with open(os.path.join(out_dir, RESULTS_FILE), "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2)
+    return results
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """A plain-text table: one row per benchmark and their mean, in percent."""
+    per = results["benchmarks"]
+    passes = sorted({m for v in per.values() for m in v if m.startswith("pass@")}, key=lambda s: int(s[5:]))
+    head = ["benchmark", "n", "k", "Avg@k", *[m.replace("pass", "Pass") for m in passes]]
+    rows = [[name, str(v["problems"]), str(v["k"]), f"{100 * v['avg@' + str(v['k'])]:.2f}",
+             *[f"{100 * v[m]:.2f}" if m in v else "-" for m in passes]] for name, v in per.items()]
+    mean = results["mean"]
+    rows.append(["mean", "", "", f"{100 * mean['avg']:.2f}", *[f"{100 * mean[m]:.2f}" if m in mean else "-"
+                                                             for m in passes]])
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+# ----------------------------------------------------------------------------- CLI
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    # Defined only when run as a program (the trainer imports this module).
+    from ml_collections import config_flags
+    config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]); with --workdir "
+                                    "defaults to the config saved in the checkpoint.", lock_config=False)
+    flags.DEFINE_string("workdir", None, "Run folder: evaluate its checkpoint (see --step).")
+    flags.DEFINE_integer("step", None, "Checkpoint step with --workdir; default the newest.")
+    flags.DEFINE_string("hf", None, "A Hugging Face folder to evaluate instead of a run.")
+    flags.DEFINE_list("benchmarks", None, "Names in config.data.eval_sets; default all of them.")
+    flags.DEFINE_integer("k", None, "Samples per problem for every benchmark (default: each set's k).")
+    flags.DEFINE_integer("limit", None, "Evaluate only the first N problems of each benchmark.")
+    flags.DEFINE_integer("seed", 0, "Sampling seed.")
+    flags.DEFINE_string("out", None, "Output folder; default <workdir>/eval/step_<step> or <hf>/eval.")
+    flags.DEFINE_bool("overwrite", False, "Start over even if --out holds another evaluation.")
+
+
+def main(argv):
+    del argv
+    from oisd_jax import export
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if bool(FLAGS.workdir) == bool(FLAGS.hf):
+        raise app.UsageError("give exactly one of --workdir and --hf")
+    if FLAGS.hf:
+        if FLAGS.config is None:
+            raise app.UsageError("--hf needs --config (data, template, sampler settings)")
+        run = export.load_hf_run(FLAGS.hf, FLAGS.config)
+        out = FLAGS.out or os.path.join(FLAGS.hf, "eval")
+    else:
+        run = export.load_run(FLAGS.workdir, step=FLAGS.step, config=FLAGS.config)
+        out = FLAGS.out or os.path.join(FLAGS.workdir, "eval", f"step_{run.step}")
+    benchmarks = load_benchmarks(run.config, run.tokenizer, FLAGS.benchmarks, k=FLAGS.k, limit=FLAGS.limit)
+    results = evaluate(run, benchmarks, out, seed=FLAGS.seed, overwrite=FLAGS.overwrite)
+    print(f"{run.source}\n{format_table(results)}\nwritten to {out}/{RESULTS_FILE} and {SAMPLES_FILE}")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
