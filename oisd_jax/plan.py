@@ -1,0 +1,442 @@
+"""Will it fit? Per-device memory and FLOPs of a config's real programs, before any queue.
+
+    python -m oisd_jax.plan --config=configs/qwen3_4b.py --devices=4 --target=h100
+
+lowers and compiles the project's train step, old-log-prob pass and sampler with
+`jax.ShapeDtypeStruct` inputs that carry the real shardings (nothing is allocated), then
+prints per device: params, optimizer state, KV cache, XLA's temporaries and peak, the
+phase total against the budget, PASS/FAIL (the exit code), and the largest micro-batch
+token budget and sampler batch that fit. `--sweep` adds how temporaries move with
+micro-batch tokens, remat policy and loss chunking.
+
+Targets: `h100`, `a100`, `h200` (or a GpuTargetConfig .txtpb) compile *deviceless* for
+that GPU on a CPU-only machine (requirements-gpu-plan.txt): XLA's real GPU buffer
+assignment, cuDNN attention included. `cpu` compiles for fake CPU devices; its numbers
+are indicative only (XLA:CPU upcasts bf16 matmuls, 1.1-3.8x the GPU temporaries here, and
+its peak ignores temporaries).
+
+The budget is XLA's pool (`--mem_fraction` of device memory: the launchers set
+XLA_PYTHON_CLIENT_MEM_FRACTION to it; JAX's default is 0.75) minus `--reserve_gib` for
+what memory_analysis does not see (cuDNN/cuBLAS workspaces, fragmentation). The CUDA
+context and NCCL buffers live outside the pool, in the remaining fraction.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+
+from oisd_jax import parallel
+from oisd_jax.plan_programs import Phase, PlanSetup, build_phases, make_setup
+
+GiB = 2 ** 30
+
+
+# ----------------------------------------------------------------------------- targets
+@dataclasses.dataclass(frozen=True)
+class Target:
+    kind: str                 # "gpu" | "cpu"
+    name: str
+    memory_bytes: int         # per device
+    peak_flops: float         # per device, dense bf16 (0 = unknown)
+    bandwidth: float          # HBM bytes/s (0 = unknown)
+    gpu: Any = None           # gpu_targets.GpuTarget
+
+    def devices(self, n: int) -> list:
+        if self.kind == "gpu":
+            from oisd_jax import gpu_targets
+            return gpu_targets.compile_only_devices(self.gpu, n)
+        cpus = jax.devices("cpu")
+        if len(cpus) < n:
+            raise RuntimeError(f"--target=cpu needs {n} CPU devices, jax has {len(cpus)}: run as "
+                               f"`python -m oisd_jax.plan` (it sets jax_num_cpu_devices) or set "
+                               f"XLA_FLAGS=--xla_force_host_platform_device_count={n}")
+        return cpus[:n]
+
+
+def get_target(name: str, cpu_memory_gib: float = 80.0) -> Target:
+    if name == "cpu":
+        return Target("cpu", "CPU (fake devices; indicative only)", int(cpu_memory_gib * GiB), 0.0, 0.0)
+    from oisd_jax import gpu_targets
+    t = gpu_targets.load(name)
+    return Target("gpu", t.name, t.memory_bytes, t.peak_bf16_flops, t.bandwidth, t)
+
+
+# ----------------------------------------------------------------------------- compiling
+@dataclasses.dataclass
+class Compiled:
+    """One program's per-device memory as XLA assigned it."""
+    name: str
+    arguments: int
+    outputs: int
+    aliased: int
+    temporaries: int
+    xla_peak: int | None      # memory_analysis().peak_memory_in_bytes (GPU; CPU's ignores temps)
+    compile_s: float
+    warnings: list[str]
+    cudnn_attention: int = 0  # cuDNN fused-attention calls in the compiled program
+
+    @property
+    def total(self) -> int:
+        own = self.arguments + self.outputs - self.aliased + self.temporaries
+        return max(own, self.xla_peak or 0)
+
+
+class _CaptureStderr:
+    """XLA logs from C++ straight to fd 2; redirect the fd to a file to read its warnings."""
+
+    def __enter__(self):
+        import tempfile
+        sys.stderr.flush()
+        self.file = tempfile.TemporaryFile(mode="w+b")
+        self.saved = os.dup(2)
+        os.dup2(self.file.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc):
+        sys.stderr.flush()
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+        self.file.seek(0)
+        self.text = self.file.read().decode(errors="replace")
+        self.file.close()
+        return False
+
+
+REMAT_WARNING = "Can't reduce memory use below"
+
+
+def compile_program(name: str, lower: Callable[[], Any], target: Target) -> Compiled:
+    """Lower + compile (nothing allocated) and read memory_analysis; keep XLA's remat warnings."""
+    t0 = time.perf_counter()
+    ctx = _assume_cudnn(target)
+    with ctx, _CaptureStderr() as cap:
+        compiled = lower().compile()
+    dt = time.perf_counter() - t0
+    warn = [ln.strip() for ln in cap.text.splitlines() if REMAT_WARNING in ln]
+    other = [ln for ln in cap.text.splitlines() if ln.strip() and REMAT_WARNING not in ln
+             and "cudart_stub" not in ln and "absl::InitializeLog" not in ln]
+    if other:  # not ours to swallow
+        sys.stderr.write("\n".join(other) + "\n")
+    m = compiled.memory_analysis()
+    peak = getattr(m, "peak_memory_in_bytes", None) if target.kind == "gpu" else None
+    fmha = compiled.as_text().count("custom_call_target=\"__cudnn$fmha") if target.kind == "gpu" else 0
+    return Compiled(name, int(m.argument_size_in_bytes), int(m.output_size_in_bytes), int(m.alias_size_in_bytes),
+                    int(m.temp_size_in_bytes), None if peak is None else int(peak), dt, warn, fmha)
+
+
+def _assume_cudnn(target: Target):
+    import contextlib
+    if target.kind != "gpu":
+        return contextlib.nullcontext()
+    from oisd_jax import gpu_targets
+    return gpu_targets.assume_cudnn(target.gpu)
+
+
+# ----------------------------------------------------------------------------- budget
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    device_bytes: int
+    mem_fraction: float
+    reserve_bytes: int
+
+    @property
+    def bytes(self) -> int:
+        return int(self.device_bytes * self.mem_fraction) - self.reserve_bytes
+
+
+@dataclasses.dataclass
+class PhaseResult:
+    phase: Phase
+    compiled: Compiled
+
+    @property
+    def total(self) -> int:
+        return self.phase.resident_bytes + self.compiled.total
+
+
+def run_phases(setup: PlanSetup, target: Target, only: Sequence[str] | None = None) -> list[PhaseResult]:
+    out = []
+    for ph in build_phases(setup):
+        if only and ph.name not in only:
+            continue
+        out.append(PhaseResult(ph, compile_program(ph.name, ph.lower, target)))
+    return out
+
+
+# ----------------------------------------------------------------------------- FLOPs
+def step_flops(setup: PlanSetup, mean_prompt: float, response_frac: float) -> dict[str, float]:
+    """Analytic FLOPs of one RL step (cost_analysis counts a scanned body once).
+
+    Training: (3 + remat) x forward (6 N tokens + attention when remat = 0) over every
+    rollout token, plus OISD's lens head (2 D V per token forward, x3 with its backward,
+    +1 recomputed); the old-log-prob pass: one forward. Sampling: 2 N per token (prefill +
+    decode) plus attention over the growing context.
+    """
+    from oisd_jax.metrics import forward_flops
+    m, c = setup.model, setup.config
+    n = float(setup.matmul_params)
+    attn_dim = m.num_heads * m.head_dim
+    seq = mean_prompt + response_frac * setup.max_new_tokens
+    rollouts = int(c.train.prompts_per_step) * int(c.sampler.n) * int(c.rl.get("ppo_epochs", 1))
+    tokens = rollouts * seq
+    fwd = forward_flops(n, tokens, num_layers=m.num_layers, attn_dim=attn_dim, context_len=seq)
+    remat = {"none": 0.0, "everything_saveable": 0.0}.get(m.remat_policy, 1.0)
+    lens = 2.0 * m.hidden_size * m.vocab_size * tokens if setup.step_cfg.think_weight > 0 else 0.0
+    train = (3.0 + remat) * fwd + 4.0 * lens
+    logprob = forward_flops(n, tokens, num_layers=m.num_layers, attn_dim=attn_dim, context_len=seq)
+    sample = forward_flops(n, int(c.train.prompts_per_step) * int(c.sampler.n) * seq, num_layers=m.num_layers,
+                           attn_dim=attn_dim, context_len=seq)
+    return {"train": train, "old_logprob": logprob, "sample": sample, "tokens": tokens}
+
+
+# ----------------------------------------------------------------------------- report
+def _fmt(x: float | None, unit: int) -> str:
+    return "-" if x is None else f"{x / unit:8.2f}"
+
+
+def format_table(results: Sequence[PhaseResult], budget: Budget) -> str:
+    """Per-device table, one column per phase (GiB, or MiB when every phase is small)."""
+    rows = [("params (master)", lambda r: r.phase.params_bytes),
+            ("optimizer state", lambda r: r.phase.opt_bytes),
+            ("decode params", lambda r: r.phase.decode_params_bytes),
+            ("KV cache", lambda r: r.phase.kv_bytes),
+            ("batch / other args", lambda r: r.phase.other_arg_bytes),
+            ("temporaries (XLA)", lambda r: r.compiled.temporaries),
+            ("XLA peak", lambda r: r.compiled.xla_peak),
+            ("program total", lambda r: r.compiled.total),
+            ("+ resident outside", lambda r: r.phase.resident_bytes),
+            ("phase total", lambda r: r.total)]
+    unit, uname = (GiB, "GiB") if max(r.total for r in results) >= GiB / 4 else (2 ** 20, "MiB")
+    w = max(14, *(len(r.phase.name) + 2 for r in results))
+    head = f"{uname + ' per device':<20}" + "".join(f"{r.phase.name:>{w}}" for r in results)
+    lines = [head, "-" * len(head)]
+    for label, get in rows:
+        vals = [get(r) for r in results]
+        if all(not v for v in vals) and label != "phase total":
+            continue
+        lines.append(f"{label:<20}" + "".join(f"{_fmt(v, unit):>{w}}" for v in vals))
+    lines.append(f"{'budget':<20}" + "".join(f"{_fmt(budget.bytes, unit):>{w}}" for _ in results))
+    lines.append(f"{'headroom':<20}" + "".join(f"{_fmt(budget.bytes - r.total, unit):>{w}}" for r in results))
+    lines.append(f"{'compile s':<20}" + "".join(f"{r.compiled.compile_s:>{w}.1f}" for r in results))
+    return "\n".join(lines)
+
+
+def suggest_linear(measure: Callable[[int], int], limit: int, start: int, *, max_calls: int = 7,
+                   max_value: int = 1 << 16) -> tuple[int, dict[int, int]]:
+    """Largest integer k >= 1 with measure(k) <= limit, for a measure that grows about
+    linearly with k (each call is a compile, so few calls).
+
+    Secant steps inside a bracket [largest fit, smallest non-fit]. Returns (k, or 0 if
+    even k = 1 does not fit; {k: measured}). Stops early with the best fit found.
+    """
+    seen: dict[int, int] = {}
+
+    def m(k: int) -> int:
+        if k not in seen:
+            seen[k] = measure(k)
+        return seen[k]
+
+    lo, hi = 0, max_value + 1  # fits / does not fit
+    for k in (max(1, start), 2 * max(1, start)):
+        if k < hi:
+            if m(k) <= limit:
+                lo = max(lo, k)
+            else:
+                hi = min(hi, k)
+    while hi - lo > 1 and len(seen) < max_calls:
+        if lo == 0:
+            guess = 1 if hi > 1 and 1 not in seen else hi // 2
+        else:
+            # Slope from the measured point nearest above lo (or the two smallest points).
+            pts = sorted(seen)
+            above = [k for k in pts if k > lo]
+            k2 = above[0] if above else (pts[-2] if len(pts) > 1 and pts[-2] != lo else None)
+            slope = max((seen[k2] - seen[lo]) / (k2 - lo), 1e-9) if k2 is not None else seen[lo] / lo
+            guess = lo + int((limit - seen[lo]) // slope)
+        guess = min(max(guess, lo + 1), hi - 1)
+        if m(guess) <= limit:
+            lo = guess
+        else:
+            hi = guess
+    return lo, seen
+
+
+# ----------------------------------------------------------------------------- the command
+def _guess_preset(config, config_path: str, preset: str | None) -> str | None:
+    """Paper configs point hf_path at a placeholder: fall back to the preset named like the file."""
+    if preset is not None:
+        return preset
+    hf = config.model.get("hf_path")
+    if hf and os.path.isfile(os.path.join(os.path.expanduser(hf), "config.json")):
+        return None
+    from oisd_jax.model.config import PRESETS
+    stem = os.path.splitext(os.path.basename(config_path.split(":")[0]))[0]
+    if stem in PRESETS and config.model.get("preset") in (None, "tiny"):
+        return stem
+    return None
+
+
+def sweep(setup: PlanSetup, target: Target) -> list[tuple[str, Compiled]]:
+    """Train-step temporaries against micro-batch rows, remat policy, loss chunking, attention."""
+    out = []
+    base_rows = setup.batch_shards
+    m = setup.model
+    variants: list[tuple[str, PlanSetup]] = []
+    for k in (1, 2, 4):
+        variants.append((f"{k} row(s)/device ({k * base_rows * setup.row_len} tok)",
+                         setup.replace(micro_batch_tokens=k * base_rows * setup.row_len)))
+    one = setup.replace(micro_batch_tokens=base_rows * setup.row_len)
+    for pol in ("nothing_saveable", "dots_with_no_batch_dims_saveable", "dots_saveable"):
+        if pol != m.remat_policy:
+            variants.append((f"remat={pol}", one.replace(model=m.replace(remat_policy=pol))))
+    if setup.step_cfg.logit_chunk:
+        variants.append(("unchunked loss (logit_chunk=None)",
+                         one.replace(step_cfg=setup.step_cfg.replace(logit_chunk=None))))
+    for impl in ("blocked", "xla", "cudnn"):
+        if impl != m.attn_impl and not (impl == "cudnn" and target.kind != "gpu"):
+            variants.append((f"attn_impl={impl}", one.replace(model=m.replace(attn_impl=impl))))
+    from oisd_jax.plan_programs import train_phase
+    for label, s in variants:
+        ph = train_phase(s)
+        out.append((label, compile_program(label, ph.lower, target)))
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m oisd_jax.plan", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="config file, optionally 'file.py:arg'")
+    p.add_argument("--devices", type=int, required=True, help="devices of the mesh (all hosts)")
+    p.add_argument("--target", default="h100", help="h100 | a100 | h200 | path.txtpb | cpu")
+    p.add_argument("--preset", default=None, help="model preset when the config's hf_path is not on disk")
+    p.add_argument("--micro_batch_tokens", type=int, default=None, help="override rl.micro_batch_tokens")
+    p.add_argument("--sampler_batch", type=int, default=None, help="override sampler.batch_size (prompts)")
+    p.add_argument("--mem_fraction", type=float, default=0.92,
+                   help="XLA's pool as a fraction of device memory (XLA_PYTHON_CLIENT_MEM_FRACTION; JAX's default 0.75)")
+    p.add_argument("--reserve_gib", type=float, default=1.5,
+                   help="kept free inside the pool for what memory_analysis misses (workspaces, fragmentation)")
+    p.add_argument("--mfu", type=float, default=0.35, help="assumed MFU for the step-time estimate")
+    p.add_argument("--mean_prompt", type=float, default=None, help="mean prompt tokens (default max_prompt_len/4)")
+    p.add_argument("--response_frac", type=float, default=1.0, help="mean response / max_new_tokens for FLOPs")
+    p.add_argument("--no_suggest", action="store_true", help="skip the largest-fit search (fewer compiles)")
+    p.add_argument("--sweep", action="store_true", help="also show temporaries vs micro-batch / remat / chunking")
+    p.add_argument("--json", default=None, help="write the numbers to this JSON file")
+    a = p.parse_args(argv)
+
+    if a.target == "cpu" and not jax._src.xla_bridge.backends_are_initialized():  # noqa: SLF001
+        jax.config.update("jax_num_cpu_devices", a.devices)
+    from oisd_jax.config_files import load_config_file
+    config = load_config_file(a.config)
+    target = get_target(a.target)
+    preset = _guess_preset(config, a.config, a.preset)
+    setup = make_setup(config, target.devices(a.devices), preset=preset, micro_batch_tokens=a.micro_batch_tokens,
+                       sampler_batch=a.sampler_batch)
+    budget = Budget(target.memory_bytes, a.mem_fraction, int(a.reserve_gib * GiB))
+    m = setup.model
+    from oisd_jax.plan_programs import model_config
+    src = model_config(config, preset)[1]
+    from oisd_jax.model import abstract
+    print(f"model     {m.family} {src}: {parallel.num_params(abstract(m)) / 1e9:.3g}B params, "
+          f"L={m.num_layers} D={m.hidden_size} V={m.vocab_size}; {m.dtype} compute, {m.param_dtype} master, "
+          f"remat={m.remat_policy}, attn={m.attn_impl}")
+    print(f"target    {a.devices} x {target.name}; train mesh {dict(setup.mesh.shape)}, "
+          f"sampler mesh {dict(setup.sampler_mesh.shape)}")
+    print(f"batch     rows of {setup.row_len} tokens; micro-batch {setup.micro_batch_tokens} tokens "
+          f"({setup.rows_per_micro} rows, {setup.rows_per_micro // setup.batch_shards}/device) x {setup.num_micro}; "
+          f"logit_chunk={setup.step_cfg.logit_chunk}; sampler {setup.sampler_batch} prompts x {config.sampler.n}")
+    print(f"budget    {budget.bytes / GiB:.2f} GiB/device = {a.mem_fraction:.2f} x {target.memory_bytes / GiB:.2f} GiB "
+          f"- {a.reserve_gib:.1f} GiB reserve")
+    if target.kind == "cpu":
+        print("NOTE      --target=cpu: INDICATIVE ONLY. XLA:CPU upcasts bf16 matmuls (temporaries 1.1-3.8x a GPU's) "
+              "and its peak ignores temporaries; use a GPU target for decisions.")
+    results = run_phases(setup, target)
+    print()
+    print(format_table(results, budget))
+    warns = [w for r in results for w in r.compiled.warnings]
+    if warns:
+        print(f"\nXLA rematerialisation warnings ({len(warns)}):")
+        for w in dict.fromkeys(warns):
+            print("  " + w[-200:])
+    ok = all(r.total <= budget.bytes for r in results)
+
+    mean_prompt = a.mean_prompt if a.mean_prompt is not None else setup.max_prompt_len / 4
+    fl = step_flops(setup, mean_prompt, a.response_frac)
+    print(f"\nFLOPs per RL step (analytic; {fl['tokens'] / 1e6:.2f}M tokens = {config.train.prompts_per_step} x "
+          f"{config.sampler.n} x ({mean_prompt:.0f} + {a.response_frac:.2f} x {setup.max_new_tokens})):")
+    peak = target.peak_flops * a.devices
+    for k in ("train", "old_logprob", "sample"):
+        t = f", {fl[k] / (peak * a.mfu):8.1f} s at {a.mfu:.0%} MFU" if peak else ""
+        print(f"  {k:<12}{fl[k] / 1e15:10.1f} PFLOP{t}")
+    if peak:
+        print("  (sampling is bound by memory bandwidth, not FLOPs: expect it to take longer)")
+
+    suggestions = {}
+    if not a.no_suggest:
+        suggestions = suggest(setup, target, budget, results)
+        print(f"\nlargest that fit: micro_batch_tokens={suggestions.get('micro_batch_tokens')} "
+              f"({suggestions.get('rows_per_device')} row(s)/device), "
+              f"sampler batch={suggestions.get('sampler_batch')} prompts")
+    sw = sweep(setup, target) if a.sweep else []
+    if sw:
+        print("\ntrain step, per device   temporaries   program total   (GiB)")
+        for label, c in sw:
+            print(f"  {label:<38}{c.temporaries / GiB:10.2f}{c.total / GiB:14.2f}")
+    print(f"\n{'PASS' if ok else 'FAIL'}: largest phase {max(r.total for r in results) / GiB:.2f} GiB of "
+          f"{budget.bytes / GiB:.2f} GiB per device")
+    if a.json:
+        import json
+        rec = dict(config=a.config, devices=a.devices, target=target.name, budget=budget.bytes, ok=ok,
+                   phases={r.phase.name: dict(dataclasses.asdict(r.compiled), **_phase_bytes(r.phase), total=r.total)
+                           for r in results},
+                   setup=dict(row_len=setup.row_len, micro_batch_tokens=setup.micro_batch_tokens,
+                              rows_per_micro=setup.rows_per_micro, num_micro=setup.num_micro,
+                              sampler_batch=setup.sampler_batch, mesh=dict(setup.mesh.shape)),
+                   flops=fl, suggestions=suggestions,
+                   sweep={label: dataclasses.asdict(c) for label, c in sw})
+        with open(a.json, "w") as f:
+            json.dump(rec, f, indent=1)
+    return 0 if ok else 1
+
+
+def _phase_bytes(ph: Phase) -> dict[str, int]:
+    return {f.name: getattr(ph, f.name) for f in dataclasses.fields(ph) if f.name.endswith("_bytes")}
+
+
+def suggest(setup: PlanSetup, target: Target, budget: Budget, results: Sequence[PhaseResult]) -> dict:
+    """Largest rows/device of the train step and largest sampler batch within the budget."""
+    from oisd_jax.plan_programs import sampler_phase, train_phase
+    out: dict[str, Any] = {}
+    shards = setup.batch_shards
+
+    def train_total(k: int) -> int:
+        s = setup.replace(micro_batch_tokens=k * shards * setup.row_len)
+        return compile_program(f"train {k}", train_phase(s).lower, target).total
+
+    k, _ = suggest_linear(train_total, budget.bytes, 1)
+    out["rows_per_device"] = k
+    out["micro_batch_tokens"] = k * shards * setup.row_len if k else None
+    sres = [r for r in results if r.phase.name == "sampler"]
+    if sres:
+        # prompts x n rollouts must split over the sampler's batch shards.
+        n = int(setup.config.sampler.n)
+        unit = setup.sampler_batch_shards // math.gcd(setup.sampler_batch_shards, n)
+
+        def sampler_total(j: int) -> int:
+            ph = sampler_phase(setup.replace(sampler_batch=j * unit))
+            return ph.resident_bytes + compile_program(f"sampler {j}", ph.lower, target).total
+
+        j, _ = suggest_linear(sampler_total, budget.bytes, max(1, setup.sampler_batch // unit))
+        out["sampler_batch"] = j * unit if j else None
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

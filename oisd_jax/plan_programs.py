@@ -1,0 +1,208 @@
+"""The programs `oisd_jax.plan` compiles, as abstract inputs with their real shardings.
+
+A `PlanSetup` resolves a config into the model shape, the step config, the training and
+sampler meshes (over real, fake-CPU or compile-only GPU devices) and the batch shapes the
+trainer will use; `build_phases` returns one `Phase` per program of an RL step (train
+step, old-log-prob pass, sampler), each a `lower()` thunk plus the per-device bytes of
+what it reads and of what stays resident beside it (the train state while sampling).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+
+from oisd_jax import parallel
+from oisd_jax.model import ModelConfig
+from oisd_jax.model import params as mparams
+
+
+@dataclasses.dataclass
+class PlanSetup:
+    config: Any                 # ml_collections.ConfigDict
+    model: ModelConfig
+    step_cfg: Any               # rl.step.StepConfig
+    mesh: Mesh                  # training layout
+    sampler_mesh: Mesh          # decode layout
+    row_len: int                # tokens per packed row (prompt + response budget)
+    micro_batch_tokens: int     # global tokens per micro-batch
+    num_micro: int              # micro-batches per optimizer update (worst case: full rows)
+    probes_per_row: int         # attention-probe queries per row (Qr)
+    sampler_batch: int          # prompts per sampler call (x n rollouts)
+    max_prompt_len: int
+    max_new_tokens: int
+
+    @property
+    def rows_per_micro(self) -> int:
+        return self.micro_batch_tokens // self.row_len
+
+    @property
+    def batch_shards(self) -> int:
+        return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+
+    @property
+    def sampler_batch_shards(self) -> int:
+        return self.sampler_mesh.shape["data"] * self.sampler_mesh.shape["fsdp"]
+
+    @property
+    def matmul_params(self) -> int:
+        """Weights used in matmuls per token: all but an untied input embedding (a gather)."""
+        total = parallel.num_params(mparams.abstract(self.model))
+        m = self.model
+        return total - (0 if m.tie_embeddings else m.vocab_size * m.hidden_size)
+
+    def replace(self, **kw) -> "PlanSetup":
+        return dataclasses.replace(self, **kw)
+
+
+@dataclasses.dataclass
+class Phase:
+    name: str
+    lower: Callable[[], Any]
+    params_bytes: int = 0        # per device, f32 master params read by the program
+    opt_bytes: int = 0           # optimizer state read by the program
+    decode_params_bytes: int = 0  # the sampler's compute-dtype copy
+    kv_bytes: int = 0            # KV cache
+    other_arg_bytes: int = 0     # batch, prompts, keys
+    resident_bytes: int = 0      # live beside the program but not its argument
+
+
+# ----------------------------------------------------------------------------- helpers
+def shard_bytes(tree: Any) -> int:
+    """Bytes one device holds of a pytree of ShapeDtypeStructs/arrays with shardings
+    (the largest shard, for uneven splits)."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape
+        total += math.prod(shape) * jnp.dtype(x.dtype).itemsize
+    return total
+
+
+def _with_sharding(tree: Any, shardings: Any) -> Any:
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), tree, shardings)
+
+
+def make_mesh(shape, devices) -> Mesh:
+    """parallel.make_mesh's layout over any device list (compile-only GPU devices too)."""
+    shape = parallel.resolve_shape(shape, len(devices))
+    return Mesh(np.asarray(devices, dtype=object).reshape(shape), parallel.MESH_AXES,
+                axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
+
+
+def model_config(config, preset: str | None = None) -> tuple[ModelConfig, str]:
+    """The architecture (hf_path's config.json, else a preset) with the run settings of
+    `config.model`. Returns (cfg, where it came from)."""
+    m = config.model
+    hf = m.get("hf_path")
+    if hf and os.path.isfile(os.path.join(os.path.expanduser(hf), "config.json")) and preset is None:
+        base, src = ModelConfig.from_hf(os.path.expanduser(hf)), f"{hf}/config.json"
+    else:
+        name = preset or m.get("preset") or "tiny"
+        base, src = ModelConfig.preset(name), f"preset {name!r}"
+    return base.replace(dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy,
+                        attn_impl=m.attn_impl, attn_block_size=int(m.attn_block_size)), src
+
+
+def make_setup(config, devices, *, preset: str | None = None, micro_batch_tokens: int | None = None,
+               sampler_batch: int | None = None, model_overrides: dict | None = None) -> PlanSetup:
+    from oisd_jax.rl.step import StepConfig
+    model, _ = model_config(config, preset)
+    if model_overrides:
+        model = model.replace(**model_overrides)
+    mesh = make_mesh(tuple(config.mesh.shape), devices)
+    sshape = config.mesh.get("sampler_shape")
+    sampler_mesh = make_mesh(tuple(sshape), devices) if sshape else mesh
+    P, N = int(config.data.max_prompt_len), int(config.sampler.max_new_tokens)
+    row_len = P + N
+    mbt = int(micro_batch_tokens or config.rl.micro_batch_tokens)
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    # Rows of a micro-batch are sharded over (data, fsdp): round down to a multiple.
+    rows = (mbt // row_len) // shards * shards
+    if rows < 1:
+        raise ValueError(f"rl.micro_batch_tokens={mbt} holds fewer than the {shards} rows of {row_len} tokens "
+                         f"one per batch shard (data x fsdp) needs: use k * {row_len * shards}")
+    # An update's rollouts, at full length (the worst case the packer can face).
+    rollouts = int(config.train.mini_batch_prompts) * int(config.sampler.n)
+    num_micro = max(1, math.ceil(rollouts / rows))
+    # As train_setup packs: at most min(16, row_len // 16) rollouts per row, Q probes each.
+    probes = int(config.rl.attn_steps) * max(1, min(16, row_len // 16))
+    return PlanSetup(config=config, model=model, step_cfg=StepConfig.from_config(config), mesh=mesh,
+                     sampler_mesh=sampler_mesh, row_len=row_len, micro_batch_tokens=rows * row_len,
+                     num_micro=num_micro, probes_per_row=probes,
+                     sampler_batch=int(sampler_batch or config.sampler.batch_size),
+                     max_prompt_len=P, max_new_tokens=N)
+
+
+# ----------------------------------------------------------------------------- train step
+def abstract_batch(setup: PlanSetup):
+    from oisd_jax.rl.batch import TrainBatch, num_probe_keys
+    from oisd_jax.rl.step import batch_shardings
+    s = setup
+    M, R, T = s.num_micro, s.rows_per_micro, s.row_len
+    Q = s.probes_per_row if s.step_cfg.attn_weight > 0 or s.step_cfg.oisd_metrics else 0
+    K = num_probe_keys(T, int(s.config.rl.attn_window), int(s.config.rl.attn_stride)) if Q else 0
+    i32, f32 = jnp.int32, jnp.float32
+    sds = jax.ShapeDtypeStruct
+    b = TrainBatch(tokens=sds((M, R, T), i32), positions=sds((M, R, T), i32), segment_ids=sds((M, R, T), i32),
+                   loss_mask=sds((M, R, T), f32), advantages=sds((M, R, T), f32), old_logp=sds((M, R, T), f32),
+                   attn_queries=sds((M, R, Q), i32), attn_keys=sds((M, R, Q, K), i32),
+                   attn_weight=sds((M, R, Q), f32), attn_valid=sds((M, R, Q), f32),
+                   ref_logp=sds((M, R, T), f32) if s.step_cfg.kl_coef > 0 else None)
+    return _with_sharding(b, batch_shardings(s.mesh, s.step_cfg.kl_coef > 0))
+
+
+def train_phase(setup: PlanSetup) -> Phase:
+    from oisd_jax.rl.step import abstract_train_state, make_train_step
+    state = abstract_train_state(setup.model, setup.step_cfg, setup.mesh)
+    batch = abstract_batch(setup)
+    step = make_train_step(setup.model, setup.step_cfg, setup.mesh)
+    p, o = shard_bytes(state.params), shard_bytes(state.opt_state)
+    return Phase("train step", lambda: step.lower(state, batch), params_bytes=p, opt_bytes=o,
+                 other_arg_bytes=shard_bytes(state) - p - o + shard_bytes(batch))
+
+
+def logprob_phase(setup: PlanSetup) -> Phase:
+    """Old log-probs before the updates: params are the state's; the moments stay resident."""
+    from oisd_jax.rl.step import abstract_train_state, make_logprob_fn
+    state = abstract_train_state(setup.model, setup.step_cfg, setup.mesh)
+    batch = abstract_batch(setup)
+    fn = make_logprob_fn(setup.model, setup.step_cfg, setup.mesh)
+    used = [batch.tokens, batch.positions, batch.segment_ids, batch.loss_mask]
+    rest = shard_bytes(batch) - shard_bytes(used)
+    return Phase("old log-probs", lambda: fn.lower(state.params, batch), params_bytes=shard_bytes(state.params),
+                 other_arg_bytes=shard_bytes(used), resident_bytes=shard_bytes(state.opt_state) + rest)
+
+
+# ----------------------------------------------------------------------------- sampler
+def sampler_phase(setup: PlanSetup) -> Phase | None:
+    """The sampler's compiled generate with decode-layout params and its KV cache; the
+    train state stays resident. None until oisd_jax.sampler exists."""
+    try:
+        from oisd_jax import sampler as sampler_mod
+    except ImportError:
+        return None
+    from oisd_jax.rl.step import abstract_train_state
+    state = abstract_train_state(setup.model, setup.step_cfg, setup.mesh)
+    resident = shard_bytes(state)
+    plan = getattr(sampler_mod, "plan_inputs", None)
+    if plan is None:
+        return None
+    spec = plan(setup.model, setup.config, setup.sampler_mesh, batch_size=setup.sampler_batch,
+                max_prompt_len=setup.max_prompt_len, max_new_tokens=setup.max_new_tokens)
+    return Phase("sampler", spec["lower"], decode_params_bytes=shard_bytes(spec["params"]),
+                 kv_bytes=int(spec.get("kv_bytes", 0)), other_arg_bytes=int(spec.get("other_bytes", 0)),
+                 resident_bytes=resident)
+
+
+def build_phases(setup: PlanSetup) -> list[Phase]:
+    phases = [train_phase(setup), logprob_phase(setup)]
+    s = sampler_phase(setup)
+    if s is not None:
+        phases.append(s)
+    return phases
