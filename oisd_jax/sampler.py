@@ -1,0 +1,352 @@
+"""Rollout sampler: prefill each prompt once, decode its G rollouts in one `while_loop`.
+
+One jitted call per `generate`: prefill the left-padded prompts into the shared prompt
+part of the KV cache (oisd_jax.model.decode), sample each rollout's first token from the
+prompt's last logits, then decode one token per row per iteration until every row has
+emitted an EOS or the budget is spent. The cache is a donated argument kept between calls,
+so its steps update it in place; params are an argument, never closed over. Prompt lengths
+are padded up to a multiple of `prompt_bucket`, so a run compiles at most one program per
+(bucket, batch size, static sampling settings): see `Sampler.compiled_shapes`.
+
+Log-probs are of `logits / temperature` over the full vocabulary, before top-k / top-p
+filtering: the quantity the trainer recomputes.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from oisd_jax import parallel
+from oisd_jax.model import decode
+from oisd_jax.model.config import ModelConfig
+from oisd_jax.model.decoder import logits as lm_logits
+from oisd_jax.model.params import Params, abstract, cast
+
+TOP_P_CANDIDATES = 64  # top-p looks for its cut among the top 64 first (exact fallback after)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0      # nucleus mass in (0, 1]; 1 = off
+    top_k: int = 0          # 0 = off
+    n: int = 1              # rollouts per prompt (G)
+    eos_ids: tuple[int, ...] | None = None  # None = the model config's eos_token_ids; () = none
+    greedy: bool = False    # argmax; log-probs still of logits / temperature
+    pad_id: int = 0         # written after a row's EOS
+
+    def __post_init__(self):
+        if not (isinstance(self.n, (int, np.integer)) and self.n >= 1):
+            raise ValueError(f"SamplingParams.n={self.n!r}: need an integer >= 1 rollouts per prompt")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"SamplingParams.temperature={self.temperature}: must be > 0 "
+                             "(use greedy=True for argmax decoding)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingParams.top_p={self.top_p}: must be in (0, 1]")
+        if not (isinstance(self.top_k, (int, np.integer)) and self.top_k >= 0):
+            raise ValueError(f"SamplingParams.top_k={self.top_k!r}: must be an integer >= 0 (0 = off)")
+        if self.eos_ids is not None:
+            object.__setattr__(self, "eos_ids", tuple(int(e) for e in self.eos_ids))
+
+
+@dataclasses.dataclass
+class SampleOutput:
+    """Host arrays. Row b*n + j is rollout j of prompt b."""
+    tokens: np.ndarray          # [B*n, N] int32, pad_id after the first EOS
+    lengths: np.ndarray         # [B*n] int32 generated tokens, the first EOS included
+    logprobs: np.ndarray        # [B*n, N] float32 log softmax(logits / T)[token]; 0 after the end
+    prompt_tokens: list[np.ndarray]  # B prompts after truncation (int32)
+    prompt_lengths: np.ndarray  # [B] int32
+    truncated: np.ndarray       # [B] bool: prompt was left-truncated
+    n: int
+
+
+# ----------------------------------------------------------------------------- sampling
+def first_argmax(x_RV: jax.Array) -> jax.Array:
+    """Index of the first maximum (torch.argmax's tie rule). Two plain reductions: XLA:CPU's
+    variadic argmax reduction is ~3x slower over a large vocabulary."""
+    V = x_RV.shape[-1]
+    m = jnp.max(x_RV, axis=-1, keepdims=True)
+    return jnp.min(jnp.where(x_RV == m, jnp.arange(V, dtype=jnp.int32), V), axis=-1).astype(jnp.int32)
+
+
+def _mass_at_least(z_RV, lse_R, thr_R):
+    return jnp.sum(jnp.where(z_RV >= thr_R[:, None], jnp.exp(z_RV - lse_R[:, None]), 0.0), axis=-1)
+
+
+def top_p_threshold(z_RV: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Per row, the smallest logit kept by nucleus filtering: the largest t such that the
+    tokens with z >= t hold at least `top_p` of the mass (z may hold -inf for removed
+    tokens). Same set as transformers' TopPLogitsWarper up to ties at the cut.
+
+    The cut is usually among the top few tokens, so it is looked up in a top-64 (a full
+    vocabulary sort costs ~0.4 s per step on CPU); rows whose top 64 hold less than top_p
+    fall back to 40 rounds of bisection on the threshold.
+    """
+    R, V = z_RV.shape
+    m = jnp.max(z_RV, axis=-1)
+    lse = m + jnp.log(jnp.sum(jnp.exp(z_RV - m[:, None]), axis=-1))
+    K = min(TOP_P_CANDIDATES, V)
+    vals, _ = jax.lax.top_k(z_RV, K)                               # descending
+    cum = jnp.cumsum(jnp.exp(vals - lse[:, None]), axis=-1)
+    idx = jnp.sum(cum < top_p, axis=-1)                             # first index reaching top_p
+    found = (idx < K) | (K == V)
+    thr = jnp.take_along_axis(vals, jnp.minimum(idx, K - 1)[:, None], axis=-1)[:, 0]
+
+    def bisect(_):
+        lo = jnp.min(jnp.where(jnp.isfinite(z_RV), z_RV, jnp.inf), axis=-1)  # keeps everything
+        hi = m
+
+        def body(_, lohi):
+            lo, hi = lohi
+            mid = 0.5 * (lo + hi)
+            ok = _mass_at_least(z_RV, lse, mid) >= top_p
+            return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+        lo, _ = jax.lax.fori_loop(0, 40, body, (lo, hi))
+        return jnp.where(found, thr, lo)
+
+    return jax.lax.cond(jnp.all(found), lambda _: thr, bisect, None)
+
+
+def categorical(key: jax.Array, weights_RV: jax.Array) -> jax.Array:
+    """Sample index i with probability weights[i] / sum(weights) (weights >= 0, not all 0).
+
+    Exact two-level inverse-CDF sampling with 2 uniforms per row: pick a vocabulary chunk by
+    its mass, then a token inside it. Gumbel-max (jax.random.categorical) draws V random
+    numbers per row, ~35 ms per step for 64 x 32k on CPU; this is ~1 ms.
+    """
+    R, V = weights_RV.shape
+    W = min(256, V)
+    C = -(-V // W)
+    w = jnp.pad(weights_RV, ((0, 0), (0, C * W - V))).reshape(R, C, W)
+    u = jax.random.uniform(key, (2, R), jnp.float32)
+    cum_c = jnp.cumsum(jnp.sum(w, axis=-1), axis=-1)                   # [R, C]
+    c = jnp.minimum(jnp.sum(cum_c <= u[0][:, None] * cum_c[:, -1:], axis=-1), C - 1)
+    row = jnp.take_along_axis(w, c[:, None, None], axis=1)[:, 0]       # [R, W]
+    cum_w = jnp.cumsum(row, axis=-1)
+    j = jnp.minimum(jnp.sum(cum_w <= u[1][:, None] * cum_w[:, -1:], axis=-1), W - 1)
+    tok = (c * W + j).astype(jnp.int32)
+    # Rounding can land on a zero-weight token with probability ~2^-24: take the mode then.
+    hit = jnp.take_along_axis(weights_RV, jnp.minimum(tok, V - 1)[:, None], axis=-1)[:, 0] > 0
+    return jnp.where(hit, tok, first_argmax(weights_RV))
+
+
+def sample_logits(key: jax.Array, logits_RV: jax.Array, temperature: jax.Array, top_p: jax.Array, *,
+                  top_k: int = 0, greedy: bool = False) -> tuple[jax.Array, jax.Array]:
+    """(tokens [R] int32, log-probs [R] f32 of the tokens under softmax(logits / T)).
+
+    Order as in transformers: temperature, then top-k, then top-p on what is left.
+    """
+    z = logits_RV.astype(jnp.float32) / temperature
+    V = z.shape[-1]
+    m = jnp.max(z, axis=-1, keepdims=True)
+    lse_R = m[:, 0] + jnp.log(jnp.sum(jnp.exp(z - m), axis=-1))
+    if greedy:
+        tok = first_argmax(z)
+    else:
+        zf = z
+        if 0 < top_k < V:
+            kth = jax.lax.top_k(z, top_k)[0][:, -1:]
+            zf = jnp.where(z >= kth, z, -jnp.inf)
+        # top_p is traced: the cond skips the top-p work at runtime when it is off.
+        thr = jax.lax.cond(top_p < 1.0, lambda zf: top_p_threshold(zf, top_p),
+                           lambda zf: jnp.full(zf.shape[:1], -jnp.inf, zf.dtype), zf)
+        w = jnp.where((zf >= thr[:, None]) & (zf > -jnp.inf), jnp.exp(z - m), 0.0)
+        tok = categorical(key, w)
+    lp = jnp.take_along_axis(z, tok[:, None], axis=-1)[:, 0] - lse_R
+    return tok, lp
+
+
+# ----------------------------------------------------------------------------- the program
+def _generate(params: Params, cache: decode.KVCache, tokens_BP, start_B, key, temperature, top_p, eos_E,
+              pad_id, *, cfg: ModelConfig, n: int, greedy: bool, top_k: int, max_new_tokens: int):
+    """The whole rollout program (jitted by Sampler; cache donated)."""
+    N = max_new_tokens
+    B, P = tokens_BP.shape
+    R = B * n
+    params = cast(params, cfg.dtype)  # once, outside the loop
+    layers = decode.unstack_layers(params.layers, cfg.num_layers)
+    cache, h_BD = decode.prefill(params, cfg, cache, tokens_BP, start_B)
+    cache = _constrain_cache(cache)
+    logits_RV = jnp.repeat(lm_logits(params, cfg, h_BD[:, None])[:, 0], n, axis=0)
+    rows = lambda x: parallel.constrain(x, ("batch",) + (None,) * (x.ndim - 1), parallel.DECODE_RULES)
+    start_R = jnp.repeat(start_B, n)
+    plen_R = P - start_R
+
+    def pick(step, logits_RV, done_R):
+        tok, lp = sample_logits(jax.random.fold_in(key, step), logits_RV, temperature, top_p,
+                                top_k=top_k, greedy=greedy)
+        tok = jnp.where(done_R, pad_id, tok)
+        lp = jnp.where(done_R, 0.0, lp)
+        return tok, lp
+
+    def is_eos(tok_R):
+        return jnp.any(tok_R[:, None] == eos_E[None, :], axis=-1)
+
+    done0 = jnp.zeros((R,), bool)
+    tok, lp = pick(0, logits_RV, done0)
+    out_tok = rows(jnp.full((R, N), pad_id, jnp.int32).at[:, 0].set(tok))
+    out_lp = rows(jnp.zeros((R, N), jnp.float32).at[:, 0].set(lp))
+    state = (jnp.int32(1), cache, tok, is_eos(tok), jnp.ones((R,), jnp.int32), out_tok, out_lp)
+
+    def cond(s):
+        t, _, _, done, *_ = s
+        return (t < N) & ~jnp.all(done)
+
+    def body(s):
+        t, cache, prev, done, lengths, out_tok, out_lp = s
+        # Token t-1 goes into generated slot t-1 at position len + t-1.
+        cache, h = decode.decode_step(params, cfg, cache, prev, plen_R + t - 1, t - 1, start_B, layers)
+        tok, lp = pick(t, lm_logits(params, cfg, h[:, None])[:, 0], done)
+        out_tok = jax.lax.dynamic_update_slice(out_tok, tok[:, None], (0, t))
+        out_lp = jax.lax.dynamic_update_slice(out_lp, lp[:, None], (0, t))
+        lengths = jnp.where(done, lengths, t + 1)
+        return t + 1, cache, tok, done | is_eos(tok), lengths, out_tok, out_lp
+
+    _, cache, _, _, lengths, out_tok, out_lp = jax.lax.while_loop(cond, body, state)
+    return _constrain_cache(cache), out_tok, out_lp, lengths
+
+
+def _constrain_cache(cache: decode.KVCache) -> decode.KVCache:
+    # Keeps the output cache in the input's layout so donation can alias it.
+    return jax.tree.map(lambda a: parallel.constrain(a, decode.CACHE_AXES, parallel.DECODE_RULES), cache)
+
+
+class Sampler:
+    """Batched rollout generation for one model config (see the module docstring).
+
+    Args:
+      cfg: the model.
+      max_prompt_len: longer prompts are left-truncated (truncation='left': keep the end)
+        or rejected (truncation='error').
+      max_new_tokens: the response budget N; outputs are [B*n, N].
+      mesh: a ("data", "fsdp", "tensor") mesh: rows over (data, fsdp), heads over tensor,
+        with params in `parallel.DECODE_RULES` layout (see `reshard`). None = one device.
+      prompt_bucket: prompt slots are the batch's longest prompt rounded up to a multiple
+        of this (capped at max_prompt_len), bounding the number of compiled programs.
+      kv_dtype: KV cache entries (bf16 halves its memory; f32 for bit-level parity tests).
+      keep_cache: keep the (donated) cache buffer between calls of the same shape. Call
+        `release_cache()` to free it, e.g. before a memory-hungry train step.
+    """
+
+    def __init__(self, cfg: ModelConfig, max_prompt_len: int, max_new_tokens: int, mesh: Mesh | None = None,
+                 prompt_bucket: int = 64, kv_dtype=jnp.bfloat16, truncation: str = "left", keep_cache: bool = True):
+        if max_prompt_len < 1 or max_new_tokens < 1 or prompt_bucket < 1:
+            raise ValueError(f"Sampler: max_prompt_len={max_prompt_len}, max_new_tokens={max_new_tokens} and "
+                             f"prompt_bucket={prompt_bucket} must all be >= 1")
+        if max_prompt_len + max_new_tokens > cfg.max_position_embeddings:
+            raise ValueError(f"Sampler: max_prompt_len + max_new_tokens = {max_prompt_len} + {max_new_tokens} = "
+                             f"{max_prompt_len + max_new_tokens} exceeds the model's max_position_embeddings="
+                             f"{cfg.max_position_embeddings}")
+        if truncation not in ("left", "error"):
+            raise ValueError(f"Sampler: truncation={truncation!r}: supported 'left' | 'error'")
+        self.cfg, self.mesh = cfg, mesh
+        self.max_prompt_len, self.max_new_tokens = int(max_prompt_len), int(max_new_tokens)
+        self.prompt_bucket, self.truncation, self.keep_cache = int(prompt_bucket), truncation, keep_cache
+        self.kv_dtype = jnp.dtype(kv_dtype)
+        self._jit = jax.jit(_generate, donate_argnames=("cache",),
+                            static_argnames=("cfg", "n", "greedy", "top_k", "max_new_tokens"))
+        self._cache: decode.KVCache | None = None
+        self.compiled_shapes: set[tuple] = set()  # (prompts, prompt slots, n, greedy, top_k, #eos)
+
+    # ------------------------------------------------------------------ helpers
+    def bucket(self, length: int) -> int:
+        """Prompt slots for a batch whose longest (truncated) prompt has `length` tokens."""
+        return min(-(-length // self.prompt_bucket) * self.prompt_bucket, self.max_prompt_len)
+
+    def num_buckets(self) -> int:
+        """Upper bound on distinct prompt shapes (so compiles per batch size and settings)."""
+        return -(-self.max_prompt_len // self.prompt_bucket)
+
+    def cache_bytes(self, num_prompts: int, n: int, prompt_len: int | None = None) -> int:
+        P = self.max_prompt_len if prompt_len is None else prompt_len
+        return decode.cache_bytes(self.cfg, num_prompts, P, num_prompts * n, max(self.max_new_tokens - 1, 1),
+                                  self.kv_dtype)
+
+    def release_cache(self) -> None:
+        self._cache = None
+
+    def reshard(self, params: Params, dtype=None) -> Params:
+        """Params in the decode layout on this sampler's mesh (`DECODE_RULES`: no FSDP, so no
+        per-token gathers), optionally cast (e.g. f32 masters -> bf16 once per step)."""
+        if self.mesh is None:
+            return params if dtype is None else cast(params, dtype)
+        shardings = jax.tree.map(lambda a: a.sharding, abstract(self.cfg, self.mesh, rules=parallel.DECODE_RULES))
+        if dtype is None:
+            return jax.device_put(params, shardings)
+        return jax.jit(lambda p: cast(p, dtype), out_shardings=shardings)(params)
+
+    def prepare(self, prompts: Sequence) -> tuple[np.ndarray, np.ndarray, list[np.ndarray], np.ndarray]:
+        """Validate, truncate and left-pad: (tokens [B, P], start [B], kept prompts, truncated [B])."""
+        if isinstance(prompts, np.ndarray) and prompts.ndim == 2:
+            prompts = list(prompts)
+        if not isinstance(prompts, Sequence) or isinstance(prompts, (str, bytes)) or len(prompts) == 0:
+            raise ValueError("Sampler.generate: `prompts` must be a non-empty list of 1-D token-id arrays")
+        V, kept, truncated = self.cfg.vocab_size, [], []
+        for i, p in enumerate(prompts):
+            a = np.asarray(p)
+            if a.ndim != 1 or not (np.issubdtype(a.dtype, np.integer) or a.size == 0):
+                raise ValueError(f"Sampler.generate: prompt {i} must be a 1-D integer array, got shape "
+                                 f"{a.shape} dtype {a.dtype}")
+            if a.size == 0:
+                raise ValueError(f"Sampler.generate: prompt {i} is empty")
+            if a.min() < 0 or a.max() >= V:
+                raise ValueError(f"Sampler.generate: prompt {i} has token ids outside [0, {V})")
+            if a.size > self.max_prompt_len:
+                if self.truncation == "error":
+                    raise ValueError(f"Sampler.generate: prompt {i} has {a.size} tokens > max_prompt_len="
+                                     f"{self.max_prompt_len} (truncation='error')")
+                a = a[-self.max_prompt_len:]
+            kept.append(a.astype(np.int32))
+            truncated.append(a.size < np.asarray(p).size)
+        P = self.bucket(max(a.size for a in kept))
+        tokens = np.zeros((len(kept), P), np.int32)
+        start = np.empty((len(kept),), np.int32)
+        for b, a in enumerate(kept):
+            tokens[b, P - a.size:] = a
+            start[b] = P - a.size
+        return tokens, start, kept, np.asarray(truncated, bool)
+
+    # ------------------------------------------------------------------ generate
+    def generate(self, params: Params, prompts: Sequence, key: jax.Array,
+                 sp: SamplingParams = SamplingParams()) -> SampleOutput:
+        """Rollouts for every prompt: row b*n + j of the outputs is rollout j of prompt b."""
+        cfg, n = self.cfg, sp.n
+        tokens_BP, start_B, kept, truncated = self.prepare(prompts)
+        B, P = tokens_BP.shape
+        eos = cfg.eos_token_ids if sp.eos_ids is None else sp.eos_ids
+        if sp.top_k > cfg.vocab_size:
+            raise ValueError(f"SamplingParams.top_k={sp.top_k} exceeds the vocabulary ({cfg.vocab_size})")
+        T = max(self.max_new_tokens - 1, 1)
+        shape = (B, P, B * n, T)
+        cache = self._cache
+        if cache is None or (cache.num_prompts, cache.prompt_len, cache.rows, cache.gen_len) != shape:
+            self._cache = cache = None  # free the old buffer before allocating the new one
+            cache = decode.init_cache(cfg, *shape, dtype=self.kv_dtype, mesh=self.mesh)
+        self._cache = None
+        args = (tokens_BP, start_B)
+        if self.mesh is not None:
+            sh = lambda x: parallel.sharding_for(("batch",) + (None,) * (x.ndim - 1), self.mesh, x.shape,
+                                                 parallel.DECODE_RULES)
+            args = tuple(jax.device_put(x, sh(x)) for x in args)
+        statics = dict(cfg=cfg, n=n, greedy=bool(sp.greedy), top_k=int(sp.top_k),
+                       max_new_tokens=self.max_new_tokens)
+        self.compiled_shapes.add((B, P, n, statics["greedy"], statics["top_k"], len(eos)))
+        with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+            cache, out_tok, out_lp, lengths = self._jit(
+                params, cache, *args, key, np.float32(sp.temperature), np.float32(sp.top_p),
+                np.asarray(eos, np.int32).reshape(-1), np.int32(sp.pad_id), **statics)
+        if self.keep_cache:
+            self._cache = cache
+        out_tok, out_lp, lengths = jax.device_get((out_tok, out_lp, lengths))
+        return SampleOutput(tokens=out_tok, lengths=lengths, logprobs=out_lp, prompt_tokens=kept,
+                            prompt_lengths=np.asarray([a.size for a in kept], np.int32), truncated=truncated, n=n)
+
