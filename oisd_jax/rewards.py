@@ -182,6 +182,13 @@ def time_limit(seconds: float | None) -> Iterator[None]:
             signal.setitimer(signal.ITIMER_REAL, max(old_delay - (time.monotonic() - start), 1e-3))
 
 
+@functools.lru_cache(maxsize=None)
+def _warm_up() -> None:
+    """First use of math-verify imports sympy and builds its LaTeX grammar (seconds on a
+    loaded machine): do it once outside the per-answer time bound, or it times out."""
+    _parse_cached("1")
+
+
 def _math_check(pred: str, ground_truth: str) -> float:
     gold_text = _gold_answer(ground_truth)
     gold = _parse_cached(gold_text)
@@ -204,6 +211,7 @@ def score_one(
     pred = extract_boxed(response)
     if pred is None or len(pred) > MAX_ANSWER_CHARS:
         return 0.0, False
+    _warm_up()
     try:
         with time_limit(timeout_s):
             return _math_check(pred, str(ground_truth)), False
