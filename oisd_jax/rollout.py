@@ -1,0 +1,58 @@
+"""Prompts -> rollouts -> text -> rewards: what training and evaluation share.
+
+Host-side glue around the jitted Sampler: splits prompts into sampler-sized batches,
+decodes each rollout once, and scores it with the reward pool. Rollouts stay grouped by
+prompt: rollout j of prompt b is row b * n + j.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from oisd_jax.sampler import Sampler, SamplingParams
+
+
+@dataclasses.dataclass
+class Rollouts:
+    prompt_tokens: list[np.ndarray]    # [B] prompt ids after truncation
+    tokens: list[np.ndarray]           # [B * n] response ids, cut at their length
+    logprobs: list[np.ndarray]         # [B * n] sampler log-probs (diagnostics only)
+    texts: list[str]                   # [B * n] decoded responses
+    n: int
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.array([len(t) for t in self.tokens], np.int32)
+
+    def truncated(self, eos_ids: Sequence[int]) -> np.ndarray:
+        """Rollouts that hit the token budget without an EOS."""
+        eos = set(eos_ids)
+        return np.array([len(t) == 0 or int(t[-1]) not in eos for t in self.tokens])
+
+
+def generate(sampler: Sampler, params, tokenizer, prompts: Sequence[np.ndarray], key: jax.Array,
+             sampling: SamplingParams, batch_size: int) -> Rollouts:
+    """Sample `sampling.n` rollouts per prompt, `batch_size` prompts per sampler call.
+
+    The last partial batch is padded with copies of its first prompt (dropped after), so
+    every call has the same shape and nothing recompiles.
+    """
+    out = Rollouts([], [], [], [], sampling.n)
+    for i, start in enumerate(range(0, len(prompts), batch_size)):
+        chunk = list(prompts[start:start + batch_size])
+        real = len(chunk)
+        chunk += [chunk[0]] * (batch_size - real)
+        res = sampler.generate(params, chunk, jax.random.fold_in(key, i), sampling)
+        n = sampling.n
+        for b in range(real):
+            out.prompt_tokens.append(np.asarray(res.prompt_tokens[b]))
+            for j in range(n):
+                r = b * n + j
+                length = int(res.lengths[r])
+                out.tokens.append(np.asarray(res.tokens[r, :length]))
+                out.logprobs.append(np.asarray(res.logprobs[r, :length]))
+    out.texts = tokenizer.batch_decode([t.tolist() for t in out.tokens], skip_special_tokens=True)
+    return out

@@ -1,0 +1,187 @@
+"""GRPO / OISD / BuPO training: `python -m oisd_jax.train --config=configs/tiny.py --workdir=runs/tiny`.
+
+One RL step, as data flows (DESIGN.md): prompts -> Sampler -> reward -> advantages ->
+TrainBatch -> old log-probs -> mini-batch updates -> metrics -> checkpoint. Everything
+jitted is pure; files, logs, rewards and checkpoints live here in the outer loop.
+A rerun with the same --workdir resumes from the newest readable checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from oisd_jax import distributed, evaluate, metrics, parallel, rollout
+from oisd_jax.checkpoint import Checkpointer
+from oisd_jax.config import algorithm_settings, validate
+from oisd_jax.rewards import RewardPool
+from oisd_jax.rl import advantages
+from oisd_jax.rl.step import StepConfig, abstract_train_state, init_train_state, make_logprob_fn, make_train_step
+from oisd_jax.sampler import SamplingParams
+from oisd_jax.train_setup import (Setup, build_setup, eval_examples, make_minibatches, sft_batches,
+                                  train_prompt_iterator)
+
+log = logging.getLogger("oisd_jax.train")
+
+
+# ----------------------------------------------------------------------------- evaluation
+def run_eval(s: Setup, params, step: int, pool: RewardPool, key: jax.Array) -> dict[str, float]:
+    """Avg@k / Pass@k (sampled, the paper's protocol) and greedy accuracy per eval set."""
+    out = {}
+    sampler_params = s.sampler.reshard(params, s.model_cfg.dtype)
+    for name, (examples, k) in s.eval_sets.items():
+        rewards, _ = evaluate.score_examples(s.sampler, sampler_params, s.tokenizer, examples, k=k,
+                                             sampling=s.sampling, key=jax.random.fold_in(key, hash(name) % 2**31),
+                                             batch_size=s.config.sampler.batch_size, reward_pool=pool)
+        out.update({f"eval/{name}/{m}": v for m, v in evaluate.summarize(rewards).items()})
+        greedy = dataclasses.replace(s.sampling, greedy=True, n=1)
+        g, _ = evaluate.score_examples(s.sampler, sampler_params, s.tokenizer, examples, k=1, sampling=greedy,
+                                       key=key, batch_size=s.config.sampler.batch_size, reward_pool=pool)
+        out[f"eval/{name}/greedy"] = float(g.mean())
+    log.info("eval at step %d: %s", step, {k: round(v, 4) for k, v in out.items()})
+    return out
+
+
+# ----------------------------------------------------------------------------- warm-up
+def supervised_warmup(s: Setup, state, workdir: str):
+    """A short supervised warm-up on reference responses (the synthetic task only).
+
+    It is the policy-gradient step with advantage 1 and old log-probs equal to the
+    current ones: ratio 1, no clipping, gradient = -grad log p (token-mean NLL).
+    """
+    t = s.config.train
+    sft_cfg = StepConfig(temperature=1.0, lr=float(t.sft_lr), weight_decay=0.0, grad_clip=1.0,
+                         logit_chunk=s.step_cfg.logit_chunk, dual_clip=None)
+    sft_state = init_train_state(state.params, sft_cfg, s.mesh, s.model_cfg)
+    step_fn = make_train_step(s.model_cfg, sft_cfg, s.mesh)
+    logp_fn = make_logprob_fn(s.model_cfg, sft_cfg, s.mesh)
+    bar = metrics.ProgressBar(int(t.sft_warmup_steps), process_index=jax.process_index(),
+                              fields={"nll": "sft/nll"}, desc="warm-up")
+    for i, batch in enumerate(sft_batches(s)):
+        batch = s.put_batch(batch)
+        batch = batch.replace(old_logp=logp_fn(sft_state.params, batch))
+        sft_state, m = step_fn(sft_state, batch)
+        if i % 20 == 0 or i == t.sft_warmup_steps - 1:
+            nll = -float(jnp.sum(batch.old_logp) / jnp.maximum(jnp.sum(batch.loss_mask), 1))
+            bar.update(i + 1, {"sft/nll": nll})
+    bar.close()
+    return init_train_state(sft_state.params, s.step_cfg, s.mesh, s.model_cfg)
+
+
+# ----------------------------------------------------------------------------- RL step
+def rl_step(s: Setup, state, step: int, it, pool: RewardPool, key: jax.Array, timer: metrics.Timer):
+    config, algo = s.config, s.algo
+    bupo_now = algo.bupo_active(step)
+    step_fn, logp_fn = s.step_fns[bupo_now], s.logprob_fns[bupo_now]
+    with timer("sample"):
+        examples = s.next_prompts(it)
+        ro = rollout.generate(s.sampler, s.sampler.reshard(state.params, s.model_cfg.dtype), s.tokenizer,
+                              [e["prompt_ids"] for e in examples], key, s.sampling, config.sampler.batch_size)
+    with timer("reward"):
+        answers = [e["answer"] for e in examples for _ in range(ro.n)]
+        rewards = np.asarray(pool.score(ro.texts, answers), np.float32).reshape(len(examples), ro.n)
+    adv = np.asarray(advantages.compute(algo.adv_estimator, jnp.asarray(rewards))).reshape(-1)
+    with timer("update"):
+        batches = [s.put_batch(b) for b in make_minibatches(s, ro, adv, step)]
+        # old log-probs of every mini-batch come from the policy before this step's updates
+        batches = [b.replace(old_logp=logp_fn(state.params, b)) for b in batches]
+        step_metrics = []
+        for b in batches:
+            state, m = step_fn(state, b)
+            step_metrics.append(m)
+        step_metrics = jax.device_get(step_metrics)
+    tokens = int(sum(m["tokens"] for m in step_metrics))
+    out = {k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0] if k != "tokens"}
+    out.update(reward=float(rewards.mean()), response_len=float(ro.lengths.mean()),
+               truncated=float(ro.truncated(s.sampling.eos_ids).mean()), tokens=tokens,
+               bupo_phase=int(bupo_now), reward_timeouts=pool.num_timeouts,
+               solve_none=float((rewards.max(1) == 0).mean()), solve_all=float((rewards.min(1) == 1).mean()))
+    return state, out
+
+
+# ----------------------------------------------------------------------------- main loop
+def train(config, workdir: str) -> dict[str, float]:
+    """Run (or resume) training in `workdir`; returns the last metrics written."""
+    t = config.train
+    s = build_setup(config)
+    os.makedirs(workdir, exist_ok=True)
+    writer = metrics.MetricsWriter(workdir, process_index=jax.process_index())
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=int(t.keep_checkpoints),
+                        async_save=bool(t.async_checkpoint))
+    rng = jax.random.key(int(t.seed))
+    it = train_prompt_iterator(s)
+    start = 0
+    if ckpt.latest_step() is not None:
+        restored = ckpt.restore(abstract_state=abstract_train_state(s.model_cfg, s.step_cfg, s.mesh))
+        state, start = restored.state, int(restored.step)
+        it.set_state(restored.data_state)
+        log.info("resumed from %s at step %d", ckpt.directory, start)
+    else:
+        state = init_train_state(s.init_params(jax.random.fold_in(rng, 2**31 - 1)), s.step_cfg, s.mesh, s.model_cfg)
+        if int(t.sft_warmup_steps) > 0:
+            state = supervised_warmup(s, state, workdir)
+    last: dict[str, float] = {}
+    flops_per_token = s.train_flops_per_token()
+    with RewardPool(t.reward, workers=int(t.reward_workers), timeout_s=float(t.reward_timeout_s)) as pool:
+        if start == 0 and t.eval_every:
+            last = writer.write(0, run_eval(s, state.params, 0, pool, jax.random.fold_in(rng, 10**9)))
+        bar = metrics.ProgressBar(int(t.steps), initial=start, process_index=jax.process_index())
+        timer = metrics.Timer()
+        for step in range(start, int(t.steps)):
+            t0 = time.perf_counter()
+            state, m = rl_step(s, state, step, it, pool, jax.random.fold_in(rng, step), timer)
+            dt = time.perf_counter() - t0
+            m.update(timer.summary(), step_time_s=dt, tokens_per_s=m["tokens"] / dt)
+            if np.isfinite(s.peak_flops):  # accelerators with a known peak (not CPUs)
+                m["mfu"] = metrics.mfu(flops_per_token * m["tokens"], dt, s.peak_flops)
+            done = step + 1
+            if t.eval_every and (done % int(t.eval_every) == 0 or done == int(t.steps)):
+                m.update(run_eval(s, state.params, done, pool, jax.random.fold_in(rng, 10**9 + done)))
+            if done % int(t.log_every) == 0 or done == int(t.steps):
+                last = writer.write(done, m)
+            bar.update(done, m)
+            if (t.checkpoint_every and done % int(t.checkpoint_every) == 0) or done == int(t.steps):
+                ckpt.save(done, state, data_state=it.get_state(), config=config)
+        bar.close()
+    ckpt.wait_until_finished()
+    ckpt.close()
+    writer.close()
+    if distributed.is_main() and os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+        metrics.plot_curves(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "reward.png"),
+                            keys=["reward", "response_len", *sorted(k for k in last if k.startswith("eval/")),
+                                  "lens_entropy", "think_js", "attn_js", "entropy"])
+    return last
+
+
+# ----------------------------------------------------------------------------- CLI
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file (configs/*.py[:arg]).", lock_config=True)
+flags.DEFINE_string("workdir", "runs/default", "Run folder: checkpoints, metrics.jsonl, TensorBoard, plots.")
+flags.DEFINE_string("init_from_hf", None, "Start from this Hugging Face folder (overrides train.init_from_hf).")
+flags.DEFINE_string("coordinator", None, "host:port of process 0 (explicit multi-process runs).")
+flags.DEFINE_integer("num_processes", None, "Processes in an explicit multi-process run.")
+flags.DEFINE_integer("process_id", None, "This process's index in an explicit multi-process run.")
+
+
+def main(argv):
+    del argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save INFO lines
+    distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+    config = FLAGS.config
+    if FLAGS.init_from_hf:
+        with config.unlocked():
+            config.train.init_from_hf = FLAGS.init_from_hf
+    validate(config, num_devices=jax.device_count())
+    train(config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)

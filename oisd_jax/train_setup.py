@@ -1,0 +1,233 @@
+"""What `train.py` builds once from a config: tokenizer, model, mesh, data, sampler, steps.
+
+Kept apart from the loop so the loop reads like the algorithm and tests can build a
+`Setup` without running anything.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Iterator
+
+import jax
+import numpy as np
+
+from oisd_jax import data as D
+from oisd_jax import distributed, metrics, parallel
+from oisd_jax.config import AlgorithmSettings, algorithm_settings
+from oisd_jax.model import ModelConfig, init_params, load_hf
+from oisd_jax.rl.batch import TrainBatch, build_train_batch, pack_rows
+from oisd_jax.rl.step import StepConfig, batch_shardings, make_logprob_fn, make_train_step
+from oisd_jax.sampler import Sampler, SamplingParams
+
+_EVAL_SEED_OFFSET = 1_000_003  # held-out synthetic problems come from another seed
+
+
+@dataclasses.dataclass
+class Setup:
+    config: Any
+    algo: AlgorithmSettings
+    tokenizer: Any
+    model_cfg: ModelConfig
+    mesh: jax.sharding.Mesh
+    step_cfg: StepConfig
+    step_fns: dict[bool, Any]       # bupo phase -> jitted train step
+    logprob_fns: dict[bool, Any]    # bupo phase -> jitted old-log-prob pass
+    sampler: Sampler
+    sampling: SamplingParams
+    records: list[dict]
+    eval_sets: dict[str, tuple[list[dict], int]]  # name -> (examples with prompt_ids, k)
+    peak_flops: float
+
+    @property
+    def row_len(self) -> int:
+        return int(self.config.data.max_prompt_len) + int(self.config.sampler.max_new_tokens)
+
+    def init_params(self, key: jax.Array):
+        """Random init (preset models) or the weights of a Hugging Face folder."""
+        m = self.config.model
+        path = self.config.train.init_from_hf or m.hf_path
+        if path:
+            cfg, params = load_hf(path, dtype=m.param_dtype, mesh=self.mesh)
+            if cfg.num_layers != self.model_cfg.num_layers or cfg.vocab_size != self.model_cfg.vocab_size:
+                raise ValueError(f"train.init_from_hf={path}: its shape differs from model.hf_path's")
+            return params
+        return init_params(self.model_cfg, key, mesh=self.mesh)
+
+    def next_prompts(self, it: Iterator) -> list[dict]:
+        n = int(self.config.train.prompts_per_step) // jax.process_count()
+        out = D.next_batch(it, n)
+        if len(out) < n:
+            raise RuntimeError("the training prompt stream ended (it should repeat)")
+        return out
+
+    def put_batch(self, batch: TrainBatch) -> TrainBatch:
+        """Host rows -> global arrays sharded like the step expects (rows over data x fsdp)."""
+        sh = batch_shardings(self.mesh, batch.ref_logp is not None)
+        if jax.process_count() == 1:
+            return jax.device_put(batch, sh)
+        # each process holds its own rows (axis 1) of every [M, R, ...] field
+        return jax.tree.map(lambda x, sh: jax.make_array_from_process_local_data(
+            sh, x, (x.shape[0], x.shape[1] * jax.process_count(), *x.shape[2:])), batch, sh)
+
+    def train_flops_per_token(self) -> float:
+        c = self.model_cfg
+        n = (c.num_layers * (c.hidden_size * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+                             + c.num_heads * c.head_dim * c.hidden_size + 3 * c.hidden_size * c.intermediate_size)
+             + c.hidden_size * c.vocab_size)
+        return metrics.train_flops(n, 1, num_layers=c.num_layers, attn_dim=c.num_heads * c.head_dim,
+                                   context_len=self.row_len / 2)
+
+
+# ----------------------------------------------------------------------------- building
+def _tokenizer(config):
+    m = config.model
+    if config.data.format == "synthetic" and not m.tokenizer_path:
+        return D.synthetic_tokenizer()
+    return D.load_tokenizer(m.tokenizer_path or m.hf_path)
+
+
+def _model_config(config, tokenizer) -> ModelConfig:
+    m = config.model
+    run = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy, attn_impl=m.attn_impl,
+               attn_block_size=int(m.attn_block_size))
+    cfg = ModelConfig.from_hf(m.hf_path, **run) if m.hf_path else ModelConfig.preset(m.preset, **run)
+    if len(tokenizer) > cfg.vocab_size:
+        raise ValueError(f"model.tokenizer_path: {len(tokenizer)} tokens > the model's vocab_size {cfg.vocab_size}")
+    eos = tuple(dict.fromkeys([*cfg.eos_token_ids, *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])]))
+    if not eos:
+        raise ValueError("no EOS id: neither the model's config.json nor the tokenizer defines one")
+    return cfg.replace(eos_token_ids=eos)
+
+
+def _task(config) -> D.ArithmeticTask:
+    s = config.data.synthetic
+    return D.ArithmeticTask(digits=int(s.digits), ops=tuple(s.ops), num_terms=int(s.num_terms),
+                            reasoning=bool(s.reasoning))
+
+
+def _records(config) -> tuple[list[dict], list[dict]]:
+    """(training records, held-out synthetic records) — the latter empty for file data."""
+    d = config.data
+    if d.format == "synthetic":
+        held = D.make_problems(int(d.synthetic.num_eval), seed=int(d.seed) + _EVAL_SEED_OFFSET, task=_task(config))
+        seen = {r["expression"] for r in held}
+        train = [r for r in D.make_problems(20000, seed=int(d.seed), task=_task(config)) if r["expression"] not in seen]
+        return train, held
+    fields = _field_map(config)
+    records, _ = D.read_many(d.train_path, fields, on_bad_row=d.on_bad_row)
+    return records, []
+
+
+def _field_map(config) -> D.FieldMap:
+    d = config.data
+    prompt = d.prompt_field or None
+    return D.FieldMap(prompt=prompt, question=None if prompt else d.question_field, answer=d.answer_field,
+                      system_prompt=d.system_prompt)
+
+
+def _eval_sets(config, tokenizer, held_out: list[dict]) -> dict[str, tuple[list[dict], int]]:
+    d, t = config.data, config.train
+    out = {}
+    for name, spec in d.eval_sets.items():
+        if spec.path is None:
+            recs = [{**r, "index": i} for i, r in enumerate(held_out)]
+            examples = [{**r, "prompt_ids": D.encode_prompt(tokenizer, r["prompt"], max_prompt_len=int(d.max_prompt_len),
+                                                              truncation=d.truncation)} for r in recs]
+        else:
+            examples = D.load_eval_set(spec.path, _field_map(config), tokenizer=tokenizer,
+                                       max_prompt_len=int(d.max_prompt_len), truncation=d.truncation)
+        if t.eval_prompts:
+            examples = examples[:int(t.eval_prompts)]
+        out[name] = (distributed.shard_list(examples), int(spec.k))
+    return out
+
+
+def build_setup(config) -> Setup:
+    algo = algorithm_settings(config)
+    tokenizer = _tokenizer(config)
+    model_cfg = _model_config(config, tokenizer)
+    mesh = parallel.make_mesh(tuple(config.mesh.shape))
+    step_cfg = StepConfig.from_config(config)
+    phases = (False, True) if algo.use_bupo else (False,)
+    cfgs = {p: StepConfig.from_config(config, bupo=True) if p else step_cfg for p in phases}
+    sampler_mesh = parallel.make_mesh(tuple(config.mesh.sampler_shape)) if config.mesh.sampler_shape else mesh
+    sp = config.sampler
+    sampler = Sampler(model_cfg, max_prompt_len=int(config.data.max_prompt_len), max_new_tokens=int(sp.max_new_tokens),
+                      mesh=sampler_mesh, prompt_bucket=int(sp.prompt_bucket), kv_dtype=sp.kv_dtype,
+                      truncation=config.data.truncation)
+    sampling = SamplingParams(temperature=float(sp.temperature), top_p=float(sp.top_p), top_k=int(sp.top_k),
+                              n=int(sp.n), eos_ids=model_cfg.eos_token_ids, greedy=False)
+    train_records, held = _records(config)
+    kind = jax.devices()[0].device_kind
+    peak = (metrics.peak_flops_per_device(kind) or float("nan")) * jax.device_count()
+    return Setup(config=config, algo=algo, tokenizer=tokenizer, model_cfg=model_cfg, mesh=mesh, step_cfg=step_cfg,
+                 step_fns={p: make_train_step(model_cfg, c, mesh) for p, c in cfgs.items()},
+                 logprob_fns={p: make_logprob_fn(model_cfg, c, mesh) for p, c in cfgs.items()},
+                 sampler=sampler, sampling=sampling, records=train_records,
+                 eval_sets=_eval_sets(config, tokenizer, held), peak_flops=peak)
+
+
+def train_prompt_iterator(s: Setup) -> D.PromptIterator:
+    d = s.config.data
+    return D.make_prompt_dataset(s.records, s.tokenizer, max_prompt_len=int(d.max_prompt_len), seed=int(d.seed),
+                                 truncation=d.truncation, process_index=jax.process_index(),
+                                 process_count=jax.process_count())
+
+
+def eval_examples(s: Setup, name: str) -> list[dict]:
+    return s.eval_sets[name][0]
+
+
+# ----------------------------------------------------------------------------- batches
+def _batch_devices(mesh) -> int:
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def _agree_max(x: int) -> int:
+    """The largest value of x over processes (so every process builds the same shapes)."""
+    if jax.process_count() == 1:
+        return x
+    from jax.experimental import multihost_utils
+    return int(np.max(multihost_utils.process_allgather(np.asarray(x))))
+
+
+def _pack(s: Setup, prompts, responses, lengths, adv, rng) -> TrainBatch:
+    """Pack sequences into [M, R, row_len] with few distinct shapes: R and M are rounded
+    up to powers of two (times the batch devices), so compiles stay logarithmic."""
+    rl = s.config.rl
+    row_len, ndev = s.row_len, _batch_devices(s.mesh) // jax.process_count() or 1
+    max_per_row = max(1, min(16, row_len // 16))
+    seq_lens = [len(p) + int(n) for p, n in zip(prompts, lengths) if n > 0]
+    rows = 1 + max((r for r, _ in pack_rows(seq_lens, row_len, None, max_per_row)), default=0)
+    r_cap = max(ndev, (int(rl.micro_batch_tokens) // row_len // jax.process_count()) // ndev * ndev)
+    r_need = ndev * 2 ** math.ceil(math.log2(max(1, math.ceil(rows / ndev))))
+    R = _agree_max(min(r_cap, r_need))
+    M = _agree_max(2 ** math.ceil(math.log2(max(1, math.ceil(rows / R)))))
+    steps = int(rl.attn_steps) if (s.algo.use_attn or s.step_cfg.oisd_metrics) else 0
+    return build_train_batch(prompts, responses, lengths, adv, row_len=row_len, rows_per_micro=R, num_micro=M,
+                             attn_steps=steps, attn_window=int(rl.attn_window), attn_stride=int(rl.attn_stride),
+                             max_seqs_per_row=max_per_row, rng=rng)
+
+
+def make_minibatches(s: Setup, ro, adv: np.ndarray, step: int) -> list[TrainBatch]:
+    """The step's rollouts split into mini-batches of `mini_batch_prompts` prompts (x n)."""
+    t = s.config.train
+    per = int(t.mini_batch_prompts) // jax.process_count() * ro.n
+    rng = np.random.default_rng([int(t.seed), step])
+    prompts = [p for p in ro.prompt_tokens for _ in range(ro.n)]
+    return [_pack(s, prompts[i:i + per], ro.tokens[i:i + per], ro.lengths[i:i + per], adv[i:i + per], rng)
+            for i in range(0, len(prompts), per)]
+
+
+def sft_batches(s: Setup) -> Iterator[TrainBatch]:
+    """Supervised warm-up batches of reference responses (synthetic task), advantage 1."""
+    t, d = s.config.train, s.config.data
+    examples = D.sft_examples(s.records[:4096], s.tokenizer, reasoning=bool(d.synthetic.reasoning))
+    rng = np.random.default_rng(int(t.seed))
+    n = int(t.sft_batch_size)
+    for _ in range(int(t.sft_warmup_steps)):
+        idx = rng.choice(len(examples), n, replace=False)
+        p = [examples[i][0] for i in idx]
+        r = [examples[i][1] for i in idx]
+        yield _pack(s, p, r, [len(x) for x in r], np.ones(n, np.float32), rng)
