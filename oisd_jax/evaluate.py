@@ -20,6 +20,7 @@ trainer's periodic evaluation also uses.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -113,16 +114,25 @@ def load_benchmarks(config, tokenizer, names: Sequence[str] | None = None, *, k:
 
 def make_sampler(config, model_cfg) -> "tuple[Sampler, SamplingParams]":
     """The trainer's Sampler and sampling settings for a config (see train_setup.build_setup)."""
-    from oisd_jax import parallel
-    from oisd_jax.sampler import Sampler, SamplingParams
-    mesh_shape = config.mesh.sampler_shape or config.mesh.shape
+    from oisd_jax.sampler import SamplingParams
     sp = config.sampler
-    sampler = Sampler(model_cfg, max_prompt_len=int(config.data.max_prompt_len),
-                      max_new_tokens=int(sp.max_new_tokens), mesh=parallel.make_mesh(tuple(mesh_shape)),
-                      prompt_bucket=int(sp.prompt_bucket), kv_dtype=sp.kv_dtype, truncation=config.data.truncation)
+    sampler = _sampler(model_cfg, int(config.data.max_prompt_len), int(sp.max_new_tokens),
+                       tuple(config.mesh.sampler_shape or config.mesh.shape), int(sp.prompt_bucket), sp.kv_dtype,
+                       config.data.truncation)
     sampling = SamplingParams(temperature=float(sp.temperature), top_p=float(sp.top_p), top_k=int(sp.top_k),
                               n=int(sp.n), eos_ids=model_cfg.eos_token_ids, greedy=False)
     return sampler, sampling
+
+
+@functools.lru_cache(maxsize=4)
+def _sampler(model_cfg, max_prompt_len, max_new_tokens, mesh_shape, prompt_bucket, kv_dtype, truncation):
+    # Cached: a Sampler holds its compiled prefill/decode, so repeated evaluations or analyses
+    # of one model shape in a process compile once.
+    from oisd_jax import parallel
+    from oisd_jax.sampler import Sampler
+    return Sampler(model_cfg, max_prompt_len=max_prompt_len, max_new_tokens=max_new_tokens,
+                   mesh=parallel.make_mesh(mesh_shape), prompt_bucket=prompt_bucket, kv_dtype=kv_dtype,
+                   truncation=truncation)
 
 
 # ----------------------------------------------------------------------------- the dump
@@ -140,6 +150,28 @@ def read_dump(path: str | os.PathLike) -> dict[tuple[str, int], dict[int, dict]]
                 continue
             out.setdefault((r["benchmark"], int(r["index"])), {})[int(r["sample"])] = r
     return out
+
+
+def _keep_only(path: str, redo: set[tuple[str, int]]) -> None:
+    """Rewrite the dump without the lines of problems about to be redone (and without a
+    torn last line), so it never holds two versions of a sample."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    keep = []
+    for line in lines:
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if (r["benchmark"], int(r["index"])) not in redo:
+            keep.append(line)
+    if len(keep) != len([x for x in lines if x]):
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write("".join(x + "\n" for x in keep))
+        os.replace(tmp, path)
 
 
 def complete_rewards(dump: dict, name: str, examples: Sequence[dict], k: int) -> dict[int, list[float]]:
@@ -193,39 +225,38 @@ def evaluate(run, benchmarks: dict[str, tuple[list[dict], int]], out_dir: str, *
     meta = json.loads(json.dumps(meta, default=list))  # tuples as lists, as they read back
     _check_meta(out_dir, meta, overwrite)
     dump_path = os.path.join(out_dir, SAMPLES_FILE)
-    dump = read_dump(dump_path)
     batch = int(config.sampler.batch_size)
-    pending = {n: [e for e in ex if int(e["index"]) not in complete_rewards(dump, n, ex, k)]
-               for n, (ex, k) in benchmarks.items()}
+    # Chunks sit at fixed positions of each benchmark's problem list and a chunk's key
+    # depends only on its first problem, so a resumed run redraws exactly the samples an
+    # uninterrupted one would. A chunk cut short by a crash is redone whole.
+    chunks = [(name, k, ex[i:i + batch]) for name, (ex, k) in benchmarks.items() for i in range(0, len(ex), batch)]
+    dump = read_dump(dump_path)
+    todo = [c for c in chunks if len(complete_rewards(dump, c[0], c[2], c[1])) < len(c[2])]
+    _keep_only(dump_path, {(name, int(e["index"])) for name, _, ch in todo for e in ch})
     total = sum(len(ex) for ex, _ in benchmarks.values())
-    done = total - sum(map(len, pending.values()))
+    done = total - sum(len(c[2]) for c in todo)
     bar = metrics.ProgressBar(total, initial=done, process_index=0 if progress else 1, fields={}, desc="eval")
     own_pool = reward_pool is None
     pool = reward_pool or RewardPool(config.train.reward, workers=int(config.train.reward_workers),
                                      timeout_s=float(config.train.reward_timeout_s))
-    params = sampler.reshard(run.params)
+    params = sampler.reshard(run.params) if todo else None
     base = jax.random.key(int(seed))
     try:
         with open(dump_path, "a", encoding="utf-8") as f:
-            for name, (examples, k) in benchmarks.items():
-                todo = pending[name]
-                for start in range(0, len(todo), batch):
-                    chunk = todo[start:start + batch]
-                    key = jax.random.fold_in(jax.random.fold_in(base, zlib.crc32(name.encode())),
-                                             int(chunk[0]["index"]))
-                    rewards, ro = score_examples(sampler, params, run.tokenizer, chunk, k=k, sampling=sampling,
-                                                 key=key, batch_size=batch, reward_pool=pool)
-                    truncated = ro.truncated(sampling.eos_ids)
-                    for b, e in enumerate(chunk):
-                        for j in range(k):
-                            r = b * k + j
-                            f.write(json.dumps({
-                                "benchmark": name, "index": int(e["index"]), "sample": j, "answer": str(e["answer"]),
-                                "reward": float(rewards[b, j]), "response": ro.texts[r],
-                                "length": int(len(ro.tokens[r])), "truncated": bool(truncated[r])}) + "\n")
-                    f.flush()  # a chunk is on disk before the next starts: resume point
-                    done += len(chunk)
-                    bar.update(done)
+            for name, k, chunk in todo:
+                key = jax.random.fold_in(jax.random.fold_in(base, zlib.crc32(name.encode())), int(chunk[0]["index"]))
+                rewards, ro = score_examples(sampler, params, run.tokenizer, chunk, k=k, sampling=sampling,
+                                             key=key, batch_size=batch, reward_pool=pool)
+                truncated = ro.truncated(sampling.eos_ids)
+                lines = [json.dumps({
+                    "benchmark": name, "index": int(e["index"]), "sample": j, "answer": str(e["answer"]),
+                    "reward": float(rewards[b, j]), "response": ro.texts[b * k + j],
+                    "length": int(len(ro.tokens[b * k + j])), "truncated": bool(truncated[b * k + j])})
+                    for b, e in enumerate(chunk) for j in range(k)]
+                f.write("".join(x + "\n" for x in lines))
+                f.flush()  # a chunk is on disk before the next starts: the resume point
+                done += len(chunk)
+                bar.update(done)
     finally:
         bar.close()
         if own_pool:

@@ -99,3 +99,27 @@ def test_attention_and_curve_plots(tmp_path):
     keys = A.plot_runs({"oisd": paths, "grpo": paths[:1]}, str(tmp_path / "c.png"))
     assert keys == ["reward", "think_js"]
     _png_ok(tmp_path / "c.png")
+
+
+def test_analyze_tiny_run(tmp_path_factory, tmp_path):
+    from oisd_jax import export
+    from tiny_run import tiny_run
+    run_dir = tiny_run(tmp_path_factory)
+    written = A.analyze([run_dir], str(tmp_path), num_prompts=2)
+    assert set(written) == {"logit_lens", "attention_agreement", "curves"}
+    for p in written.values():
+        _png_ok(p)
+    info = json.loads((tmp_path / "analysis.json").read_text())
+    att = info["attention_agreement"]
+    run = export.load_run(run_dir)
+    assert att["steps"] == [1, 2] and att["layer"] == run.config.rl.tap_layer
+    assert np.asarray(att["per_head"]).shape == (2, run.model_cfg.num_heads)
+    assert "reward" in info["curve_keys"] and "think_js" in info["curve_keys"]
+    assert set(info["lens_agreement"]) == {str(i) for i in range(run.model_cfg.num_layers + 1)}
+    assert info["lens_agreement"][str(run.model_cfg.num_layers)] == 1.0
+    # column 1 is step 1's weights on the same rollouts (re-tokenised from the saved texts
+    # would differ; recompute from the greedy rollouts of the newest checkpoint instead)
+    seqs, plens = A.rollouts_for_analysis(run, num_prompts=2)
+    _, p1 = export.restore_params(run_dir, run.model_cfg, step=1)
+    np.testing.assert_allclose(A.attention_agreement(p1, run.model_cfg, seqs, plens, att["layer"]),
+                               att["per_head"][0], atol=1e-6)

@@ -61,3 +61,72 @@ def test_format_table():
     assert lines[0].split() == ["benchmark", "n", "k", "Avg@k", "Pass@1", "Pass@2", "Pass@4"]
     assert lines[2].split() == ["a", "2", "4", "50.00", "50.00", "-", "100.00"]
     assert lines[-1].split() == ["mean", "37.50", "37.50", "-", "-"]
+
+
+# ----------------------------------------------------------------------------- on a tiny run
+def _by_hand(dump_path, k_of):
+    """Avg@k / Pass@k per benchmark straight from the dump lines, with math.comb."""
+    groups = {}
+    for line in open(dump_path):
+        r = json.loads(line)
+        groups.setdefault(r["benchmark"], {}).setdefault(r["index"], {})[r["sample"]] = r["reward"]
+    out = {}
+    for name, probs in groups.items():
+        k = k_of[name]
+        assert all(sorted(g) == list(range(k)) for g in probs.values())
+        c = [int(sum(g.values())) for g in probs.values()]
+        out[name] = {"problems": len(probs), f"avg@{k}": sum(c) / (k * len(c))}
+        for kk in (1, 2, 4):
+            if kk <= k:
+                out[name][f"pass@{kk}"] = float(np.mean([1 - math.comb(k - ci, kk) / math.comb(k, kk) for ci in c]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from oisd_jax import export
+    from tiny_run import tiny_run
+    run_dir = tiny_run(tmp_path_factory)
+    run = export.load_run(run_dir)
+    # a file-based benchmark next to the held-out synthetic one (chat prompts, verl fields)
+    path = tmp_path_factory.mktemp("evalset") / "mini.jsonl"
+    rows = [{"prompt": [{"role": "user", "content": f"what is {a}+{b}?"}], "reward_model": {"ground_truth": str(a + b)}}
+            for a, b in [(3, 4), (10, 20), (55, 1)]]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run.config.data.eval_sets["mini"] = {"path": str(path), "k": 2}
+    return run_dir, run
+
+
+def test_evaluate_dump_recomputed_by_hand_and_resume(tiny, tmp_path):
+    from oisd_jax.rewards import strict_reward
+    _, run = tiny
+    benches = E.load_benchmarks(run.config, run.tokenizer, ["synthetic", "mini"], limit=6)
+    assert [len(benches["synthetic"][0]), benches["synthetic"][1], len(benches["mini"][0]), benches["mini"][1]] == [6, 4, 3, 2]
+    out = tmp_path / "eval"
+    res = E.evaluate(run, benches, str(out), seed=3, progress=False)
+    dump = out / E.SAMPLES_FILE
+    lines = dump.read_text().splitlines()
+    assert len(lines) == 6 * 4 + 3 * 2
+    for r in map(json.loads, lines):  # every reward is the training reward of that text
+        assert r["reward"] == strict_reward(r["response"], r["answer"])
+        assert 0 < r["length"] <= run.config.sampler.max_new_tokens
+    hand = _by_hand(dump, {"synthetic": 4, "mini": 2})
+    for name, want in hand.items():
+        got = res["benchmarks"][name]
+        for key, v in want.items():
+            assert got[key] == pytest.approx(v), (name, key)
+    assert res["mean"]["avg"] == pytest.approx((hand["synthetic"]["avg@4"] + hand["mini"]["avg@2"]) / 2)
+    assert json.loads((out / E.RESULTS_FILE).read_text()) == res
+    assert "mean" in E.format_table(res)
+
+    # A crash mid-way through a line of the last chunk (synthetic problems 4 and 5; problem 4
+    # complete): that chunk is redone whole, with the same key, so the same samples come back.
+    order = [(r["benchmark"], r["index"]) for r in map(json.loads, lines)]
+    cut = order.index(("synthetic", 5)) + 1
+    assert order[cut - 5] == ("synthetic", 4)
+    dump.write_text("\n".join(lines[:cut]) + "\n" + lines[cut][:25])
+    res2 = E.evaluate(run, benches, str(out), seed=3, progress=False)
+    assert res2 == res
+    assert dump.read_text().splitlines() == lines  # the same samples, nothing duplicated
+    with pytest.raises(ValueError, match="another evaluation"):
+        E.evaluate(run, benches, str(out), seed=4, progress=False)
