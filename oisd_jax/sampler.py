@@ -252,10 +252,15 @@ class Sampler:
         self.max_prompt_len, self.max_new_tokens = int(max_prompt_len), int(max_new_tokens)
         self.prompt_bucket, self.truncation, self.keep_cache = int(prompt_bucket), truncation, keep_cache
         self.kv_dtype = jnp.dtype(kv_dtype)
-        self._jit = jax.jit(_generate, donate_argnames=("cache",),
+        self._jit = jax.jit(self._trace, donate_argnames=("cache",),
                             static_argnames=("cfg", "n", "greedy", "top_k", "max_new_tokens"))
         self._cache: decode.KVCache | None = None
         self.compiled_shapes: set[tuple] = set()  # (prompts, prompt slots, n, greedy, top_k, #eos)
+        self.num_compiles = 0  # programs traced (and so compiled) by this sampler
+
+    def _trace(self, *args, **kw):
+        self.num_compiles += 1  # runs once per trace, not per call
+        return _generate(*args, **kw)
 
     # ------------------------------------------------------------------ helpers
     def bucket(self, length: int) -> int:

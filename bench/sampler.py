@@ -1,0 +1,146 @@
+"""Rollout throughput: oisd_jax `Sampler` vs `transformers.generate` (PyTorch, CPU, all cores).
+
+    python bench/sampler.py [--quick]
+
+One Qwen3-shaped random checkpoint (hidden 512, 8 layers, 8 heads / 4 KV, head_dim 64,
+intermediate 1536, vocab 32768, tied), float32 compute in both frameworks (PyTorch bf16
+matmuls are ~0.3 GFLOP/s on this CPU). EOS is disabled in both so every row generates
+exactly N tokens. Cases:
+  a) 16 prompts x 64 tokens, 64 new tokens, greedy and sampling (T=1, no top-k/top-p);
+  b) the RL shape: 8 prompts x 256 tokens, n=8 rollouts each, sampling; transformers uses
+     num_return_sequences=8 (it prefills every copy), oisd_jax prefills each prompt once.
+Reports generated tokens/s (B*n*N over the whole call, prefill included), the speed-up,
+compile time (first call minus a warm call), KV-cache bytes, analytic FLOPs and achieved
+FLOP/s as a fraction of the f32 matmul peak measured in the same run. Writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import transformers
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from oisd_jax.model import load_hf  # noqa: E402
+from oisd_jax.sampler import Sampler, SamplingParams  # noqa: E402
+
+SPEC = dict(model_type="qwen3", vocab_size=32768, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+            num_attention_heads=8, num_key_value_heads=4, head_dim=64, tie_word_embeddings=True,
+            max_position_embeddings=4096, initializer_range=0.05, eos_token_id=1, bos_token_id=0)
+
+
+def timed(fn, reps: int) -> list[float]:
+    out = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def matmul_peak(n: int = 2048, reps: int = 5) -> dict:
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    tj = min(timed(lambda: f(a).block_until_ready(), reps))
+    ta = torch.randn(n, n)
+    ta @ ta
+    tt = min(timed(lambda: ta @ ta, reps))
+    return {"jax_gflops": 2 * n**3 / tj / 1e9, "torch_gflops": 2 * n**3 / tt / 1e9}
+
+
+def layer_params(cfg) -> int:
+    D, F, H, KV, Dh = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    return D * (H + 2 * KV) * Dh + H * Dh * D + 3 * D * F
+
+
+def flops(cfg, B: int, P: int, n: int, N: int, shared_prefill: bool = True) -> float:
+    """Analytic FLOPs of a rollout call: prefill (every prompt token through the blocks,
+    the unembedding for the last token only; once per prompt, or n times without sharing),
+    then N-1 decode steps of B*n rows (blocks + unembedding + attention over the context)
+    and the unembedding of the first sampled token."""
+    L, H, Dh, D, V = cfg.num_layers, cfg.num_heads, cfg.head_dim, cfg.hidden_size, cfg.vocab_size
+    copies = 1 if shared_prefill else n
+    prefill = copies * B * (2 * L * layer_params(cfg) * P + 2 * 2 * L * H * Dh * P * (P + 1) / 2 + 2 * D * V)
+    ctx = sum(P + t for t in range(1, N))  # keys attended by the decode steps
+    decode = B * n * (N - 1) * 2 * (L * layer_params(cfg) + D * V) + B * n * 2 * 2 * L * H * Dh * ctx
+    return prefill + decode
+
+
+def run_case(name, model, cfg, params, B, P, N, n, greedy, reps, hf_reps, peak):
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(2, cfg.vocab_size, (B, P))
+    sp = SamplingParams(temperature=1.0, top_p=1.0, top_k=0, n=n, eos_ids=(), greedy=greedy)
+    sampler = Sampler(cfg, max_prompt_len=P, max_new_tokens=N, prompt_bucket=64)
+    key = jax.random.key(0)
+    t0 = time.perf_counter()
+    out = sampler.generate(params, list(prompts), key, sp)
+    first = time.perf_counter() - t0
+    assert out.tokens.shape == (B * n, N) and (out.lengths == N).all()
+    ours = min(timed(lambda: sampler.generate(params, list(prompts), key, sp), reps))
+
+    ids = torch.tensor(prompts)
+    kw = dict(do_sample=not greedy, max_new_tokens=N, min_new_tokens=N, num_return_sequences=n, pad_token_id=0,
+              eos_token_id=None, attention_mask=torch.ones_like(ids))
+    if not greedy:
+        kw.update(top_k=0, top_p=1.0, temperature=1.0)
+
+    def hf():
+        with torch.no_grad():
+            seq = model.generate(ids, **kw)
+        assert seq.shape == (B * n, P + N)
+    hf_t = min(timed(hf, hf_reps))
+    tokens = B * n * N
+    fl = flops(cfg, B, P, n, N)
+    fl_hf = flops(cfg, B, P, n, N, shared_prefill=False)
+    row = dict(case=name, B=B, prompt=P, new=N, n=n, greedy=greedy,
+               oisd_s=ours, hf_s=hf_t, oisd_tok_s=tokens / ours, hf_tok_s=tokens / hf_t, speedup=hf_t / ours,
+               compile_s=max(first - ours, 0.0), kv_cache_bytes=sampler.cache_bytes(B, n, P),
+               kv_cache_bytes_copied=sampler.cache_bytes(B * n, 1, P), compiled_shapes=len(sampler.compiled_shapes),
+               oisd_gflop=fl / 1e9, oisd_gflops=fl / ours / 1e9, oisd_frac_peak=fl / ours / 1e9 / peak["jax_gflops"],
+               hf_gflop=fl_hf / 1e9, hf_gflops=fl_hf / hf_t / 1e9, hf_frac_peak=fl_hf / hf_t / 1e9 / peak["torch_gflops"])
+    print(f"{name:<14} {ours:7.2f}s {hf_t:7.2f}s {row['oisd_tok_s']:8.0f} {row['hf_tok_s']:8.0f} "
+          f"{row['speedup']:6.2f}x {row['compile_s']:6.1f}s {row['kv_cache_bytes'] / 2**20:7.1f}MiB "
+          f"{row['oisd_gflops']:7.1f} ({100 * row['oisd_frac_peak']:3.0f}%) {row['hf_gflops']:7.1f} "
+          f"({100 * row['hf_frac_peak']:3.0f}%)", flush=True)
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="fewer new tokens and repetitions")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "sampler.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count())
+    N = 32 if args.quick else 64
+    reps, hf_reps = (1, 1) if args.quick else (3, 1)
+    peak = matmul_peak()
+    print(f"matmul peak (f32 2048^3): jax {peak['jax_gflops']:.1f} GFLOP/s, torch {peak['torch_gflops']:.1f} GFLOP/s; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(f"{'case':<14} {'oisd':>8} {'hf':>8} {'oisd t/s':>8} {'hf t/s':>8} {'speed':>7} {'compile':>7} "
+          f"{'KV':>10} {'oisd GFLOP/s':>13} {'hf GFLOP/s':>13}")
+    with tempfile.TemporaryDirectory() as d:
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**SPEC)).float().eval()
+        model.save_pretrained(d)
+        cfg, params = load_hf(d, dtype=jnp.float32)
+        rows = [run_case("a/greedy", model, cfg, params, 16, 64, N, 1, True, reps, hf_reps, peak),
+                run_case("a/sample", model, cfg, params, 16, 64, N, 1, False, reps, hf_reps, peak),
+                run_case("b/rl n=8", model, cfg, params, 8, 256, N, 8, False, reps, hf_reps, peak)]
+    peak.update(load_average=os.getloadavg()[0], cores=os.cpu_count(), quick=args.quick)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"peak": peak, "cases": rows}, f, indent=1)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
