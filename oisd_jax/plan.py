@@ -34,7 +34,7 @@ import jax
 import numpy as np
 
 from oisd_jax import parallel
-from oisd_jax.plan_programs import Phase, PlanSetup, build_phases, make_setup
+from oisd_jax.plan_programs import Phase, PlanSetup, build_phases, make_setup, sampler_cache_bytes
 
 GiB = 2 ** 30
 
@@ -198,6 +198,13 @@ def step_flops(setup: PlanSetup, mean_prompt: float, response_frac: float) -> di
 
 
 # ----------------------------------------------------------------------------- report
+def _si(x: float) -> str:
+    for p, u in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= p:
+            return f"{x / p:.1f} {u}"
+    return f"{x:.0f} "
+
+
 def _fmt(x: float | None, unit: int) -> str:
     return "-" if x is None else f"{x / unit:8.2f}"
 
@@ -344,7 +351,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from oisd_jax.plan_programs import model_config
     src = model_config(config, preset)[1]
     from oisd_jax.model import abstract
-    print(f"model     {m.family} {src}: {parallel.num_params(abstract(m)) / 1e9:.3g}B params, "
+    n_params = parallel.num_params(abstract(m))
+    print(f"model     {m.family} {src}: {_si(n_params)} params, "
           f"L={m.num_layers} D={m.hidden_size} V={m.vocab_size}; {m.dtype} compute, {m.param_dtype} master, "
           f"remat={m.remat_policy}, attn={m.attn_impl}")
     print(f"target    {a.devices} x {target.name}; train mesh {dict(setup.mesh.shape)}, "
@@ -366,6 +374,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         for w in dict.fromkeys(warns):
             print("  " + w[-200:])
     ok = all(r.total <= budget.bytes for r in results)
+    kept = sampler_cache_bytes(setup)
+    tr = next(r for r in results if r.phase.name == "train step")
+    print(f"\nassumes the trainer frees the sampler's KV cache ({kept / GiB:.2f} GiB/device) before the updates "
+          f"(Sampler.release_cache()); kept, the train step would need {(tr.total + kept) / GiB:.2f} GiB "
+          f"({'fits' if tr.total + kept <= budget.bytes else 'does NOT fit'})")
 
     mean_prompt = a.mean_prompt if a.mean_prompt is not None else setup.max_prompt_len / 4
     fl = step_flops(setup, mean_prompt, a.response_frac)
@@ -374,7 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     peak = target.peak_flops * a.devices
     for k in ("train", "old_logprob", "sample"):
         t = f", {fl[k] / (peak * a.mfu):8.1f} s at {a.mfu:.0%} MFU" if peak else ""
-        print(f"  {k:<12}{fl[k] / 1e15:10.1f} PFLOP{t}")
+        print(f"  {k:<12}{_si(fl[k]):>10}FLOP{t}")
     if peak:
         print("  (sampling is bound by memory bandwidth, not FLOPs: expect it to take longer)")
 
@@ -425,10 +438,7 @@ def suggest(setup: PlanSetup, target: Target, budget: Budget, results: Sequence[
     out["micro_batch_tokens"] = k * shards * setup.row_len if k else None
     sres = [r for r in results if r.phase.name == "sampler"]
     if sres:
-        # prompts x n rollouts must split over the sampler's batch shards.
-        n = int(setup.config.sampler.n)
-        unit = setup.sampler_batch_shards // math.gcd(setup.sampler_batch_shards, n)
-
+        unit = setup.sampler_batch_shards  # prompts split over the sampler's batch shards
         def sampler_total(j: int) -> int:
             ph = sampler_phase(setup.replace(sampler_batch=j * unit))
             return ph.resident_bytes + compile_program(f"sampler {j}", ph.lower, target).total

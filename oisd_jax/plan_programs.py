@@ -180,29 +180,63 @@ def logprob_phase(setup: PlanSetup) -> Phase:
 
 
 # ----------------------------------------------------------------------------- sampler
-def sampler_phase(setup: PlanSetup) -> Phase | None:
-    """The sampler's compiled generate with decode-layout params and its KV cache; the
-    train state stays resident. None until oisd_jax.sampler exists."""
-    try:
-        from oisd_jax import sampler as sampler_mod
-    except ImportError:
-        return None
+def abstract_sampler_inputs(setup: PlanSetup) -> dict:
+    """What one `Sampler.generate` call of `sampler_batch` prompts at the longest prompt
+    bucket feeds its compiled program: decode-layout compute-dtype params (what
+    `Sampler.reshard(params, cfg.dtype)` returns), the shared-prompt KV cache, prompts."""
+    from oisd_jax.model import decode
+    m, mesh, c = setup.model, setup.sampler_mesh, setup.config
+    B, P, n = setup.sampler_batch, setup.max_prompt_len, int(c.sampler.n)
+    T = max(setup.max_new_tokens - 1, 1)
+    sds = jax.ShapeDtypeStruct
+    params = mparams.abstract(m, mesh, dtype=m.dtype, rules=parallel.DECODE_RULES)
+    kv_dtype = jnp.dtype(c.sampler.kv_dtype)
+    st = decode.storage_dtype(kv_dtype)
+    shapes = decode.cache_shapes(m, B, P, B * n, T)
+    sh = decode.cache_sharding(m, mesh, B, P, B * n, T, kv_dtype)
+    parts = [tuple(sds(shapes[0 if i < 2 else 1], st, sharding=x) for x in getattr(sh, f))
+             for i, f in enumerate(("prompt_k", "prompt_v", "gen_k", "gen_v"))]
+    cache = decode.KVCache(*parts, dtype=kv_dtype.name)
+    row = lambda shape: parallel.sharding_for(("batch",) + (None,) * (len(shape) - 1), mesh, shape,
+                                              parallel.DECODE_RULES)
+    tokens = sds((B, P), jnp.int32, sharding=row((B, P)))
+    start = sds((B,), jnp.int32, sharding=row((B,)))
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    key = sds(key.shape, key.dtype, sharding=parallel.replicated(mesh))
+    return dict(params=params, cache=cache, tokens=tokens, start=start, key=key)
+
+
+def sampler_phase(setup: PlanSetup) -> Phase:
+    """The sampler's whole rollout program (prefill + while_loop decode); the train state
+    stays resident beside it."""
     from oisd_jax.rl.step import abstract_train_state
-    state = abstract_train_state(setup.model, setup.step_cfg, setup.mesh)
-    resident = shard_bytes(state)
-    plan = getattr(sampler_mod, "plan_inputs", None)
-    if plan is None:
-        return None
-    spec = plan(setup.model, setup.config, setup.sampler_mesh, batch_size=setup.sampler_batch,
-                max_prompt_len=setup.max_prompt_len, max_new_tokens=setup.max_new_tokens)
-    return Phase("sampler", spec["lower"], decode_params_bytes=shard_bytes(spec["params"]),
-                 kv_bytes=int(spec.get("kv_bytes", 0)), other_arg_bytes=int(spec.get("other_bytes", 0)),
-                 resident_bytes=resident)
+    from oisd_jax.sampler import Sampler
+    m, c = setup.model, setup.config
+    if setup.sampler_batch * int(c.sampler.n) % setup.sampler_batch_shards or \
+            setup.sampler_batch % setup.sampler_batch_shards:
+        raise ValueError(f"sampler batch {setup.sampler_batch} prompts must split over the sampler mesh's "
+                         f"{setup.sampler_batch_shards} batch shards (data x fsdp)")
+    smp = Sampler(m, max_prompt_len=setup.max_prompt_len, max_new_tokens=setup.max_new_tokens,
+                  mesh=setup.sampler_mesh, prompt_bucket=int(c.sampler.prompt_bucket), kv_dtype=c.sampler.kv_dtype)
+    a = abstract_sampler_inputs(setup)
+    eos = np.asarray(m.eos_token_ids or (0,), np.int32)
+    statics = dict(cfg=m, n=int(c.sampler.n), greedy=False, top_k=int(c.sampler.top_k),
+                   max_new_tokens=setup.max_new_tokens)
+
+    def lower():
+        with jax.set_mesh(setup.sampler_mesh):
+            return smp._jit.lower(a["params"], a["cache"], a["tokens"], a["start"], a["key"], np.float32(1.0),
+                                  np.float32(1.0), eos, np.int32(0), **statics)
+
+    state = abstract_train_state(m, setup.step_cfg, setup.mesh)
+    return Phase("sampler", lower, decode_params_bytes=shard_bytes(a["params"]), kv_bytes=shard_bytes(a["cache"]),
+                 other_arg_bytes=shard_bytes([a["tokens"], a["start"]]), resident_bytes=shard_bytes(state))
+
+
+def sampler_cache_bytes(setup: PlanSetup) -> int:
+    """Per-device KV cache a Sampler keeps between calls (keep_cache=True) unless released."""
+    return shard_bytes(abstract_sampler_inputs(setup)["cache"])
 
 
 def build_phases(setup: PlanSetup) -> list[Phase]:
-    phases = [train_phase(setup), logprob_phase(setup)]
-    s = sampler_phase(setup)
-    if s is not None:
-        phases.append(s)
-    return phases
+    return [train_phase(setup), logprob_phase(setup), sampler_phase(setup)]

@@ -128,3 +128,24 @@ def test_sharded_equals_unsharded():
     got = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(*args)
     assert len(got[1][0].sharding.device_set) == 8
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5), got, want)
+
+
+def test_memory_is_linear_in_T_not_quadratic():
+    """Compiled value+grad temporaries: the xla path holds [B, N, T, T] scores, blocked does not."""
+    B, T, N, K, H, block = 1, 2048, 4, 2, 32, 256
+    sds = jax.ShapeDtypeStruct
+    args = (sds((B, T, N, H), jnp.float32), sds((B, T, K, H), jnp.float32), sds((B, T, K, H), jnp.float32),
+            sds((B, T), jnp.int32))
+
+    def temps(attn):
+        f = jax.grad(lambda q, k, v, s: jnp.sum(attn(q, k, v, s)), argnums=(0, 1, 2))
+        return jax.jit(f).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+    scores = B * N * T * T * 4
+    xla = temps(lambda q, k, v, s: xla_attention(q, k, v, s, 0.2))
+    blk = temps(lambda q, k, v, s: blocked_attention(q, k, v, s, scale=0.2, block_size=block))
+    assert xla >= scores
+    # Blocked: a few [B, N, block, block] f32 tiles plus O(T) accumulators and the dq carry
+    # (measured: 8.6 MiB here against xla's 258 MiB).
+    tile, row = B * N * block * block * 4, B * T * N * H * 4
+    assert blk < 12 * tile + 8 * row < scores / 3

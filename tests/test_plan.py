@@ -92,6 +92,15 @@ def _check_phases(phases: dict, setup):
     # the moments stay resident beside it.
     assert lp["arguments"] == params + 4 * 4 * M * (R // 8) * T
     assert lp["resident_bytes"] >= 2 * params
+    if "sampler" in phases:
+        sp = phases["sampler"]
+        # Decode layout: no FSDP, tensor=1 -> every device holds all params (tiny computes in f32).
+        assert sp["decode_params_bytes"] == tiny_param_bytes_per_device(1)
+        # Shared-prompt cache, f32: L x {k, v} x ([B, KV, P, Dh] + [B*n, KV, N-1, Dh]), rows over 8.
+        B, n, P, N, L, KV, Dh = 16, 4, 64, 16, 4, 2, 32
+        assert sp["kv_bytes"] == L * 2 * 4 * (B // 8 * KV * P * Dh + B * n // 8 * KV * (N - 1) * Dh)
+        assert sp["arguments"] >= sp["decode_params_bytes"] + sp["kv_bytes"]
+        assert sp["resident_bytes"] == tr["params_bytes"] + tr["opt_bytes"] + 8  # + step, skipped
 
 
 def test_step_flops_closed_form():
@@ -115,6 +124,7 @@ def test_cli_cpu_target(tmp_path, capsys):
     assert rc == 0 and "PASS" in text and "INDICATIVE ONLY" in text and "MiB per device" in text
     rec = json.loads(out.read_text())
     assert rec["ok"] and all(p["total"] <= rec["budget"] for p in rec["phases"].values())
+    assert set(rec["phases"]) == {"train step", "old log-probs", "sampler"}
     _check_phases(rec["phases"], _setup(plan.get_target("cpu")))
 
 
@@ -124,7 +134,7 @@ def test_plan_tiny_gpu_target_deviceless():
     assert target.kind == "gpu" and "H100" in target.name
     setup = _setup(target, model_overrides=dict(dtype="bfloat16", attn_impl="cudnn"))
     assert all(d.platform == "gpu" for d in setup.mesh.devices.flat)
-    results = plan.run_phases(setup, target)
+    results = plan.run_phases(setup, target, only=("train step", "old log-probs"))
     _check_phases({r.phase.name: {**plan._phase_bytes(r.phase), **vars(r.compiled)} for r in results}, setup)
     for r in results:
         assert r.compiled.xla_peak is not None and r.compiled.xla_peak >= r.compiled.arguments
