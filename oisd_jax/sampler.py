@@ -258,9 +258,9 @@ class Sampler:
         self.compiled_shapes: set[tuple] = set()  # (prompts, prompt slots, n, greedy, top_k, #eos)
         self.num_compiles = 0  # programs traced (and so compiled) by this sampler
 
-    def _trace(self, *args, **kw):
+    def _trace(self, params, cache, tokens_BP, start_B, key, temperature, top_p, eos_E, pad_id, **statics):
         self.num_compiles += 1  # runs once per trace, not per call
-        return _generate(*args, **kw)
+        return _generate(params, cache, tokens_BP, start_B, key, temperature, top_p, eos_E, pad_id, **statics)
 
     # ------------------------------------------------------------------ helpers
     def bucket(self, length: int) -> int:

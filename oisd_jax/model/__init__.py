@@ -1,5 +1,6 @@
-"""The decoder: config, params, forward with taps, Hugging Face I/O."""
+"""The decoder: config, params, forward with taps, KV-cache decoding, Hugging Face I/O."""
 from oisd_jax.model.config import ModelConfig
+from oisd_jax.model.decode import KVCache, decode_step, init_cache, prefill
 from oisd_jax.model.decoder import (ForwardOut, Taps, final_norm, forward, logit_lens, logits, rms_norm,
                                     unembed)
 from oisd_jax.model.hf_io import CheckpointError, load_hf, save_hf
@@ -7,4 +8,4 @@ from oisd_jax.model.params import Layers, Params, abstract, cast, init_params, l
 
 __all__ = ["ModelConfig", "ForwardOut", "Taps", "final_norm", "forward", "logit_lens", "logits", "rms_norm",
            "unembed", "CheckpointError", "load_hf", "save_hf", "Layers", "Params", "abstract", "cast",
-           "init_params", "logical_axes", "param_specs"]
+           "init_params", "logical_axes", "param_specs", "KVCache", "decode_step", "init_cache", "prefill"]
