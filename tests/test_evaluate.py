@@ -130,3 +130,30 @@ def test_evaluate_dump_recomputed_by_hand_and_resume(tiny, tmp_path):
     assert dump.read_text().splitlines() == lines  # the same samples, nothing duplicated
     with pytest.raises(ValueError, match="another evaluation"):
         E.evaluate(run, benches, str(out), seed=4, progress=False)
+
+
+def test_command_lines(tiny, tmp_path):
+    """export -> evaluate --hf -> analyze, as a user types them (separate processes)."""
+    import subprocess
+    import sys
+    run_dir, _ = tiny
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    hf, out, pics = tmp_path / "hf", tmp_path / "eval", tmp_path / "pics"
+
+    def sh(*args):
+        p = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=env, timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+        return p.stdout
+
+    sh("oisd_jax.export", f"--workdir={run_dir}", f"--out={hf}", "--step=1")
+    table = sh("oisd_jax.evaluate", "--config=configs/tiny.py", f"--hf={hf}", "--benchmarks=synthetic",
+               "--limit=3", "--k=2", f"--out={out}", "--config.train.reward=strict",
+               "--config.train.reward_workers=1", "--config.sampler.max_new_tokens=6",
+               "--config.sampler.batch_size=2", "--config.mesh.shape=(1,-1,1)")
+    res = json.loads((out / E.RESULTS_FILE).read_text())
+    assert res["source"] == f"hf:{hf}" and res["benchmarks"]["synthetic"]["problems"] == 3
+    hand = _by_hand(out / E.SAMPLES_FILE, {"synthetic": 2})["synthetic"]
+    assert res["benchmarks"]["synthetic"]["avg@2"] == pytest.approx(hand["avg@2"])
+    assert "synthetic" in table and "mean" in table and "Pass@2" in table
+    sh("oisd_jax.analyze", f"--workdir={run_dir}", f"--out={pics}", "--what=curves")
+    assert (pics / "curves.png").stat().st_size > 1000

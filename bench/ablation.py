@@ -1,0 +1,170 @@
+"""The paper's comparison in miniature on the embedded task (configs/tiny.py):
+
+    python bench/ablation.py            # GRPO, BuPO, OISD think-only / attention-only / full, 3 seeds
+    python bench/ablation.py --quick    # 2 algorithms x 1 seed x a few steps: a smoke run
+
+Every algorithm of a seed starts from the same supervised warm-up (done once per seed and
+saved as a Hugging Face folder, loaded through `train.init_from_hf`), then trains for the
+same number of RL steps with the same prompts per step, rollouts per prompt and optimizer
+updates: the same budget. Held-out accuracy (Avg@k on the held-out synthetic problems,
+sampled like training, and greedy accuracy) is measured by the trainer's own evaluation
+every `--eval_every` steps and at the end. Prints a table of final held-out accuracy (mean
++- std over seeds), writes JSON and a PNG of the curves. Reruns skip finished runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from oisd_jax import analyze, metrics  # noqa: E402
+from oisd_jax.config import validate  # noqa: E402
+from oisd_jax.config_files import load_config_file  # noqa: E402
+
+ALGORITHMS = ("grpo", "bupo", "oisd_think_only", "oisd_attn_only", "oisd")
+LABELS = {"grpo": "GRPO", "bupo": "BuPO", "oisd_think_only": "OISD think-only",
+          "oisd_attn_only": "OISD attention-only", "oisd": "OISD (full)"}
+
+
+def make_config(algorithm: str, seed: int, args, warm_dir: str | None):
+    c = load_config_file(f"configs/tiny.py:{algorithm}")
+    with c.unlocked():
+        c.train.seed = seed
+        c.data.seed = seed
+        c.train.steps = args.steps
+        c.train.prompts_per_step = args.prompts_per_step
+        c.train.mini_batch_prompts = args.mini_batch_prompts
+        c.sampler.n = args.n
+        c.train.eval_every = args.eval_every
+        c.train.eval_prompts = args.eval_prompts
+        c.train.checkpoint_every = args.checkpoint_every  # analyze's attention picture reads them
+        c.train.keep_checkpoints = 8
+        c.data.synthetic.num_eval = args.eval_prompts  # a larger held-out set than tiny's 64
+        c.train.sft_warmup_steps = args.warmup_steps
+        c.rl.bupo_steps = args.bupo_steps
+        if warm_dir is not None:
+            c.train.init_from_hf = warm_dir
+            c.train.sft_warmup_steps = 0
+    validate(c, num_devices=jax.device_count())
+    return c
+
+
+def warm_start(seed: int, args, root: str) -> str:
+    """The supervised warm-up of `seed` (train()'s own init and warm-up), as an HF folder."""
+    from oisd_jax.model import save_hf
+    from oisd_jax.rl.step import init_train_state
+    from oisd_jax.train import supervised_warmup
+    from oisd_jax.train_setup import build_setup
+    # the held-out set is excluded from the warm-up's data: its size is part of the name
+    out = os.path.join(root, f"warmup{args.warmup_steps}_heldout{args.eval_prompts}_seed{seed}")
+    if os.path.exists(os.path.join(out, "config.json")):
+        return out
+    c = make_config("grpo", seed, args, None)
+    s = build_setup(c)
+    rng = jax.random.key(int(c.train.seed))
+    state = init_train_state(s.init_params(jax.random.fold_in(rng, 2**31 - 1)), s.step_cfg, s.mesh, s.model_cfg)
+    state = supervised_warmup(s, state, out)
+    save_hf(s.model_cfg, state.params, out)
+    return out
+
+
+def finished(workdir: str, steps: int) -> bool:
+    path = os.path.join(workdir, metrics.METRICS_FILE)
+    return os.path.exists(path) and any(r["step"] == steps for r in metrics.read_jsonl(path))
+
+
+def final_metrics(workdir: str, steps: int) -> dict:
+    rec = {r["step"]: r for r in metrics.read_jsonl(os.path.join(workdir, metrics.METRICS_FILE))}
+    first = rec.get(0, {})
+    return {"final": rec[steps], "start": first}
+
+
+def summarize(results: dict, algorithms, seeds, eval_key: str) -> tuple[str, dict]:
+    """Markdown table: final held-out Avg@k and greedy accuracy, mean +- std over seeds."""
+    greedy_key = eval_key.rsplit("/", 1)[0] + "/greedy"
+    rows, table = [], {}
+    head = ("| algorithm | held-out Avg@k (final) | held-out greedy (final) | train reward (last step) "
+            "| held-out Avg@k (start) | seeds |")
+    rows += [head, "|" + "---|" * 6]
+    for a in algorithms:
+        runs = [results[a][s] for s in seeds if s in results.get(a, {})]
+        if not runs:
+            continue
+        avg = np.array([r["final"].get(eval_key, np.nan) for r in runs]) * 100
+        gr = np.array([r["final"].get(greedy_key, np.nan) for r in runs]) * 100
+        rw = np.array([r["final"].get("reward", np.nan) for r in runs]) * 100
+        st = np.array([r["start"].get(eval_key, np.nan) for r in runs]) * 100
+        table[a] = {"avg": avg.tolist(), "greedy": gr.tolist(), "reward": rw.tolist(), "start": st.tolist()}
+        f = lambda x: f"{np.nanmean(x):.1f} +- {np.nanstd(x):.1f}"  # noqa: E731
+        rows.append(f"| {LABELS[a]} | {f(avg)} | {f(gr)} | {f(rw)} | {f(st)} | {len(runs)} |")
+    return "\n".join(rows), table
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="grpo + oisd, 1 seed, 4 steps: a smoke run")
+    ap.add_argument("--algorithms", default=",".join(ALGORITHMS))
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--prompts_per_step", type=int, default=16)
+    ap.add_argument("--mini_batch_prompts", type=int, default=8)
+    ap.add_argument("--n", type=int, default=4, help="rollouts per prompt (G)")
+    ap.add_argument("--eval_every", type=int, default=10)
+    ap.add_argument("--eval_prompts", type=int, default=128, help="held-out problems (x k=4 samples)")
+    ap.add_argument("--checkpoint_every", type=int, default=10)
+    ap.add_argument("--warmup_steps", type=int, default=600, help="supervised steps before RL (tiny.py: 200)")
+    ap.add_argument("--bupo_steps", type=int, default=10)
+    ap.add_argument("--root", default="runs/ablation", help="run folders (not committed)")
+    ap.add_argument("--out", default="bench/results/ablation", help="JSON + PNG prefix")
+    args = ap.parse_args()
+    if args.quick:
+        args.algorithms, args.seeds, args.steps, args.eval_every = "grpo,oisd", "0", 4, 2
+        args.warmup_steps, args.eval_prompts, args.bupo_steps, args.checkpoint_every = 60, 16, 2, 2
+        args.root, args.out = args.root + "_quick", args.out + "_quick"
+    logging.basicConfig(level=logging.WARNING)
+    # Runs of one algorithm compile the same programs: keep them across runs and reruns.
+    jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.join(args.root, "jax_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    from oisd_jax.train import train
+    algorithms, seeds = args.algorithms.split(","), [int(s) for s in args.seeds.split(",")]
+    args.root = os.path.abspath(args.root)  # orbax wants absolute checkpoint paths
+    os.makedirs(args.root, exist_ok=True)
+    results: dict = {}
+    timings = {}
+    for seed in seeds:
+        t0 = time.perf_counter()
+        warm = warm_start(seed, args, args.root)
+        timings[f"warmup_seed{seed}"] = time.perf_counter() - t0
+        for a in algorithms:
+            wd = os.path.join(args.root, f"{a}_seed{seed}")
+            if not finished(wd, args.steps):
+                t0 = time.perf_counter()
+                train(make_config(a, seed, args, warm), wd)
+                timings[f"{a}_seed{seed}"] = time.perf_counter() - t0
+                print(f"{a} seed {seed}: {timings[f'{a}_seed{seed}']:.0f} s", flush=True)
+            results.setdefault(a, {})[seed] = final_metrics(wd, args.steps)
+    eval_key = next(k for k in results[algorithms[0]][seeds[0]]["final"] if k.startswith("eval/") and "/avg@" in k)
+    md, table = summarize(results, algorithms, seeds, eval_key)
+    groups = {LABELS[a]: [os.path.join(args.root, f"{a}_seed{s}", metrics.METRICS_FILE) for s in seeds]
+              for a in algorithms}
+    keys = [eval_key, eval_key.rsplit("/", 1)[0] + "/greedy", "reward", "response_len", "think_js", "attn_js"]
+    png = args.out + ".png"
+    analyze.plot_runs(groups, png, keys)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out + ".json", "w") as f:
+        json.dump({"args": vars(args), "eval_key": eval_key, "table": table, "timings_s": timings,
+                   "per_run_final": {a: {str(s): r["final"] for s, r in v.items()} for a, v in results.items()}},
+                  f, indent=2)
+    print(md)
+    print(f"curves: {png}\njson: {args.out}.json")
+
+
+if __name__ == "__main__":
+    main()
