@@ -264,7 +264,7 @@ def train_step(state: TrainState, batch: TrainBatch, model_cfg: ModelConfig, cfg
     """The pure update (make_train_step jits it)."""
     loss, grads, metrics = compute_grads(state.params, batch, model_cfg, cfg)
     tx = make_optimizer(cfg)
-    gnorm = optax.global_norm(grads)
+    gnorm = optax.tree.norm(grads)
     ok = jnp.isfinite(gnorm) if cfg.skip_nonfinite else jnp.array(True)
 
     def apply(_):
