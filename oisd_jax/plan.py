@@ -214,7 +214,7 @@ def format_table(results: Sequence[PhaseResult], budget: Budget) -> str:
     rows = [("params (master)", lambda r: r.phase.params_bytes),
             ("optimizer state", lambda r: r.phase.opt_bytes),
             ("decode params", lambda r: r.phase.decode_params_bytes),
-            ("KV cache", lambda r: r.phase.kv_bytes),
+            ("KV cache (sampler)", lambda r: r.phase.kv_bytes),
             ("batch / other args", lambda r: r.phase.other_arg_bytes),
             ("temporaries (XLA)", lambda r: r.compiled.temporaries),
             ("XLA peak", lambda r: r.compiled.xla_peak),
@@ -326,6 +326,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--preset", default=None, help="model preset when the config's hf_path is not on disk")
     p.add_argument("--micro_batch_tokens", type=int, default=None, help="override rl.micro_batch_tokens")
     p.add_argument("--sampler_batch", type=int, default=None, help="override sampler.batch_size (prompts)")
+    p.add_argument("--sampler_cache", choices=("kept", "released"), default="kept",
+                   help="whether the sampler's KV cache stays allocated through the updates (Sampler keep_cache)")
     p.add_argument("--mem_fraction", type=float, default=0.92,
                    help="XLA's pool as a fraction of device memory (XLA_PYTHON_CLIENT_MEM_FRACTION; JAX's default 0.75)")
     p.add_argument("--reserve_gib", type=float, default=1.5,
@@ -346,6 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     preset = _guess_preset(config, a.config, a.preset)
     setup = make_setup(config, target.devices(a.devices), preset=preset, micro_batch_tokens=a.micro_batch_tokens,
                        sampler_batch=a.sampler_batch)
+    setup = setup.replace(sampler_cache_kept=a.sampler_cache == "kept")
     budget = Budget(target.memory_bytes, a.mem_fraction, int(a.reserve_gib * GiB))
     m = setup.model
     from oisd_jax.plan_programs import model_config
@@ -374,11 +377,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         for w in dict.fromkeys(warns):
             print("  " + w[-200:])
     ok = all(r.total <= budget.bytes for r in results)
-    kept = sampler_cache_bytes(setup)
+    kv = sampler_cache_bytes(setup)
     tr = next(r for r in results if r.phase.name == "train step")
-    print(f"\nassumes the trainer frees the sampler's KV cache ({kept / GiB:.2f} GiB/device) before the updates "
-          f"(Sampler.release_cache()); kept, the train step would need {(tr.total + kept) / GiB:.2f} GiB "
-          f"({'fits' if tr.total + kept <= budget.bytes else 'does NOT fit'})")
+    if setup.sampler_cache_kept:
+        print(f"\nthe sampler keeps its KV cache ({kv / GiB:.2f} GiB/device) through the updates (counted above); "
+              f"with Sampler.release_cache() after sampling (--sampler_cache=released) the train step needs "
+              f"{(tr.total - kv) / GiB:.2f} GiB")
+    else:
+        print(f"\nassumes the trainer frees the sampler's KV cache ({kv / GiB:.2f} GiB/device) before the updates "
+              f"(Sampler.release_cache()); kept, the train step would need {(tr.total + kv) / GiB:.2f} GiB")
 
     mean_prompt = a.mean_prompt if a.mean_prompt is not None else setup.max_prompt_len / 4
     fl = step_flops(setup, mean_prompt, a.response_frac)
@@ -424,27 +431,33 @@ def _phase_bytes(ph: Phase) -> dict[str, int]:
 
 
 def suggest(setup: PlanSetup, target: Target, budget: Budget, results: Sequence[PhaseResult]) -> dict:
-    """Largest rows/device of the train step and largest sampler batch within the budget."""
-    from oisd_jax.plan_programs import sampler_phase, train_phase
+    """Largest micro-batch (rows/device) at the configured sampler batch, and largest
+    sampler batch at the configured micro-batch, each checked against every phase (a
+    kept KV cache grows with the sampler batch and sits beside the updates)."""
+    from oisd_jax.plan_programs import sampler_cache_bytes, sampler_phase, train_phase
     out: dict[str, Any] = {}
     shards = setup.batch_shards
 
     def train_total(k: int) -> int:
-        s = setup.replace(micro_batch_tokens=k * shards * setup.row_len)
-        return compile_program(f"train {k}", train_phase(s).lower, target).total
+        ph = train_phase(setup.replace(micro_batch_tokens=k * shards * setup.row_len))
+        return ph.resident_bytes + compile_program(f"train {k}", ph.lower, target).total
 
-    k, _ = suggest_linear(train_total, budget.bytes, 1)
+    k, _ = suggest_linear(train_total, budget.bytes, max(1, setup.rows_per_micro // shards))
     out["rows_per_device"] = k
     out["micro_batch_tokens"] = k * shards * setup.row_len if k else None
-    sres = [r for r in results if r.phase.name == "sampler"]
-    if sres:
-        unit = setup.sampler_batch_shards  # prompts split over the sampler's batch shards
-        def sampler_total(j: int) -> int:
-            ph = sampler_phase(setup.replace(sampler_batch=j * unit))
-            return ph.resident_bytes + compile_program(f"sampler {j}", ph.lower, target).total
 
-        j, _ = suggest_linear(sampler_total, budget.bytes, max(1, setup.sampler_batch // unit))
-        out["sampler_batch"] = j * unit if j else None
+    unit = setup.sampler_batch_shards  # prompts split over the sampler's batch shards
+    others = [r for r in results if r.phase.name != "sampler"]
+
+    def sampler_total(j: int) -> int:
+        s = setup.replace(sampler_batch=j * unit)
+        ph = sampler_phase(s)
+        kv = sampler_cache_bytes(s) if setup.sampler_cache_kept else 0
+        beside = max((r.compiled.total + r.phase.resident_bytes - r.phase.kv_bytes + kv for r in others), default=0)
+        return max(beside, ph.resident_bytes + compile_program(f"sampler {j}", ph.lower, target).total)
+
+    j, _ = suggest_linear(sampler_total, budget.bytes, max(1, setup.sampler_batch // unit))
+    out["sampler_batch"] = j * unit if j else None
     return out
 
 

@@ -37,6 +37,9 @@ class PlanSetup:
     sampler_batch: int          # prompts per sampler call (x n rollouts)
     max_prompt_len: int
     max_new_tokens: int
+    # Sampler(keep_cache=True) holds its KV cache between calls, through the updates,
+    # unless the trainer calls Sampler.release_cache() after sampling.
+    sampler_cache_kept: bool = True
 
     @property
     def rows_per_micro(self) -> int:
@@ -163,8 +166,9 @@ def train_phase(setup: PlanSetup) -> Phase:
     batch = abstract_batch(setup)
     step = make_train_step(setup.model, setup.step_cfg, setup.mesh)
     p, o = shard_bytes(state.params), shard_bytes(state.opt_state)
-    return Phase("train step", lambda: step.lower(state, batch), params_bytes=p, opt_bytes=o,
-                 other_arg_bytes=shard_bytes(state) - p - o + shard_bytes(batch))
+    kv = sampler_cache_bytes(setup) if setup.sampler_cache_kept else 0
+    return Phase("train step", lambda: step.lower(state, batch), params_bytes=p, opt_bytes=o, kv_bytes=kv,
+                 other_arg_bytes=shard_bytes(state) - p - o + shard_bytes(batch), resident_bytes=kv)
 
 
 def logprob_phase(setup: PlanSetup) -> Phase:
@@ -175,8 +179,10 @@ def logprob_phase(setup: PlanSetup) -> Phase:
     fn = make_logprob_fn(setup.model, setup.step_cfg, setup.mesh)
     used = [batch.tokens, batch.positions, batch.segment_ids, batch.loss_mask]
     rest = shard_bytes(batch) - shard_bytes(used)
+    kv = sampler_cache_bytes(setup) if setup.sampler_cache_kept else 0
     return Phase("old log-probs", lambda: fn.lower(state.params, batch), params_bytes=shard_bytes(state.params),
-                 other_arg_bytes=shard_bytes(used), resident_bytes=shard_bytes(state.opt_state) + rest)
+                 kv_bytes=kv, other_arg_bytes=shard_bytes(used),
+                 resident_bytes=shard_bytes(state.opt_state) + rest + kv)
 
 
 # ----------------------------------------------------------------------------- sampler

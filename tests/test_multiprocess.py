@@ -14,7 +14,7 @@ import sys
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(ROOT, "configs", "tiny.py")
+TINY = os.path.join(ROOT, "configs", "tiny.py") + ":oisd"  # the OISD step, whatever tiny defaults to
 STEPS = 3
 
 

@@ -16,7 +16,12 @@ from oisd_jax import plan_programs as pp
 from oisd_jax.config_files import load_config_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(ROOT, "configs", "tiny.py")
+# The tiny config with this file's own batch shapes pinned (so config tweaks elsewhere
+# do not move the closed forms below); apply_arg syntax 'file.py:key=value,...'.
+TINY = os.path.join(ROOT, "configs", "tiny.py") + (
+    ":oisd,data.max_prompt_len=64,sampler.max_new_tokens=16,sampler.batch_size=16,sampler.n=4,"
+    "sampler.kv_dtype=float32,model.dtype=float32,model.remat_policy=none,rl.micro_batch_tokens=1280,"
+    "train.prompts_per_step=16,train.mini_batch_prompts=8")
 needs_plugin = pytest.mark.skipif(not gpu_targets.plugin_available(),
                                   reason="pip install -r requirements-gpu-plan.txt")
 
