@@ -159,9 +159,9 @@ def test_divisibility_and_sizes():
          "train.steps=2.5 must be an integer"]
     del d["rl"]["tau"]
     assert "rl.tau is missing" in problems(ml_collections.ConfigDict(d))
-    assert problems(load("tiny", "rl.micro_batch_tokens=64")) == \
-        ["rl.micro_batch_tokens=64 is smaller than one sequence (data.max_prompt_len + "
-         "sampler.max_new_tokens = 80)"]
+    assert problems(load("tiny", "rl.micro_batch_tokens=40")) == \
+        ["rl.micro_batch_tokens=40 is smaller than one sequence (data.max_prompt_len + "
+         "sampler.max_new_tokens = 44)"]
     assert problems(load("tiny", "oisd_attn_only,rl.attn_weight=0.0")) == \
         ["rl.attn_weight must be > 0 for rl.algorithm='oisd_attn_only'"]
     assert problems(load("tiny", "bupo,rl.bupo_steps=0")) == \
