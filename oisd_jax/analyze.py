@@ -5,7 +5,8 @@
     probability, outlined where it agrees with the final layer's top token.
 (b) attention_agreement.png: agreement between layer l's attention and the last layer's,
     1 - JS(a_l,h(t,.), a_L,h(t,.)) / log 2 per head h, averaged over response positions t
-    with their full causal key sets; one column per checkpoint when a run kept several.
+    with their full causal key sets; one column per checkpoint when a run kept several,
+    next to the lens agreement 1 - JS(lens_l, output) / log 2 over the same checkpoints.
 (c) curves.png: training curves from metrics.jsonl (reward, response length, entropy of
     the layer-l lens, think/attention JS, held-out accuracy), runs overlaid, seeds of a
     group as mean +- std.
@@ -152,9 +153,30 @@ def attention_agreement(params: Params, cfg: ModelConfig, sequences: Sequence[np
     return 1.0 - (js * qv[..., None]).sum((0, 1)) / qv.sum() / LOG2
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _lens_js(params: Params, cfg: ModelConfig, layer: int, tokens_BT, segment_ids_BT):
+    out = forward(params, cfg, tokens_BT, segment_ids=segment_ids_BT, taps=Taps(residual_layers=(layer,)))
+    student = logits(params, cfg, final_norm(params, cfg, out.residuals[layer]))
+    return losses.js_divergence(student, logits(params, cfg, out.hidden))  # [B, T]
+
+
+def lens_agreement(params: Params, cfg: ModelConfig, sequences: Sequence[np.ndarray], prompt_lens: Sequence[int],
+                   layer: int) -> float:
+    """1 - JS(lens_layer, final) / log 2 (OISD's think term, full vocabulary, tau = 1), mean
+    over the positions that predict response tokens."""
+    T, B = max(len(s) for s in sequences), len(sequences)
+    tokens, seg, mask = np.zeros((B, T), np.int32), np.zeros((B, T), np.int32), np.zeros((B, T), bool)
+    for b, (s, p) in enumerate(zip(sequences, prompt_lens)):
+        tokens[b, :len(s)], seg[b, :len(s)] = s, 1
+        mask[b, max(p - 1, 0):len(s) - 1] = True  # position t predicts token t + 1
+    js = np.asarray(_lens_js(params, cfg, int(layer), jnp.asarray(tokens), jnp.asarray(seg)))
+    return float(1.0 - js[mask].mean() / LOG2)
+
+
 def plot_attention_agreement(steps: Sequence[int], agreement_SH: np.ndarray, out_png: str, *,
-                             layer: int, num_layers: int) -> str:
-    """Per-head agreement of layer `layer` with the last layer, one column per checkpoint."""
+                             layer: int, num_layers: int, lens_S: Sequence[float] | None = None) -> str:
+    """Per-head agreement of layer `layer` with the last layer, one column per checkpoint;
+    right: its mean over training, and the lens agreement (`lens_S`) when given."""
     plt = _plt()
     a = np.asarray(agreement_SH, np.float64)
     S, H = a.shape
@@ -174,13 +196,16 @@ def plot_attention_agreement(steps: Sequence[int], agreement_SH: np.ndarray, out
         ax0.set_yticks(range(H))
         fig.colorbar(im, ax=ax0, label="1 - JS / log 2")
     ax0.set_title(f"attention agreement, layer {layer} vs layer {num_layers}", fontsize=10)
-    ax1.plot(steps, a.mean(1), "o-", label="mean over heads")
-    ax1.fill_between(steps, a.min(1), a.max(1), alpha=0.25, label="min..max head")
+    ax1.plot(steps, a.mean(1), "o-", label="attention, mean over heads")
+    ax1.fill_between(steps, a.min(1), a.max(1), alpha=0.25, label="attention, min..max head")
+    if lens_S is not None:
+        ax1.plot(steps, lens_S, "s-", color="tab:green", label=f"logit lens {layer} vs output")
+    ax1.set_ylabel("1 - JS / log 2")
     ax1.set_xlabel("checkpoint step")
     ax1.set_ylim(0, 1)
     ax1.grid(alpha=0.3)
     ax1.legend(fontsize=8)
-    ax1.set_title("mean agreement over training", fontsize=10)
+    ax1.set_title(f"layer {layer} vs layer {num_layers} over training", fontsize=10)
     fig.tight_layout()
     _save(fig, out_png)
     return out_png
@@ -302,14 +327,17 @@ def analyze(workdirs: Sequence[str], out_dir: str, *, layer: int | None = None, 
             resp = lens["agree"][:, max(plens[0] - 1, 0):]
             numbers["lens_agreement"] = {int(l): float(a) for l, a in zip(lens["layers"], resp.mean(1))}
         if "attn" in what:
-            rows = []
+            rows, lens_rows = [], []
             for s in steps:
                 params = run.params if s == run.step else export.restore_params(wd, cfg, step=s)[1]
                 rows.append(attention_agreement(params, cfg, seqs, plens, layer))
+                lens_rows.append(lens_agreement(params, cfg, seqs, plens, layer))
             a = np.stack(rows)
             written["attention_agreement"] = plot_attention_agreement(
-                steps, a, os.path.join(out_dir, "attention_agreement.png"), layer=layer, num_layers=L)
-            numbers["attention_agreement"] = {"layer": layer, "steps": list(steps), "per_head": a.tolist()}
+                steps, a, os.path.join(out_dir, "attention_agreement.png"), layer=layer, num_layers=L,
+                lens_S=lens_rows)
+            numbers["attention_agreement"] = {"layer": layer, "steps": list(steps), "per_head": a.tolist(),
+                                              "lens": lens_rows}
     if "curves" in what:
         labels = labels or [os.path.basename(os.path.normpath(w)) for w in workdirs]
         groups = {lab: [os.path.join(w, M.METRICS_FILE)] for lab, w in zip(labels, workdirs)

@@ -50,6 +50,10 @@ def test_logit_lens_matches_transformers(hf, tmp_path):
     np.testing.assert_array_equal(lens["top_ids"], ids)
     np.testing.assert_allclose(lens["top_prob"], top, atol=1e-5)
     np.testing.assert_array_equal(lens["agree"], ids == ids[-1])
+    # lens agreement: 1 - JS(layer-2 lens, output) / log 2 over the response-predicting positions
+    p2, pL = probs[2].numpy().astype(np.float64), probs[-1].numpy().astype(np.float64)
+    want = 1 - _js_np(p2, pL)[8:20].mean() / math.log(2)  # prompt 9 tokens: positions 8..19 predict 9..20
+    assert A.lens_agreement(params, cfg, [tokens], [9], 2) == pytest.approx(want, abs=1e-5)
     A.plot_logit_lens(lens, tokens, synthetic_tokenizer(), str(tmp_path / "lens.png"), tap_layer=2, prompt_len=9)
     _png_ok(tmp_path / "lens.png")
 
@@ -114,6 +118,7 @@ def test_analyze_tiny_run(tmp_path_factory, tmp_path):
     run = export.load_run(run_dir)
     assert att["steps"] == [1, 2] and att["layer"] == run.config.rl.tap_layer
     assert np.asarray(att["per_head"]).shape == (2, run.model_cfg.num_heads)
+    assert len(att["lens"]) == 2 and all(0 <= x <= 1 for x in att["lens"])
     assert "reward" in info["curve_keys"] and "think_js" in info["curve_keys"]
     assert set(info["lens_agreement"]) == {str(i) for i in range(run.model_cfg.num_layers + 1)}
     assert info["lens_agreement"][str(run.model_cfg.num_layers)] == 1.0
