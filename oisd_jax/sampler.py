@@ -136,7 +136,7 @@ def categorical(key: jax.Array, weights_RV: jax.Array) -> jax.Array:
     tok = (c * W + j).astype(jnp.int32)
     # Rounding can land on a zero-weight token with probability ~2^-24: take the mode then.
     hit = jnp.take_along_axis(weights_RV, jnp.minimum(tok, V - 1)[:, None], axis=-1)[:, 0] > 0
-    return jnp.where(hit, tok, first_argmax(weights_RV))
+    return jax.lax.cond(jnp.all(hit), lambda: tok, lambda: jnp.where(hit, tok, first_argmax(weights_RV)))
 
 
 def sample_logits(key: jax.Array, logits_RV: jax.Array, temperature: jax.Array, top_p: jax.Array, *,
