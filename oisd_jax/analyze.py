@@ -368,6 +368,7 @@ def define_flags() -> None:
 def main(argv):
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every handler at INFO
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required")
     out = FLAGS.out or os.path.join(FLAGS.workdir[0], "analysis")

@@ -323,6 +323,7 @@ def main(argv):
     del argv
     from oisd_jax import export
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every handler at INFO
     if bool(FLAGS.workdir) == bool(FLAGS.hf):
         raise app.UsageError("give exactly one of --workdir and --hf")
     if FLAGS.hf:

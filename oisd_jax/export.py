@@ -33,7 +33,7 @@ _ITEMS = ("state", "data", "rng", "config")  # oisd_jax.checkpoint's item names
 # ----------------------------------------------------------------------------- reading runs
 def checkpoint_dir(workdir: str | os.PathLike) -> str:
     """`<workdir>/checkpoints` (the trainer's layout), or `workdir` if it is that folder."""
-    workdir = os.fspath(workdir)
+    workdir = os.path.abspath(workdir)  # orbax refuses relative checkpoint paths
     sub = os.path.join(workdir, "checkpoints")
     return sub if os.path.isdir(sub) else workdir
 
@@ -201,6 +201,7 @@ def define_flags() -> None:
 def main(argv):
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every handler at INFO
     if not FLAGS.workdir or not FLAGS.out:
         raise app.UsageError("--workdir and --out are required")
     print(export(FLAGS.workdir, FLAGS.out, step=FLAGS.step, dtype=FLAGS.dtype))
