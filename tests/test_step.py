@@ -324,8 +324,12 @@ def test_sharded_step_equals_single_device(setup):
     want, norm = _first_adamw(params, g1, sc)
     mesh = parallel.make_mesh((2, 2, 2))
     ps = jax.device_put(params, jax.tree.map(lambda s: s.sharding, abstract_train_state(cfg, sc, mesh).params))
+    sb = jax.device_put(batch, batch_shardings(mesh, with_ref=True))
+    lp8 = make_logprob_fn(cfg, sc, mesh)(ps, sb)
+    assert lp8.sharding.spec == parallel.P(None, ("data", "fsdp"))
+    np.testing.assert_allclose(np.asarray(lp8), setup["logp"], atol=1e-5)
     state = init_train_state(ps, sc, mesh, cfg)
-    s8, m8 = make_train_step(cfg, sc, mesh)(state, jax.device_put(batch, batch_shardings(mesh, with_ref=True)))
+    s8, m8 = make_train_step(cfg, sc, mesh)(state, sb)
     assert s8.params.layers.w_gate.sharding.spec == parallel.P(None, "fsdp", "tensor")
     assert s8.opt_state[1][0].mu.layers.w_gate.sharding.spec == parallel.P(None, "fsdp", "tensor")
     for k in m1:
@@ -361,3 +365,28 @@ def test_temp_memory_scales_with_chunk_not_tokens_times_vocab():
     assert t[(512, 32)] - t[(256, 32)] < 0.5 * rtv(256), t       # T doubled: < half of one [R, dT, V]
     assert t[(256, 128)] - t[(256, 32)] >= 2 * rtv(128 - 32), t  # chunk x4: several [R, dc, V] more
     assert t[(256, None)] - t[(256, 32)] >= 2 * rtv(256 - 32), t  # unchunked: >= 2 [R, T, V] more
+
+
+def test_step_config_from_config():
+    """rl.algorithm decides the terms (oisd_jax.config.algorithm_settings); BuPO's first
+    phase is a separate StepConfig; Dr.GRPO's seq-mean-token-sum uses the max response."""
+    import importlib.util
+    import os
+    spec = importlib.util.spec_from_file_location(
+        "base_cfg", os.path.join(os.path.dirname(__file__), "..", "configs", "base.py"))
+    base = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(base)
+    g = StepConfig.from_config(base.get_config("grpo"))
+    assert (g.think_on, g.attn_on, g.bupo, g.tap_layer) == (False, False, False, None)
+    assert g.lr == 1e-6 and g.dual_clip == 10.0 and g.grad_clip == 1.0 and g.weight_decay == 0.01
+    o = StepConfig.from_config(base.get_config("oisd,rl.tap_layer=2,rl.think_weight=0.5"))
+    assert (o.tap_layer, o.think_weight, o.attn_weight, o.lens_norm) == (2, 0.5, 0.1, True)
+    c = base.get_config("bupo,rl.tap_layer=3")
+    b1, b2 = StepConfig.from_config(c, bupo=True), StepConfig.from_config(c)
+    assert b1.bupo and not b1.bupo_lens_norm and not b2.bupo and not (b2.think_on or b2.attn_on)
+    with pytest.raises(ValueError, match="not bupo"):
+        StepConfig.from_config(base.get_config("grpo"), bupo=True)
+    d = StepConfig.from_config(base.get_config("dr_grpo,rl.loss_agg=seq-mean-token-sum"))
+    assert d.loss_norm_len == float(c.sampler.max_new_tokens)
+    with pytest.raises(ValueError, match="tap_layer is required"):
+        StepConfig(think_weight=1.0)
