@@ -7,35 +7,16 @@ import pytest
 
 from oisd_jax.checkpoint import Checkpointer
 from oisd_jax.config import ConfigError, validate
-from oisd_jax.config_files import load_config_file
 from oisd_jax.rl.step import abstract_train_state
 from oisd_jax.train import train
 from oisd_jax.train_setup import build_setup
+from tiny_run import tiny_config
 
 
 def tiny(**over):
-    c = load_config_file("configs/tiny.py")
-    with c.unlocked():
-        c.train.steps = 4
-        c.train.sft_warmup_steps = 3
-        c.train.sft_batch_size = 8
-        c.train.prompts_per_step = 4
-        c.train.mini_batch_prompts = 2
-        c.train.eval_every = 0
-        c.train.checkpoint_every = 2
-        c.train.async_checkpoint = False
-        c.train.reward = "strict"
-        c.train.reward_workers = 1
-        c.sampler.n = 2
-        c.sampler.batch_size = 4
-        c.sampler.max_new_tokens = 8
-        c.data.max_prompt_len = 24
-        c.sampler.prompt_bucket = 8
-        for k, v in over.items():
-            sec, name = k.split("__")
-            c[sec][name] = v
-    validate(c, num_devices=jax.device_count())
-    return c
+    """tiny_run's seconds-long config with 4 RL steps, two updates each, checkpoints every 2."""
+    return tiny_config(**{"train__steps": 4, "train__mini_batch_prompts": 2, "train__checkpoint_every": 2,
+                          "train__sft_warmup_steps": 3, **over})
 
 
 def _final_params(workdir, config):
