@@ -125,3 +125,16 @@ def test_attention_probes(Q):
         n = int(b.loss_mask[m, r][b.segment_ids[m, r] == seg].sum())
         assert len(set(qs)) == len(qs) == min(Q, n)
     assert len(counts) == int((lengths > 0).sum())
+
+
+def test_head_positions_list_each_rows_loss_positions():
+    prompts, responses, lengths, adv = _rollouts(3)
+    b = build_train_batch(prompts, responses, lengths, adv, row_len=100, rows_per_micro=2, head_len=0)
+    assert b.head_positions.shape[-1] == 64  # the most any row needs, rounded up to 64
+    for m, r in np.ndindex(b.tokens.shape[:2]):
+        hp = b.head_positions[m, r]
+        want = np.flatnonzero(b.loss_mask[m, r])
+        assert np.array_equal(hp[:len(want)], want) and np.all(hp[len(want):] == -1)
+    assert build_train_batch(prompts, responses, lengths, adv, row_len=100, rows_per_micro=2).head_positions is None
+    with pytest.raises(ValueError, match="head_len=3"):
+        build_train_batch(prompts, responses, lengths, adv, row_len=100, rows_per_micro=2, head_len=3)

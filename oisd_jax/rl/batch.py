@@ -37,6 +37,9 @@ class TrainBatch:
     attn_weight: jax.Array   # [M, R, Qr] f32, the advantage of the step's rollout
     attn_valid: jax.Array    # [M, R, Qr] f32, 1 for real sampled steps
     ref_logp: jax.Array | None = None  # [M, R, T] f32, reference policy (KL); None = off
+    # [M, R, Th] int32 row positions whose logits matter (loss positions, -1 = unused):
+    # the vocabulary head runs on these Th <= T positions only. None = all T positions.
+    head_positions: jax.Array | None = None
 
     @property
     def targets(self) -> jax.Array:
@@ -117,6 +120,7 @@ def build_train_batch(
     max_seqs_per_row: int | None = None,
     rng: np.random.Generator | int | None = 0,
     ref_logp: bool = False,
+    head_len: int | None = None,
 ) -> TrainBatch:
     """Pack N rollouts (prompt + first `response_lengths[i]` response tokens) into a TrainBatch.
 
@@ -129,6 +133,9 @@ def build_train_batch(
     Rollouts with an empty response are dropped (no loss, no probes). old_logp is zero:
     fill it with make_logprob_fn before the updates (batch.replace(old_logp=...)).
     ref_logp=True allocates a zero ref_logp for the KL term, to be filled the same way.
+    head_len: fill `head_positions` with each row's loss positions, padded with -1 to
+        this many (0 = the most any row needs, rounded up to a multiple of 64; fix it for
+        stable shapes): the vocabulary matmuls then skip prompts and padding.
     Returns NumPy arrays (device_put them with the step's batch shardings).
     """
     n_seq = len(prompt_tokens)
@@ -201,8 +208,20 @@ def build_train_batch(
     def mr(x):  # [M*R, ...] -> [M, R, ...]
         return x.reshape((M, R) + x.shape[1:])
 
+    head = None
+    if head_len is not None:
+        need = int(mask.sum(axis=1).max(initial=0))
+        th = head_len or min(row_len, max(64, -(-need // 64) * 64))
+        if need > th:
+            raise ValueError(f"head_len={head_len} but a row has {need} loss positions")
+        head = np.full((n_rows, th), -1, np.int32)
+        for row in range(n_rows):
+            pos = np.flatnonzero(mask[row])
+            head[row, :len(pos)] = pos
+        head = mr(head)
+
     return TrainBatch(
         tokens=mr(tokens), positions=mr(positions), segment_ids=mr(segs), loss_mask=mr(mask),
         advantages=mr(advs), old_logp=np.zeros((M, R, row_len), np.float32),
         attn_queries=mr(q_idx), attn_keys=mr(k_idx), attn_weight=mr(q_w), attn_valid=mr(q_valid),
-        ref_logp=np.zeros((M, R, row_len), np.float32) if ref_logp else None)
+        ref_logp=np.zeros((M, R, row_len), np.float32) if ref_logp else None, head_positions=head)

@@ -170,12 +170,17 @@ def state_shardings(model_cfg: ModelConfig, step_cfg: StepConfig, mesh: Mesh) ->
     return TrainState(params=p_sh, opt_state=opt_sh, step=rep, skipped=rep)
 
 
-def batch_shardings(mesh: Mesh, with_ref: bool = False) -> TrainBatch:
-    """Rows (axis 1 of every [M, R, ...] field) over the mesh's batch axes."""
-    sh = NamedSharding(mesh, parallel.logical_to_spec((None, "batch"), mesh=mesh))
+def row_sharding(mesh: Mesh) -> NamedSharding:
+    """Axis 1 (rows) of every [M, R, ...] batch field over the mesh's batch axes."""
+    return NamedSharding(mesh, parallel.logical_to_spec((None, "batch"), mesh=mesh))
+
+
+def batch_shardings(mesh: Mesh, with_ref: bool = False, with_head: bool = False) -> TrainBatch:
+    """A TrainBatch of shardings (for device_put); every field is split by rows."""
+    sh = row_sharding(mesh)
     return TrainBatch(tokens=sh, positions=sh, segment_ids=sh, loss_mask=sh, advantages=sh, old_logp=sh,
                       attn_queries=sh, attn_keys=sh, attn_weight=sh, attn_valid=sh,
-                      ref_logp=sh if with_ref else None)
+                      ref_logp=sh if with_ref else None, head_positions=sh if with_head else None)
 
 
 def abstract_train_state(model_cfg: ModelConfig, step_cfg: StepConfig, mesh: Mesh | None = None) -> TrainState:
@@ -290,7 +295,8 @@ def make_train_step(model_cfg: ModelConfig, step_cfg: StepConfig, mesh: Mesh | N
     if mesh is None:
         return _MeshJit(jax.jit(fn, donate_argnums=(0,)), None)
     st = state_shardings(model_cfg, step_cfg, mesh)
-    jitted = jax.jit(fn, donate_argnums=(0,), in_shardings=(st, batch_shardings(mesh, step_cfg.kl_coef > 0)),
+    # One sharding as a prefix of the whole batch: optional fields may be present or not.
+    jitted = jax.jit(fn, donate_argnums=(0,), in_shardings=(st, row_sharding(mesh)),
                      out_shardings=(st, parallel.replicated(mesh)))
     return _MeshJit(jitted, mesh)
 
@@ -321,7 +327,7 @@ def make_logprob_fn(model_cfg: ModelConfig, step_cfg: StepConfig, mesh: Mesh | N
     if mesh is None:
         jitted = _MeshJit(jax.jit(fn), None)
     else:
-        row = NamedSharding(mesh, parallel.logical_to_spec((None, "batch"), mesh=mesh))
+        row = row_sharding(mesh)
         # Params keep whatever layout they come in (training or decode rules).
         jitted = _MeshJit(jax.jit(fn, in_shardings=(None,) + (row,) * 4, out_shardings=row), mesh)
 

@@ -102,18 +102,23 @@ def _objective(t: dict, d: dict, cfg: "StepConfig") -> tuple[Array, dict]:
 
 
 def _lean_terms(z: Array, zl: Array | None, tgt: Array, cfg: "StepConfig") -> dict:
-    """Per-token terms from f32 logits [N, C, V] (few [N, C, V] temporaries)."""
-    zs = z / cfg.temperature
-    lse = jax.nn.logsumexp(zs, axis=-1)
-    t = {"logp": jnp.take_along_axis(zs, tgt[..., None], axis=-1)[..., 0] - lse}
-    ze = zs if cfg.entropy_coef else jax.lax.stop_gradient(zs)
-    lse_e = lse if cfg.entropy_coef else jax.lax.stop_gradient(lse)
-    t["entropy"] = lse_e - jnp.sum(jnp.exp(ze - lse_e[..., None]) * ze, axis=-1)
+    """Per-token terms from f32 logits [N, C, V], written for few [N, C, V] passes.
+
+    The log-softmaxes are spelled like losses.js_divergence's (x * (1 / temperature)), so
+    with tau == T_s XLA computes each of them once for logp, entropy and the JS.
+    """
+    inv_t = 1.0 / cfg.temperature
+    ls = jax.nn.log_softmax(z * inv_t, axis=-1)
+    # A compare-and-select, not take_along_axis: its gradient is elementwise instead of
+    # a scatter-add into a fresh zero [N, C, V] buffer.
+    hit = jax.lax.broadcasted_iota(jnp.int32, ls.shape, ls.ndim - 1) == tgt[..., None]
+    t = {"logp": jnp.sum(jnp.where(hit, ls, 0.0), axis=-1)}
+    le = ls if cfg.entropy_coef else jax.lax.stop_gradient(ls)
+    t["entropy"] = -jnp.sum(jnp.exp(le) * le, axis=-1)
     if zl is not None:
         t["js"] = losses.js_divergence(zl, z, temperature=cfg.tau, assume_finite=True)
-        zls = jax.lax.stop_gradient(zl) / cfg.temperature
-        lse_l = jax.nn.logsumexp(zls, axis=-1)
-        t["lens_entropy"] = lse_l - jnp.sum(jnp.exp(zls - lse_l[..., None]) * zls, axis=-1)
+        lsl = jax.nn.log_softmax(jax.lax.stop_gradient(zl) * inv_t, axis=-1)
+        t["lens_entropy"] = -jnp.sum(jnp.exp(lsl) * lsl, axis=-1)
     return t
 
 
@@ -218,6 +223,20 @@ def _metric_zeros(cfg: "StepConfig", lens: bool) -> tuple[dict, dict]:
     return {k: z for k in names}, {"ratio_max": z}
 
 
+def _compact(pos_RH: Array, h, hl, d: dict):
+    """Gather the head's inputs at the loss positions [R, Th] (-1 = unused slot, weight 0).
+
+    Rows stay rows (a gather along T), so a batch sharded over rows stays local; the
+    gather's gradient scatters dh back into [R, T, D].
+    """
+    valid = pos_RH >= 0
+    idx = jnp.clip(pos_RH, 0)
+    take = lambda x: jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)  # noqa: E731
+    d = {k: take(v) for k, v in d.items()}
+    d["pg_w"], d["tok_w"] = (jnp.where(valid, d[k], 0.0) for k in ("pg_w", "tok_w"))
+    return take(h), None if hl is None else take(hl), d
+
+
 # ----------------------------------------------------------------------------- the micro-batch loss
 def micro_loss(params: Params, mb: "TrainBatch", w: Weights, model_cfg: "ModelConfig",
                cfg: "StepConfig", fused: bool = True) -> tuple[Array, dict]:
@@ -248,6 +267,8 @@ def micro_loss(params: Params, mb: "TrainBatch", w: Weights, model_cfg: "ModelCo
          "pg_w": w.pg, "tok_w": w.tok}
     if cfg.kl_coef:
         d["ref_logp"] = mb.ref_logp
+    if mb.head_positions is not None:
+        h, hl, d = _compact(mb.head_positions, h, hl, d)
     cdt = jnp.dtype(model_cfg.dtype)
     if fused:
         loss, metrics = make_fused_head(cfg, cdt, cfg.logit_chunk)(h, hl, w_unembed, d)
