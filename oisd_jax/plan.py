@@ -31,7 +31,6 @@ import time
 from typing import Any, Callable, Sequence
 
 import jax
-import numpy as np
 
 from oisd_jax import parallel
 from oisd_jax.plan_programs import Phase, PlanSetup, build_phases, make_setup, sampler_cache_bytes
@@ -111,6 +110,9 @@ class _CaptureStderr:
 
 
 REMAT_WARNING = "Can't reduce memory use below"
+# Deviceless-compile chatter that says nothing about memory (no GPU here; a sort algorithm
+# XLA would pick with CUB data it lacks offline).
+_NOISE = ("cudart_stub", "absl::InitializeLog", "deviceless CUB", "cub/data", "Missing deviceless")
 
 
 def compile_program(name: str, lower: Callable[[], Any], target: Target) -> Compiled:
@@ -122,7 +124,7 @@ def compile_program(name: str, lower: Callable[[], Any], target: Target) -> Comp
     dt = time.perf_counter() - t0
     warn = [ln.strip() for ln in cap.text.splitlines() if REMAT_WARNING in ln]
     other = [ln for ln in cap.text.splitlines() if ln.strip() and REMAT_WARNING not in ln
-             and "cudart_stub" not in ln and "absl::InitializeLog" not in ln]
+             and not any(n in ln for n in _NOISE)]
     if other:  # not ours to swallow
         sys.stderr.write("\n".join(other) + "\n")
     m = compiled.memory_analysis()
@@ -197,6 +199,20 @@ def step_flops(setup: PlanSetup, mean_prompt: float, response_frac: float) -> di
     return {"train": train, "old_logprob": logprob, "sample": sample, "tokens": tokens}
 
 
+def sampling_seconds(setup: PlanSetup, sampler: Phase, bandwidth: float, response_frac: float = 1.0) -> float:
+    """Lower bound on one RL step's sampling time from HBM bandwidth.
+
+    Each decode step reads every weight of the device's decode-layout copy and the
+    filled part of its KV cache; calls run one after another (prompts_per_step /
+    sampler batch of them), all devices in parallel.
+    """
+    c = setup.config
+    calls = math.ceil(int(c.train.prompts_per_step) / setup.sampler_batch)
+    steps = response_frac * setup.max_new_tokens
+    per_step = sampler.decode_params_bytes + 0.5 * response_frac * sampler.kv_bytes
+    return calls * steps * per_step / bandwidth
+
+
 # ----------------------------------------------------------------------------- report
 def _si(x: float) -> str:
     for p, u in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
@@ -236,46 +252,6 @@ def format_table(results: Sequence[PhaseResult], budget: Budget) -> str:
     return "\n".join(lines)
 
 
-def suggest_linear(measure: Callable[[int], int], limit: int, start: int, *, max_calls: int = 7,
-                   max_value: int = 1 << 16) -> tuple[int, dict[int, int]]:
-    """Largest integer k >= 1 with measure(k) <= limit, for a measure that grows about
-    linearly with k (each call is a compile, so few calls).
-
-    Secant steps inside a bracket [largest fit, smallest non-fit]. Returns (k, or 0 if
-    even k = 1 does not fit; {k: measured}). Stops early with the best fit found.
-    """
-    seen: dict[int, int] = {}
-
-    def m(k: int) -> int:
-        if k not in seen:
-            seen[k] = measure(k)
-        return seen[k]
-
-    lo, hi = 0, max_value + 1  # fits / does not fit
-    for k in (max(1, start), 2 * max(1, start)):
-        if k < hi:
-            if m(k) <= limit:
-                lo = max(lo, k)
-            else:
-                hi = min(hi, k)
-    while hi - lo > 1 and len(seen) < max_calls:
-        if lo == 0:
-            guess = 1 if hi > 1 and 1 not in seen else hi // 2
-        else:
-            # Slope from the measured point nearest above lo (or the two smallest points).
-            pts = sorted(seen)
-            above = [k for k in pts if k > lo]
-            k2 = above[0] if above else (pts[-2] if len(pts) > 1 and pts[-2] != lo else None)
-            slope = max((seen[k2] - seen[lo]) / (k2 - lo), 1e-9) if k2 is not None else seen[lo] / lo
-            guess = lo + int((limit - seen[lo]) // slope)
-        guess = min(max(guess, lo + 1), hi - 1)
-        if m(guess) <= limit:
-            lo = guess
-        else:
-            hi = guess
-    return lo, seen
-
-
 # ----------------------------------------------------------------------------- the command
 def _guess_preset(config, config_path: str, preset: str | None) -> str | None:
     """Paper configs point hf_path at a placeholder: fall back to the preset named like the file."""
@@ -289,32 +265,6 @@ def _guess_preset(config, config_path: str, preset: str | None) -> str | None:
     if stem in PRESETS and config.model.get("preset") in (None, "tiny"):
         return stem
     return None
-
-
-def sweep(setup: PlanSetup, target: Target) -> list[tuple[str, Compiled]]:
-    """Train-step temporaries against micro-batch rows, remat policy, loss chunking, attention."""
-    out = []
-    base_rows = setup.batch_shards
-    m = setup.model
-    variants: list[tuple[str, PlanSetup]] = []
-    for k in (1, 2, 4):
-        variants.append((f"{k} row(s)/device ({k * base_rows * setup.row_len} tok)",
-                         setup.replace(micro_batch_tokens=k * base_rows * setup.row_len)))
-    one = setup.replace(micro_batch_tokens=base_rows * setup.row_len)
-    for pol in ("nothing_saveable", "dots_with_no_batch_dims_saveable", "dots_saveable"):
-        if pol != m.remat_policy:
-            variants.append((f"remat={pol}", one.replace(model=m.replace(remat_policy=pol))))
-    if setup.step_cfg.logit_chunk:
-        variants.append(("unchunked loss (logit_chunk=None)",
-                         one.replace(step_cfg=setup.step_cfg.replace(logit_chunk=None))))
-    for impl in ("blocked", "xla", "cudnn"):
-        if impl != m.attn_impl and not (impl == "cudnn" and target.kind != "gpu"):
-            variants.append((f"attn_impl={impl}", one.replace(model=m.replace(attn_impl=impl))))
-    from oisd_jax.plan_programs import train_phase
-    for label, s in variants:
-        ph = train_phase(s)
-        out.append((label, compile_program(label, ph.lower, target)))
-    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -395,15 +345,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     for k in ("train", "old_logprob", "sample"):
         t = f", {fl[k] / (peak * a.mfu):8.1f} s at {a.mfu:.0%} MFU" if peak else ""
         print(f"  {k:<12}{_si(fl[k]):>10}FLOP{t}")
-    if peak:
-        print("  (sampling is bound by memory bandwidth, not FLOPs: expect it to take longer)")
+    sres = next((r for r in results if r.phase.name == "sampler"), None)
+    if target.bandwidth and sres is not None:
+        t = sampling_seconds(setup, sres.phase, target.bandwidth, a.response_frac)
+        fl["sample_hbm_s"] = t
+        print(f"  sampling is HBM-bound: >= {t:8.1f} s per step (every decode step reads the device's decode "
+              f"params and, on average, half its KV cache, at {target.bandwidth / 1e12:.2f} TB/s)")
 
     suggestions = {}
     if not a.no_suggest:
+        from oisd_jax.plan_search import suggest
         suggestions = suggest(setup, target, budget, results)
         print(f"\nlargest that fit: micro_batch_tokens={suggestions.get('micro_batch_tokens')} "
               f"({suggestions.get('rows_per_device')} row(s)/device), "
               f"sampler batch={suggestions.get('sampler_batch')} prompts")
+    from oisd_jax.plan_search import sweep
     sw = sweep(setup, target) if a.sweep else []
     if sw:
         print("\ntrain step, per device   temporaries   program total   (GiB)")
@@ -428,37 +384,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _phase_bytes(ph: Phase) -> dict[str, int]:
     return {f.name: getattr(ph, f.name) for f in dataclasses.fields(ph) if f.name.endswith("_bytes")}
-
-
-def suggest(setup: PlanSetup, target: Target, budget: Budget, results: Sequence[PhaseResult]) -> dict:
-    """Largest micro-batch (rows/device) at the configured sampler batch, and largest
-    sampler batch at the configured micro-batch, each checked against every phase (a
-    kept KV cache grows with the sampler batch and sits beside the updates)."""
-    from oisd_jax.plan_programs import sampler_cache_bytes, sampler_phase, train_phase
-    out: dict[str, Any] = {}
-    shards = setup.batch_shards
-
-    def train_total(k: int) -> int:
-        ph = train_phase(setup.replace(micro_batch_tokens=k * shards * setup.row_len))
-        return ph.resident_bytes + compile_program(f"train {k}", ph.lower, target).total
-
-    k, _ = suggest_linear(train_total, budget.bytes, max(1, setup.rows_per_micro // shards))
-    out["rows_per_device"] = k
-    out["micro_batch_tokens"] = k * shards * setup.row_len if k else None
-
-    unit = setup.sampler_batch_shards  # prompts split over the sampler's batch shards
-    others = [r for r in results if r.phase.name != "sampler"]
-
-    def sampler_total(j: int) -> int:
-        s = setup.replace(sampler_batch=j * unit)
-        ph = sampler_phase(s)
-        kv = sampler_cache_bytes(s) if setup.sampler_cache_kept else 0
-        beside = max((r.compiled.total + r.phase.resident_bytes - r.phase.kv_bytes + kv for r in others), default=0)
-        return max(beside, ph.resident_bytes + compile_program(f"sampler {j}", ph.lower, target).total)
-
-    j, _ = suggest_linear(sampler_total, budget.bytes, max(1, setup.sampler_batch // unit))
-    out["sampler_batch"] = j * unit if j else None
-    return out
 
 
 if __name__ == "__main__":

@@ -7,11 +7,9 @@ forms of the tiny model's shapes and shardings, not against the planner's own su
 import json
 import os
 
-import jax
-import numpy as np
 import pytest
 
-from oisd_jax import gpu_targets, plan
+from oisd_jax import gpu_targets, plan, plan_search
 from oisd_jax import plan_programs as pp
 from oisd_jax.config_files import load_config_file
 
@@ -55,7 +53,7 @@ def test_suggest_linear_finds_largest_fit():
 
     for limit in (1200, 1302, 5000, 40000):
         calls.clear()
-        k, seen = plan.suggest_linear(measure, limit, 1)
+        k, seen = plan_search.suggest_linear(measure, limit, 1)
         want = max([j for j in range(1, 500) if 1000 + 300 * j + 2 * j * j <= limit] or [0])
         assert k == want, (limit, k, want)
         assert len(calls) <= 7  # each call is a compile
@@ -144,3 +142,11 @@ def test_plan_tiny_gpu_target_deviceless():
     for r in results:
         assert r.compiled.xla_peak is not None and r.compiled.xla_peak >= r.compiled.arguments
         assert r.compiled.cudnn_attention > 0  # cuDNN flash attention compiled without a GPU
+
+
+def test_sampling_seconds_closed_form():
+    setup = _setup(plan.get_target("cpu"))
+    ph = pp.Phase("sampler", lambda: None, decode_params_bytes=3 * 10 ** 9, kv_bytes=8 * 10 ** 9)
+    # 16 prompts per step / 16 per call = 1 call; 16 decode steps of 3 GB weights + 4 GB mean cache.
+    assert plan.sampling_seconds(setup, ph, bandwidth=2e12) == pytest.approx(16 * 7e9 / 2e12)
+    assert plan.sampling_seconds(setup.replace(sampler_batch=8), ph, 2e12) == pytest.approx(2 * 16 * 7e9 / 2e12)

@@ -1,0 +1,104 @@
+"""The planner's searches: the largest micro-batch / sampler batch that fit, and a sweep of
+what moves the train step's memory. Every probe is one deviceless compile, so searches
+take few steps."""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+from oisd_jax.plan import Budget, Compiled, PhaseResult, Target, compile_program
+from oisd_jax.plan_programs import PlanSetup, sampler_cache_bytes, sampler_phase, train_phase
+
+
+def suggest_linear(measure: Callable[[int], int], limit: int, start: int, *, max_calls: int = 7,
+                   max_value: int = 1 << 16) -> tuple[int, dict[int, int]]:
+    """Largest integer k >= 1 with measure(k) <= limit, for a measure that grows about
+    linearly with k (each call is a compile, so few calls).
+
+    Secant steps inside a bracket [largest fit, smallest non-fit]. Returns (k, or 0 if
+    even k = 1 does not fit; {k: measured}). Stops early with the best fit found.
+    """
+    seen: dict[int, int] = {}
+
+    def m(k: int) -> int:
+        if k not in seen:
+            seen[k] = measure(k)
+        return seen[k]
+
+    lo, hi = 0, max_value + 1  # fits / does not fit
+    for k in (max(1, start), 2 * max(1, start)):
+        if k < hi:
+            if m(k) <= limit:
+                lo = max(lo, k)
+            else:
+                hi = min(hi, k)
+    while hi - lo > 1 and len(seen) < max_calls:
+        if lo == 0:
+            guess = 1 if hi > 1 and 1 not in seen else hi // 2
+        else:
+            # Slope from the measured point nearest above lo (or the two smallest points).
+            pts = sorted(seen)
+            above = [k for k in pts if k > lo]
+            k2 = above[0] if above else (pts[-2] if len(pts) > 1 and pts[-2] != lo else None)
+            slope = max((seen[k2] - seen[lo]) / (k2 - lo), 1e-9) if k2 is not None else seen[lo] / lo
+            guess = lo + int((limit - seen[lo]) // slope)
+        guess = min(max(guess, lo + 1), hi - 1)
+        if m(guess) <= limit:
+            lo = guess
+        else:
+            hi = guess
+    return lo, seen
+
+
+def sweep(setup: PlanSetup, target: Target) -> list[tuple[str, Compiled]]:
+    """Train-step temporaries against micro-batch rows, remat policy, loss chunking, attention."""
+    out = []
+    base_rows = setup.batch_shards
+    m = setup.model
+    variants: list[tuple[str, PlanSetup]] = []
+    for k in (1, 2, 4):
+        variants.append((f"{k} row(s)/device ({k * base_rows * setup.row_len} tok)",
+                         setup.replace(micro_batch_tokens=k * base_rows * setup.row_len)))
+    one = setup.replace(micro_batch_tokens=base_rows * setup.row_len)
+    for pol in ("nothing_saveable", "dots_with_no_batch_dims_saveable", "dots_saveable"):
+        if pol != m.remat_policy:
+            variants.append((f"remat={pol}", one.replace(model=m.replace(remat_policy=pol))))
+    if setup.step_cfg.logit_chunk:
+        variants.append(("unchunked loss (logit_chunk=None)",
+                         one.replace(step_cfg=setup.step_cfg.replace(logit_chunk=None))))
+    for impl in ("blocked", "xla", "cudnn"):
+        if impl != m.attn_impl and not (impl == "cudnn" and target.kind != "gpu"):
+            variants.append((f"attn_impl={impl}", one.replace(model=m.replace(attn_impl=impl))))
+    for label, s in variants:
+        ph = train_phase(s)
+        out.append((label, compile_program(label, ph.lower, target)))
+    return out
+
+
+def suggest(setup: PlanSetup, target: Target, budget: Budget, results: Sequence[PhaseResult]) -> dict:
+    """Largest micro-batch (rows/device) at the configured sampler batch, and largest
+    sampler batch at the configured micro-batch, each checked against every phase (a
+    kept KV cache grows with the sampler batch and sits beside the updates)."""
+    out: dict[str, Any] = {}
+    shards = setup.batch_shards
+
+    def train_total(k: int) -> int:
+        ph = train_phase(setup.replace(micro_batch_tokens=k * shards * setup.row_len))
+        return ph.resident_bytes + compile_program(f"train {k}", ph.lower, target).total
+
+    k, _ = suggest_linear(train_total, budget.bytes, max(1, setup.rows_per_micro // shards))
+    out["rows_per_device"] = k
+    out["micro_batch_tokens"] = k * shards * setup.row_len if k else None
+
+    unit = setup.sampler_batch_shards  # prompts split over the sampler's batch shards
+    others = [r for r in results if r.phase.name != "sampler"]
+
+    def sampler_total(j: int) -> int:
+        s = setup.replace(sampler_batch=j * unit)
+        ph = sampler_phase(s)
+        kv = sampler_cache_bytes(s) if setup.sampler_cache_kept else 0
+        beside = max((r.compiled.total + r.phase.resident_bytes - r.phase.kv_bytes + kv for r in others), default=0)
+        return max(beside, ph.resident_bytes + compile_program(f"sampler {j}", ph.lower, target).total)
+
+    j, _ = suggest_linear(sampler_total, budget.bytes, max(1, setup.sampler_batch // unit))
+    out["sampler_batch"] = j * unit if j else None
+    return out
