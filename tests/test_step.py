@@ -245,7 +245,8 @@ def test_chunked_unchunked_fused_reference_agree(setup):
 
 def test_compact_head_equals_full_head(setup):
     """The vocabulary head gathered at the loss positions only (head_positions, with
-    unused -1 slots) gives the same loss, metrics and gradients as the head over all T."""
+    unused -1 slots) gives the same loss, metrics and gradients as the head over all T,
+    and the same old log-probs."""
     cfg, params, batch = setup["cfg"], setup["params"], setup["batch"]
     mask = batch.loss_mask
     th = int(mask.sum(-1).max()) + 3
@@ -260,6 +261,8 @@ def test_compact_head_equals_full_head(setup):
     for k in m0:
         np.testing.assert_allclose(float(m1[k]), float(m0[k]), rtol=1e-5, atol=1e-6, err_msg=k)
     assert _maxabs(jax.tree.map(lambda a, b: a - b, g1, g0)) <= 1e-5 * _maxabs(g0)
+    lp = make_logprob_fn(cfg, FULL)(params, batch.replace(head_positions=hp))
+    np.testing.assert_allclose(np.asarray(lp), setup["logp"], atol=1e-6)
 
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])

@@ -303,20 +303,32 @@ def make_train_step(model_cfg: ModelConfig, step_cfg: StepConfig, mesh: Mesh | N
 
 # ----------------------------------------------------------------------------- old log-probs
 def policy_logprobs(params: Params, tokens: Array, positions: Array, segment_ids: Array, loss_mask: Array,
-                    model_cfg: ModelConfig, cfg: StepConfig) -> Array:
-    """log pi(tokens[t+1] | ..t) of the step's acting policy for [M, R, T] rows, 0 off the mask."""
+                    head_positions: Array | None, model_cfg: ModelConfig, cfg: StepConfig) -> Array:
+    """log pi(tokens[t+1] | ..t) of the step's acting policy for [M, R, T] rows, 0 off the mask.
+
+    With head_positions [M, R, Th] the unembedding runs only at those positions.
+    """
     def one(xs):
-        tok, pos, seg, mask = xs
+        tok, pos, seg, mask, hp = xs
         taps = Taps(residual_layers=(cfg.tap_layer,)) if cfg.bupo else Taps()
         out = forward(params, model_cfg, tok, pos, seg, taps)
         h = out.hidden
         if cfg.bupo:
             h = out.residuals[cfg.tap_layer]
             h = final_norm(params, model_cfg, h) if cfg.bupo_lens_norm else h
-        t = chunked.token_terms(h, unembed(params, model_cfg), shift_left(tok), temperature=cfg.temperature,
-                                chunk_size=cfg.logit_chunk, want_entropy=False)
-        return jnp.where(mask != 0, t["logp"], 0.0)
-    return jax.lax.map(one, (tokens, positions, segment_ids, loss_mask))
+        tgt = shift_left(tok)
+        if hp is not None:
+            idx = jnp.clip(hp, 0)
+            h = jnp.take_along_axis(h, idx[..., None], axis=1)
+            tgt = jnp.take_along_axis(tgt, idx, axis=1)
+        lp = chunked.token_terms(h, unembed(params, model_cfg), tgt, temperature=cfg.temperature,
+                                 chunk_size=cfg.logit_chunk, want_entropy=False)["logp"]
+        if hp is not None:  # back to row positions; unused slots (-1) are dropped
+            rows = jnp.arange(tok.shape[0])[:, None]
+            lp = jnp.zeros(tok.shape, jnp.float32).at[rows, jnp.where(hp >= 0, hp, tok.shape[1])].set(
+                lp, mode="drop")
+        return jnp.where(mask != 0, lp, 0.0)
+    return jax.lax.map(one, (tokens, positions, segment_ids, loss_mask, head_positions))
 
 
 def make_logprob_fn(model_cfg: ModelConfig, step_cfg: StepConfig, mesh: Mesh | None = None) -> Callable:
@@ -327,12 +339,14 @@ def make_logprob_fn(model_cfg: ModelConfig, step_cfg: StepConfig, mesh: Mesh | N
     if mesh is None:
         jitted = _MeshJit(jax.jit(fn), None)
     else:
-        row = row_sharding(mesh)
         # Params keep whatever layout they come in (training or decode rules).
-        jitted = _MeshJit(jax.jit(fn, in_shardings=(None,) + (row,) * 4, out_shardings=row), mesh)
+        jitted = _MeshJit(jax.jit(fn, in_shardings=(None,) + (row_sharding(mesh),) * 5,
+                                  out_shardings=row_sharding(mesh)), mesh)
+
+    def args(batch: TrainBatch):
+        return batch.tokens, batch.positions, batch.segment_ids, batch.loss_mask, batch.head_positions
 
     def logprobs(params: Params, batch: TrainBatch) -> Array:
-        return jitted(params, batch.tokens, batch.positions, batch.segment_ids, batch.loss_mask)
-    logprobs.lower = lambda params, batch: jitted.lower(  # type: ignore[attr-defined]
-        params, batch.tokens, batch.positions, batch.segment_ids, batch.loss_mask)
+        return jitted(params, *args(batch))
+    logprobs.lower = lambda params, batch: jitted.lower(params, *args(batch))  # type: ignore[attr-defined]
     return logprobs
