@@ -87,32 +87,89 @@ def final_metrics(workdir: str, steps: int) -> dict:
 
 
 def summarize(results: dict, algorithms, seeds, eval_key: str) -> tuple[str, dict]:
-    """Markdown table: final held-out Avg@k and greedy accuracy, mean +- std over seeds."""
+    """Markdown table: final held-out Avg@k and greedy accuracy, mean +- std over seeds, and
+    the change against GRPO paired by seed (same warm start, so seed-to-seed spread cancels)."""
     greedy_key = eval_key.rsplit("/", 1)[0] + "/greedy"
-    rows, table = [], {}
-    head = ("| algorithm | held-out Avg@k (final) | held-out greedy (final) | train reward (last step) "
-            "| held-out Avg@k (start) | seeds |")
-    rows += [head, "|" + "---|" * 6]
+    get = lambda a, key, when="final": np.array(  # noqa: E731
+        [results[a][s][when].get(key, np.nan) if s in results.get(a, {}) else np.nan for s in seeds]) * 100
+    f = lambda x: f"{np.nanmean(x):.1f} +- {np.nanstd(x, ddof=1):.1f}"  # noqa: E731  (sample std over seeds)
+    rows = ["| algorithm | held-out Avg@k (final) | held-out greedy (final) | Avg@k minus GRPO's, same seed "
+            "| greedy minus GRPO's, same seed | train reward (last step) | held-out Avg@k (start) | seeds |",
+            "|" + "---|" * 8]
+    table = {}
+    base = "grpo" if "grpo" in results else None
     for a in algorithms:
-        runs = [results[a][s] for s in seeds if s in results.get(a, {})]
-        if not runs:
+        if a not in results:
             continue
-        avg = np.array([r["final"].get(eval_key, np.nan) for r in runs]) * 100
-        gr = np.array([r["final"].get(greedy_key, np.nan) for r in runs]) * 100
-        rw = np.array([r["final"].get("reward", np.nan) for r in runs]) * 100
-        st = np.array([r["start"].get(eval_key, np.nan) for r in runs]) * 100
-        table[a] = {"avg": avg.tolist(), "greedy": gr.tolist(), "reward": rw.tolist(), "start": st.tolist()}
-        f = lambda x: f"{np.nanmean(x):.1f} +- {np.nanstd(x):.1f}"  # noqa: E731
-        rows.append(f"| {LABELS[a]} | {f(avg)} | {f(gr)} | {f(rw)} | {f(st)} | {len(runs)} |")
+        avg, gr, rw, st = get(a, eval_key), get(a, greedy_key), get(a, "reward"), get(a, eval_key, "start")
+        d_avg = avg - get(base, eval_key) if base else np.full_like(avg, np.nan)
+        d_gr = gr - get(base, greedy_key) if base else np.full_like(gr, np.nan)
+        table[a] = {"avg": avg.tolist(), "greedy": gr.tolist(), "reward": rw.tolist(), "start": st.tolist(),
+                    "avg_minus_grpo": d_avg.tolist(), "greedy_minus_grpo": d_gr.tolist()}
+        paired = (lambda x: "-" if a == base else f"{np.nanmean(x):+.1f} +- {np.nanstd(x, ddof=1):.1f}")  # noqa: E731
+        rows.append(f"| {LABELS[a]} | {f(avg)} | {f(gr)} | {paired(d_avg)} | {paired(d_gr)} | {f(rw)} | {f(st)} "
+                    f"| {int(np.sum(~np.isnan(avg)))} |")
     return "\n".join(rows), table
+
+
+def plot_ablation(groups: dict[str, list[str]], png: str, eval_key: str) -> None:
+    """Top: held-out Avg@k and greedy accuracy minus GRPO's on the same seed (the warm start
+    differs a lot between seeds, so raw mean +- std bands would only show that); bottom:
+    means over seeds of held-out Avg@k, train reward and the OISD JS metrics."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    greedy_key = eval_key.rsplit("/", 1)[0] + "/greedy"
+    colors = {label: f"C{i}" for i, label in enumerate(groups)}
+    base = groups.get(LABELS["grpo"])
+    fig, axes = plt.subplots(2, 3, figsize=(15, 7.5))
+    for ax, key in zip(axes[0, :2], (eval_key, greedy_key)):
+        for label, paths in groups.items():
+            if base is None or paths is base:
+                continue
+            diffs, steps = [], None
+            for p, b in zip(paths, base):
+                s1, m1, _ = analyze.curve_stats([p], key)
+                s0, m0, _ = analyze.curve_stats([b], key)
+                common = np.intersect1d(s1, s0)
+                diffs.append((m1[np.isin(s1, common)] - m0[np.isin(s0, common)]) * 100)
+                steps = common
+            d = np.array(diffs)
+            mean = d.mean(0)
+            sd = d.std(0, ddof=1) if len(d) > 1 else np.zeros_like(mean)
+            ax.plot(steps, mean, "o-", ms=3, color=colors[label], label=label)
+            ax.fill_between(steps, mean - sd, mean + sd, color=colors[label], alpha=0.12)
+        ax.axhline(0, color=colors.get(LABELS["grpo"], "k"), lw=1.2, label="GRPO (0)")
+        ax.set_title(f"held-out {key.rsplit('/', 1)[-1]} minus GRPO's, same seed\n(points; mean +- std over seeds)",
+                     fontsize=9)
+        ax.set_xlabel("RL step")
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=7)
+    for ax, key in zip([axes[0, 2], *axes[1]], (eval_key, "reward", "think_js", "attn_js")):
+        for label, paths in groups.items():
+            steps, mean, _ = analyze.curve_stats(paths, key)
+            if steps.size:
+                w = 1 if key.startswith("eval/") else 5
+                scale = 1 if key in ("think_js", "attn_js") else 100  # accuracies in percent
+                ax.plot(steps, analyze._smooth(mean, w) * scale, color=colors[label], lw=1.3, label=label)
+        unit = "" if key in ("think_js", "attn_js") else " (%)"
+        name = f"held-out {key.rsplit('/', 1)[-1]}" if key.startswith("eval/") else key
+        ax.set_title(f"{name}{unit}, mean over seeds" + ("" if key.startswith("eval/") else ", 5-step average"),
+                     fontsize=9)
+        ax.set_xlabel("RL step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="grpo + oisd, 1 seed, 4 steps: a smoke run")
     ap.add_argument("--algorithms", default=",".join(ALGORITHMS))
-    ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--seeds", default="0,1,2,3,4")
+    ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--prompts_per_step", type=int, default=16)
     ap.add_argument("--mini_batch_prompts", type=int, default=8)
     ap.add_argument("--n", type=int, default=4, help="rollouts per prompt (G)")
@@ -154,9 +211,8 @@ def main():
     md, table = summarize(results, algorithms, seeds, eval_key)
     groups = {LABELS[a]: [os.path.join(args.root, f"{a}_seed{s}", metrics.METRICS_FILE) for s in seeds]
               for a in algorithms}
-    keys = [eval_key, eval_key.rsplit("/", 1)[0] + "/greedy", "reward", "response_len", "think_js", "attn_js"]
     png = args.out + ".png"
-    analyze.plot_runs(groups, png, keys)
+    plot_ablation(groups, png, eval_key)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".json", "w") as f:
         json.dump({"args": vars(args), "eval_key": eval_key, "table": table, "timings_s": timings,

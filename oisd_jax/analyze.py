@@ -99,7 +99,8 @@ def plot_logit_lens(lens: Mapping[str, np.ndarray], tokens_T: np.ndarray, tokeni
                     ax.add_patch(plt.Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, ec="white", lw=1.4))
         ax.set_xticks(range(W), [_tok_str(tokenizer, t) for t in tokens_T[lo:]], rotation=90, fontsize=7)
         ax.set_yticks(range(n), [f"{l}" if l < layers[-1] else f"{l} (out)" for l in layers], fontsize=7)
-        frac = agree[:, max(0, prompt_len - lo - 1):].mean(1)
+        # positions predicting response tokens (the last one predicts past the end)
+        frac = agree[:, max(0, prompt_len - lo - 1):max(W - 1, 1)].mean(1)
         for r in range(n):
             ax.text(W - 0.3, r, f" {100 * frac[r]:.0f}%", ha="left", va="center", fontsize=7, clip_on=False)
         if tap_layer is not None and tap_layer in set(layers.tolist()):
@@ -230,10 +231,12 @@ def curve_stats(paths: Sequence[str], key: str) -> tuple[np.ndarray, np.ndarray,
 
 
 def plot_runs(groups: Mapping[str, Sequence[str]], out_png: str, keys: Sequence[str] | None = None, *,
-              smooth: int = 1) -> list[str]:
+              smooth: int = 1, band: bool = True) -> list[str]:
     """One panel per metric; one line per group (label -> metrics.jsonl paths of its seeds),
-    mean +- std over the group's runs; `smooth` = trailing moving-average window."""
+    mean (+- std over the group's runs when `band`); `smooth` = trailing moving-average window.
+    A group keeps its colour in every panel, also where other groups did not log the metric."""
     plt = _plt()
+    colors = {label: f"C{i % 10}" for i, label in enumerate(groups)}
     if keys is None:
         keys = default_curve_keys([r for ps in groups.values() for p in ps for r in M.read_jsonl(p)])
     keys = [k for k in keys if any(curve_stats(ps, k)[0].size for ps in groups.values())]
@@ -248,9 +251,10 @@ def plot_runs(groups: Mapping[str, Sequence[str]], out_png: str, keys: Sequence[
             if not steps.size:
                 continue
             mean, std = _smooth(mean, smooth), _smooth(std, smooth)
-            (line,) = ax.plot(steps, mean, lw=1.3, label=f"{label} (n={len(paths)})" if len(paths) > 1 else label)
-            if len(paths) > 1:
-                ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.18)
+            ax.plot(steps, mean, lw=1.3, color=colors[label],
+                    label=f"{label} (n={len(paths)})" if len(paths) > 1 else label)
+            if band and len(paths) > 1:
+                ax.fill_between(steps, mean - std, mean + std, color=colors[label], alpha=0.18)
         ax.set_title(key, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -324,8 +328,8 @@ def analyze(workdirs: Sequence[str], out_dir: str, *, layer: int | None = None, 
             lens = logit_lens_top(run.params, cfg, seqs[0])
             written["logit_lens"] = plot_logit_lens(lens, seqs[0], run.tokenizer, os.path.join(out_dir, "logit_lens.png"),
                                                     tap_layer=layer, prompt_len=plens[0])
-            resp = lens["agree"][:, max(plens[0] - 1, 0):]
-            numbers["lens_agreement"] = {int(l): float(a) for l, a in zip(lens["layers"], resp.mean(1))}
+            resp = lens["agree"][:, max(plens[0] - 1, 0):max(len(seqs[0]) - 1, 1)]
+            numbers["lens_top1_agreement"] = {int(l): float(a) for l, a in zip(lens["layers"], resp.mean(1))}
         if "attn" in what:
             rows, lens_rows = [], []
             for s in steps:

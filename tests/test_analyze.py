@@ -120,8 +120,8 @@ def test_analyze_tiny_run(tmp_path_factory, tmp_path):
     assert np.asarray(att["per_head"]).shape == (2, run.model_cfg.num_heads)
     assert len(att["lens"]) == 2 and all(0 <= x <= 1 for x in att["lens"])
     assert "reward" in info["curve_keys"] and "think_js" in info["curve_keys"]
-    assert set(info["lens_agreement"]) == {str(i) for i in range(run.model_cfg.num_layers + 1)}
-    assert info["lens_agreement"][str(run.model_cfg.num_layers)] == 1.0
+    assert set(info["lens_top1_agreement"]) == {str(i) for i in range(run.model_cfg.num_layers + 1)}
+    assert info["lens_top1_agreement"][str(run.model_cfg.num_layers)] == 1.0
     # column 1 is step 1's weights on the same rollouts (re-tokenised from the saved texts
     # would differ; recompute from the greedy rollouts of the newest checkpoint instead)
     seqs, plens = A.rollouts_for_analysis(run, num_prompts=2)
