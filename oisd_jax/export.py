@@ -91,7 +91,7 @@ def restore_params(workdir: str | os.PathLike, model_cfg: ModelConfig, *, step: 
 
 
 def run_tokenizer(config):
-    """The tokenizer a run trains with (same rule as oisd_jax.train_setup)."""
+    """The tokenizer a run trains with (train_setup, evaluate and export all use this)."""
     from oisd_jax import data as D
     m = config.model
     if config.data.format == "synthetic" and not m.tokenizer_path:
@@ -102,8 +102,8 @@ def run_tokenizer(config):
 def run_model_config(config, tokenizer) -> ModelConfig:
     """The ModelConfig a run trains with: preset or hf_path, run settings, EOS ids merged
     with the tokenizer's (the trainer's rule, so exported folders stop where rollouts did)."""
-    # Mirrors oisd_jax.train_setup._model_config (tests/test_export.py checks they agree);
-    # not imported so exporting needs neither the sampler nor the train step.
+    # Defined here (not in train_setup) so exporting needs neither the sampler nor the
+    # train step; train_setup imports it.
     m = config.model
     run = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy, attn_impl=m.attn_impl,
                attn_block_size=int(m.attn_block_size))

@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import os
 import time
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +39,7 @@ def run_eval(s: Setup, params, step: int, pool: RewardPool, key: jax.Array) -> d
     sampler_params = s.sampler.reshard(params, s.model_cfg.dtype)
     for name, (examples, k) in s.eval_sets.items():
         rewards, _ = evaluate.score_examples(s.sampler, sampler_params, s.tokenizer, examples, k=k,
-                                             sampling=s.sampling, key=jax.random.fold_in(key, hash(name) % 2**31),
+                                             sampling=s.sampling, key=jax.random.fold_in(key, zlib.crc32(name.encode()) % 2**31),
                                              batch_size=s.config.sampler.batch_size, reward_pool=pool)
         out.update({f"eval/{name}/{m}": v for m, v in evaluate.summarize(rewards).items()})
         greedy = dataclasses.replace(s.sampling, greedy=True, n=1)
@@ -110,6 +111,7 @@ def rl_step(s: Setup, state, step: int, it, pool: RewardPool, key: jax.Array, ti
 def train(config, workdir: str) -> dict[str, float]:
     """Run (or resume) training in `workdir`; returns the last metrics written."""
     t = config.train
+    workdir = os.path.abspath(workdir)  # orbax refuses relative checkpoint paths
     s = build_setup(config)
     os.makedirs(workdir, exist_ok=True)
     writer = metrics.MetricsWriter(workdir, process_index=jax.process_index())

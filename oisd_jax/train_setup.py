@@ -15,6 +15,7 @@ import numpy as np
 from oisd_jax import data as D
 from oisd_jax import distributed, metrics, parallel
 from oisd_jax.config import AlgorithmSettings, algorithm_settings
+from oisd_jax.export import run_model_config, run_tokenizer  # one rule for train, eval and export
 from oisd_jax.model import ModelConfig, init_params, load_hf
 from oisd_jax.rl.batch import TrainBatch, build_train_batch, pack_rows
 from oisd_jax.rl.step import StepConfig, batch_shardings, make_logprob_fn, make_train_step
@@ -80,26 +81,6 @@ class Setup:
 
 
 # ----------------------------------------------------------------------------- building
-def _tokenizer(config):
-    m = config.model
-    if config.data.format == "synthetic" and not m.tokenizer_path:
-        return D.synthetic_tokenizer()
-    return D.load_tokenizer(m.tokenizer_path or m.hf_path)
-
-
-def _model_config(config, tokenizer) -> ModelConfig:
-    m = config.model
-    run = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy, attn_impl=m.attn_impl,
-               attn_block_size=int(m.attn_block_size))
-    cfg = ModelConfig.from_hf(m.hf_path, **run) if m.hf_path else ModelConfig.preset(m.preset, **run)
-    if len(tokenizer) > cfg.vocab_size:
-        raise ValueError(f"model.tokenizer_path: {len(tokenizer)} tokens > the model's vocab_size {cfg.vocab_size}")
-    eos = tuple(dict.fromkeys([*cfg.eos_token_ids, *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])]))
-    if not eos:
-        raise ValueError("no EOS id: neither the model's config.json nor the tokenizer defines one")
-    return cfg.replace(eos_token_ids=eos)
-
-
 def _task(config) -> D.ArithmeticTask:
     s = config.data.synthetic
     return D.ArithmeticTask(digits=int(s.digits), ops=tuple(s.ops), num_terms=int(s.num_terms),
@@ -145,8 +126,8 @@ def _eval_sets(config, tokenizer, held_out: list[dict]) -> dict[str, tuple[list[
 
 def build_setup(config) -> Setup:
     algo = algorithm_settings(config)
-    tokenizer = _tokenizer(config)
-    model_cfg = _model_config(config, tokenizer)
+    tokenizer = run_tokenizer(config)
+    model_cfg = run_model_config(config, tokenizer)
     mesh = parallel.make_mesh(tuple(config.mesh.shape))
     step_cfg = StepConfig.from_config(config)
     phases = (False, True) if algo.use_bupo else (False,)

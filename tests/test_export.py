@@ -15,7 +15,7 @@ from oisd_jax.checkpoint import Checkpointer
 from oisd_jax.data import synthetic_tokenizer
 from oisd_jax.model import forward, logits
 from oisd_jax.rl.step import abstract_train_state
-from oisd_jax.train_setup import _model_config, build_setup
+from oisd_jax.train_setup import build_setup
 from tiny_run import tiny_config, tiny_run
 
 
@@ -72,9 +72,9 @@ def test_export_tokenizer_and_configs(run_dir, tmp_path):
     gen = json.load(open(os.path.join(out, "generation_config.json")))
     assert hf_cfg["eos_token_id"] == gen["eos_token_id"] == ref.eos_token_id
     assert hf_cfg["bos_token_id"] == ref.bos_token_id
-    # export's model-config rule is the trainer's (it is duplicated to keep export light)
+    # export's model-config rule is the one the trainer builds its model with
     c = tiny_config()
-    assert export.run_model_config(c, ref) == _model_config(c, ref)
+    assert build_setup(c).model_cfg == export.run_model_config(c, ref)
 
 
 def test_export_bfloat16(run_dir, tmp_path):
