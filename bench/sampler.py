@@ -86,19 +86,17 @@ def flops(cfg, B: int, P: int, n: int, N: int, shared_prefill: bool = True) -> f
     return prefill + decode
 
 
-def run_case(name, model, cfg, params, B, P, N, n, greedy, reps, hf_reps, peak):
+def run_case(name, model, cfg, params, B, P, N, n, greedy, reps, hf_reps, peaks):
     rng = np.random.default_rng(0)
-    prompts = rng.integers(2, cfg.vocab_size, (B, P))
+    prompts = list(rng.integers(2, cfg.vocab_size, (B, P)))
     sp = SamplingParams(temperature=1.0, top_p=1.0, top_k=0, n=n, eos_ids=(), greedy=greedy)
     sampler = Sampler(cfg, max_prompt_len=P, max_new_tokens=N, prompt_bucket=64)
     key = jax.random.key(0)
     COMPILE_S[0] = 0.0
-    out = sampler.generate(params, list(prompts), key, sp)
+    out = sampler.generate(params, prompts, key, sp)
     compile_s = COMPILE_S[0]
     assert out.tokens.shape == (B * n, N) and (out.lengths == N).all()
-    ours = min(timed(lambda: sampler.generate(params, list(prompts), key, sp), reps))
-
-    ids = torch.tensor(prompts)
+    ids = torch.tensor(np.stack(prompts))
     kw = dict(do_sample=not greedy, max_new_tokens=N, min_new_tokens=N, num_return_sequences=n, pad_token_id=0,
               eos_token_id=None, attention_mask=torch.ones_like(ids))
     if not greedy:
@@ -108,7 +106,15 @@ def run_case(name, model, cfg, params, B, P, N, n, greedy, reps, hf_reps, peak):
         with torch.no_grad():
             seq = model.generate(ids, **kw)
         assert seq.shape == (B * n, P + N)
+
+    # The machine is shared: interleave the two and keep each one's best time; the matmul
+    # peak is re-measured around every case and the best one seen is the reference.
+    peaks.append(matmul_peak())
+    ours = timed(lambda: sampler.generate(params, prompts, key, sp), 1)
     hf_t = min(timed(hf, hf_reps))
+    ours = min(ours + timed(lambda: sampler.generate(params, prompts, key, sp), reps - 1))
+    peaks.append(matmul_peak())
+    peak = {k: max(p[k] for p in peaks) for k in ("jax_gflops", "torch_gflops")}
     tokens = B * n * N
     fl = flops(cfg, B, P, n, N)
     fl_hf = flops(cfg, B, P, n, N, shared_prefill=False)
@@ -117,11 +123,13 @@ def run_case(name, model, cfg, params, B, P, N, n, greedy, reps, hf_reps, peak):
                compile_s=compile_s, kv_cache_bytes=sampler.cache_bytes(B, n, P),
                kv_cache_bytes_copied=sampler.cache_bytes(B * n, 1, P), compiled_shapes=len(sampler.compiled_shapes),
                oisd_gflop=fl / 1e9, oisd_gflops=fl / ours / 1e9, oisd_frac_peak=fl / ours / 1e9 / peak["jax_gflops"],
-               hf_gflop=fl_hf / 1e9, hf_gflops=fl_hf / hf_t / 1e9, hf_frac_peak=fl_hf / hf_t / 1e9 / peak["torch_gflops"])
+               hf_gflop=fl_hf / 1e9, hf_gflops=fl_hf / hf_t / 1e9, hf_frac_peak=fl_hf / hf_t / 1e9 / peak["torch_gflops"],
+               peak_jax_gflops=peak["jax_gflops"], peak_torch_gflops=peak["torch_gflops"],
+               load_average=os.getloadavg()[0])
     print(f"{name:<14} {ours:7.2f}s {hf_t:7.2f}s {row['oisd_tok_s']:8.0f} {row['hf_tok_s']:8.0f} "
           f"{row['speedup']:6.2f}x {row['compile_s']:6.1f}s {row['kv_cache_bytes'] / 2**20:7.1f}MiB "
           f"{row['oisd_gflops']:7.1f} ({100 * row['oisd_frac_peak']:3.0f}%) {row['hf_gflops']:7.1f} "
-          f"({100 * row['hf_frac_peak']:3.0f}%)", flush=True)
+          f"({100 * row['hf_frac_peak']:3.0f}%) {row['load_average']:5.1f}", flush=True)
     return row
 
 
@@ -133,20 +141,21 @@ def main():
     torch.set_num_threads(os.cpu_count())
     N = 32 if args.quick else 64
     reps, hf_reps = (1, 1) if args.quick else (3, 1)
-    peak = matmul_peak()
-    print(f"matmul peak (f32 2048^3): jax {peak['jax_gflops']:.1f} GFLOP/s, torch {peak['torch_gflops']:.1f} GFLOP/s; "
-          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    peaks = [matmul_peak()]
+    print(f"matmul peak (f32 2048^3): jax {peaks[0]['jax_gflops']:.1f} GFLOP/s, torch {peaks[0]['torch_gflops']:.1f} "
+          f"GFLOP/s; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (re-measured per case)")
     print(f"{'case':<14} {'oisd':>8} {'hf':>8} {'oisd t/s':>8} {'hf t/s':>8} {'speed':>7} {'compile':>7} "
-          f"{'KV':>10} {'oisd GFLOP/s':>13} {'hf GFLOP/s':>13}")
+          f"{'KV':>10} {'oisd GFLOP/s':>13} {'hf GFLOP/s':>13} {'load':>5}")
     with tempfile.TemporaryDirectory() as d:
         torch.manual_seed(0)
         model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**SPEC)).float().eval()
         model.save_pretrained(d)
         cfg, params = load_hf(d, dtype=jnp.float32)
-        rows = [run_case("a/greedy", model, cfg, params, 16, 64, N, 1, True, reps, hf_reps, peak),
-                run_case("a/sample", model, cfg, params, 16, 64, N, 1, False, reps, hf_reps, peak),
-                run_case("b/rl n=8", model, cfg, params, 8, 256, N, 8, False, reps, hf_reps, peak)]
-    peak.update(load_average=os.getloadavg()[0], cores=os.cpu_count(), quick=args.quick)
+        rows = [run_case("a/greedy", model, cfg, params, 16, 64, N, 1, True, reps, hf_reps, peaks),
+                run_case("a/sample", model, cfg, params, 16, 64, N, 1, False, reps, hf_reps, peaks),
+                run_case("b/rl n=8", model, cfg, params, 8, 256, N, 8, False, reps, hf_reps, peaks)]
+    peak = {k: max(p[k] for p in peaks) for k in ("jax_gflops", "torch_gflops")}
+    peak.update(measurements=peaks, load_average=os.getloadavg()[0], cores=os.cpu_count(), quick=args.quick)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"peak": peak, "cases": rows}, f, indent=1)

@@ -183,7 +183,6 @@ def test_sampled_rows_stop_at_eos(qwen):
         else:
             assert L == N
         assert (out.logprobs[r, :L] < 0).all()
-    assert 0 < stopped < 2 * n or stopped == 2 * n
     assert stopped >= n  # eos covers 1/6 of the vocabulary: most rows stop within 24 tokens
     # Deterministic for a key; another key gives other rollouts.
     again = s.generate(params, prompts, jax.random.key(11), sp)
