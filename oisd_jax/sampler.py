@@ -195,24 +195,29 @@ def _generate(params: Params, cache: decode.KVCache, tokens_BP, start_B, key, te
     tok, lp = pick(0, logits_RV, done0)
     out_tok = rows(jnp.full((R, N), pad_id, jnp.int32).at[:, 0].set(tok))
     out_lp = rows(jnp.zeros((R, N), jnp.float32).at[:, 0].set(lp))
-    state = (jnp.int32(1), cache, tok, is_eos(tok), jnp.ones((R,), jnp.int32), out_tok, out_lp)
+    # Only the generated part is carried; the shared prompt part is read in the attention
+    # dtype once, outside the loop.
+    loop_cache = cache.widen_prompt(jnp.promote_types(cfg.dtype, cache.dtype))
+    state = (jnp.int32(1), (cache.gen_k, cache.gen_v), tok, is_eos(tok), jnp.ones((R,), jnp.int32), out_tok,
+             out_lp)
 
     def cond(s):
         t, _, _, done, *_ = s
         return (t < N) & ~jnp.all(done)
 
     def body(s):
-        t, cache, prev, done, lengths, out_tok, out_lp = s
+        t, (gk, gv), prev, done, lengths, out_tok, out_lp = s
         # Token t-1 goes into generated slot t-1 at position len + t-1.
-        cache, h = decode.decode_step(params, cfg, cache, prev, plen_R + t - 1, t - 1, start_B, layers)
+        c, h = decode.decode_step(params, cfg, loop_cache.replace(gen_k=gk, gen_v=gv), prev, plen_R + t - 1, t - 1,
+                                  start_B, layers)
         tok, lp = pick(t, lm_logits(params, cfg, h[:, None])[:, 0], done)
         out_tok = jax.lax.dynamic_update_slice(out_tok, tok[:, None], (0, t))
         out_lp = jax.lax.dynamic_update_slice(out_lp, lp[:, None], (0, t))
         lengths = jnp.where(done, lengths, t + 1)
-        return t + 1, cache, tok, done | is_eos(tok), lengths, out_tok, out_lp
+        return t + 1, (c.gen_k, c.gen_v), tok, done | is_eos(tok), lengths, out_tok, out_lp
 
-    _, cache, _, _, lengths, out_tok, out_lp = jax.lax.while_loop(cond, body, state)
-    return _constrain_cache(cache), out_tok, out_lp, lengths
+    _, (gk, gv), _, _, lengths, out_tok, out_lp = jax.lax.while_loop(cond, body, state)
+    return _constrain_cache(cache.replace(gen_k=gk, gen_v=gv)), out_tok, out_lp, lengths
 
 
 def _constrain_cache(cache: decode.KVCache) -> decode.KVCache:

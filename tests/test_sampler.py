@@ -163,9 +163,9 @@ def test_first_token_frequencies_match_softmax(qwen):
 def test_sampled_rows_stop_at_eos(qwen):
     _, cfg, params = qwen
     rng = np.random.default_rng(3)
-    prompts = [rng.integers(2, cfg.vocab_size, n) for n in (3, 6)]
+    prompts = [rng.integers(2, cfg.vocab_size, n) for n in (3, 10)]
     N, n = 24, 6
-    s = Sampler(cfg, 8, N, prompt_bucket=8)
+    s = Sampler(cfg, 12, N, prompt_bucket=8)  # 10 tokens -> bucket 16, capped at 12 slots
     # Several EOS ids, frequent enough that most rows stop early.
     eos = tuple(range(2, 2 + cfg.vocab_size // 6))
     sp = SamplingParams(temperature=1.3, n=n, eos_ids=eos, pad_id=0)
