@@ -77,7 +77,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     sp.top_k = 0  # 0 = off
     sp.n = 8  # G, rollouts per prompt
     sp.prompt_bucket = 128  # prompt lengths are padded up to a multiple (fewer recompiles)
-    sp.batch_size = 16  # prompts per sampler call (x n rollouts); bounds the KV cache
+    sp.batch_size = 16  # prompts per sampler call (x n rollouts; global, all processes); bounds the KV cache
     sp.kv_dtype = "bfloat16"  # KV cache dtype
 
     c.rl = r = ml_collections.ConfigDict()
@@ -120,7 +120,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.train = t = ml_collections.ConfigDict()
     t.steps = 300  # RL steps (each: sample, reward, prompts_per_step / mini_batch_prompts updates)
-    t.prompts_per_step = 128  # prompts per RL step
+    t.prompts_per_step = 128  # prompts per RL step (global: every process sees the same batch)
     t.mini_batch_prompts = 32  # prompts per optimizer update
     t.seed = 0  # init / sampling PRNG seed
     t.sft_warmup_steps = 0  # supervised steps on reference responses before RL (0 for real models)

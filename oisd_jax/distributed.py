@@ -1,5 +1,5 @@
-"""Multi-host runs: start `jax.distributed` from the environment, split data per process,
-and let process 0 alone write files.
+"""Multi-host runs: start `jax.distributed` from the environment, put host data on the
+global mesh, share out host work (rewards), and let process 0 alone write files.
 
 Where the settings come from, first match wins:
   1. explicit arguments (`--coordinator=host:port --num_processes=N --process_id=i`),
@@ -144,45 +144,45 @@ def broadcast_from_main(tree: Any) -> Any:
     return multihost_utils.broadcast_one_to_all(tree)
 
 
-# ----------------------------------------------------------------------------- per-process data
-def process_rows(global_rows: int, process_index: int | None = None, process_count: int | None = None) -> slice:
-    """The contiguous rows of a global batch that this process feeds.
+# ----------------------------------------------------------------------------- host data
+# Every process holds the same host-side batch (prompts, rollouts, rewards, packed rows):
+# they are small next to the model, so the run is identical for any process count (same
+# data order, same packing, same sampling) and a checkpoint resumes on another topology.
+# Each device is then filled from its own slice of the host copy; nothing is gathered.
+def put_global(tree: Any, shardings: Any) -> Any:
+    """Global jax.Arrays from host arrays that every process holds in full.
 
-    Matches a batch sharded over ("data", "fsdp") on a mesh built from `jax.devices()`
-    (devices ordered by process), so `make_global` can assemble it without moving data.
+    `shardings`: one Sharding for every leaf, or a matching pytree (None leaves stay None).
+    Each process reads only the slices its devices own (`make_array_from_callback`).
     """
-    i = jax.process_index() if process_index is None else process_index
-    n = jax.process_count() if process_count is None else process_count
-    if global_rows % n:
-        raise ValueError(f"global batch of {global_rows} rows does not split over {n} processes")
-    per = global_rows // n
-    return slice(i * per, (i + 1) * per)
-
-
-def shard_list(items: Sequence[T], process_index: int | None = None, process_count: int | None = None) -> list[T]:
-    """This process's share of a host-level list (prompts, eval problems), strided so
-    uneven lengths stay balanced."""
-    i = jax.process_index() if process_index is None else process_index
-    n = jax.process_count() if process_count is None else process_count
-    return list(items[i::n])
-
-
-def make_global(local_tree: Any, shardings: Any, axis: int = 0) -> Any:
-    """Global jax.Arrays from each process's rows of a pytree of host arrays.
-
-    Every process calls it with its `process_rows` slice along `axis` (the axis sharded
-    over the batch mesh axes; 1 for TrainBatch's [M, R, ...] fields); nothing is gathered
-    anywhere. `shardings`: one Sharding for every leaf, or a matching pytree.
-    """
-    n = jax.process_count()
-
     def one(x, sharding):
         x = np.asarray(x)
-        shape = x.shape[:axis] + (x.shape[axis] * n,) + x.shape[axis + 1:]
-        return jax.make_array_from_process_local_data(sharding, x, shape)
+        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
     if isinstance(shardings, jax.sharding.Sharding):
-        return jax.tree.map(lambda x: one(x, shardings), local_tree)
-    return jax.tree.map(one, local_tree, shardings)
+        return jax.tree.map(lambda x: one(x, shardings), tree)
+    return jax.tree.map(one, tree, shardings)
+
+
+def split_map(fn: Callable[[list], Sequence[float]], items: Sequence, dtype=np.float32) -> np.ndarray:
+    """`fn` over a host list, each process doing a strided share; the full result on all.
+
+    For expensive host work whose inputs every process already has (reward checks): with
+    P processes each runs `fn` on items[i::P], then the shares are exchanged.
+    """
+    n = jax.process_count()
+    if n == 1:
+        return np.asarray(fn(list(items)), dtype)
+    i, per = jax.process_index(), -(-len(items) // n)
+    mine = np.zeros(per, dtype)
+    share = list(items[i::n])
+    mine[:len(share)] = np.asarray(fn(share), dtype) if share else []
+    from jax.experimental import multihost_utils
+    shares = np.asarray(multihost_utils.process_allgather(mine))  # [P, per]
+    out = np.empty(len(items), dtype)
+    for j in range(n):
+        k = len(range(j, len(items), n))
+        out[j::n] = shares[j, :k]
+    return out
 
 
 def to_host(tree: Any) -> Any:

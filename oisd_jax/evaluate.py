@@ -81,7 +81,7 @@ def score_examples(sampler: Sampler, params, tokenizer, examples: Sequence[dict]
     ro = rollout.generate(sampler, params, tokenizer, [e["prompt_ids"] for e in examples], key, sampling,
                           batch_size)
     answers = [e["answer"] for e in examples for _ in range(k)]
-    rewards = np.asarray(reward_pool.score(ro.texts, answers), np.float32).reshape(len(examples), k)
+    rewards = rollout.score(reward_pool, ro.texts, answers).reshape(len(examples), k)
     return rewards, ro
 
 

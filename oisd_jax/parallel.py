@@ -19,6 +19,9 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # tensor; activations' batch over (data, fsdp).
 RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", ("data", "fsdp")),
+    # Rows of an embedding lookup, whose D keeps the table's "embed" (fsdp) split: the
+    # batch axes without "fsdp" (see decoder.embed_tokens).
+    ("lookup_batch", "data"),
     ("seq", None),
     ("layers", None),
     ("vocab", "tensor"),
@@ -105,14 +108,3 @@ def constrain(x: jax.Array, axes: Sequence[str | None], rules=RULES) -> jax.Arra
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
-
-
-def host_local_batch_size(global_batch: int) -> int:
-    """Rows this process feeds when the batch is split evenly over processes."""
-    if global_batch % jax.process_count():
-        raise ValueError(f"batch {global_batch} not divisible by {jax.process_count()} processes")
-    return global_batch // jax.process_count()
-
-
-def num_params(tree) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))

@@ -2,7 +2,8 @@
 
 Host-side glue around the jitted Sampler: splits prompts into sampler-sized batches,
 decodes each rollout once, and scores it with the reward pool. Rollouts stay grouped by
-prompt: rollout j of prompt b is row b * n + j.
+prompt: rollout j of prompt b is row b * n + j. With several processes every process
+passes the same prompts and gets all rollouts back; reward checks are shared out.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
+from oisd_jax import distributed
 from oisd_jax.sampler import Sampler, SamplingParams
 
 
@@ -56,3 +58,9 @@ def generate(sampler: Sampler, params, tokenizer, prompts: Sequence[np.ndarray],
                 out.logprobs.append(np.asarray(res.logprobs[r, :length]))
     out.texts = tokenizer.batch_decode([t.tolist() for t in out.tokens], skip_special_tokens=True)
     return out
+
+
+def score(reward_pool, texts: Sequence[str], answers: Sequence[str]) -> np.ndarray:
+    """Rewards [len(texts)] float32, every process checking a share of the rollouts."""
+    pairs = list(zip(texts, answers))
+    return distributed.split_map(lambda share: reward_pool.score([t for t, _ in share], [a for _, a in share]), pairs)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from oisd_jax import parallel
+from oisd_jax import distributed, parallel
 from oisd_jax.model import decode
 from oisd_jax.model.config import ModelConfig
 from oisd_jax.model.decoder import logits as lm_logits
@@ -343,10 +343,10 @@ class Sampler:
             cache = decode.init_cache(cfg, *shape, dtype=self.kv_dtype, mesh=self.mesh)
         self._cache = None
         args = (tokens_BP, start_B)
-        if self.mesh is not None:
+        if self.mesh is not None:  # every process passes the same prompts (see distributed.put_global)
             sh = lambda x: parallel.sharding_for(("batch",) + (None,) * (x.ndim - 1), self.mesh, x.shape,
                                                  parallel.DECODE_RULES)
-            args = tuple(jax.device_put(x, sh(x)) for x in args)
+            args = tuple(distributed.put_global(x, sh(x)) for x in args)
         statics = dict(cfg=cfg, n=n, greedy=bool(sp.greedy), top_k=int(sp.top_k),
                        max_new_tokens=self.max_new_tokens)
         self.compiled_shapes.add((B, P, n, statics["greedy"], statics["top_k"], len(eos)))
@@ -356,7 +356,7 @@ class Sampler:
                 np.asarray(eos, np.int32).reshape(-1), np.int32(sp.pad_id), **statics)
         if self.keep_cache:
             self._cache = cache
-        out_tok, out_lp, lengths = jax.device_get((out_tok, out_lp, lengths))
+        out_tok, out_lp, lengths = distributed.to_host((out_tok, out_lp, lengths))
         return SampleOutput(tokens=out_tok, lengths=lengths, logprobs=out_lp, prompt_tokens=kept,
                             prompt_lengths=np.asarray([a.size for a in kept], np.int32), truncated=truncated, n=n)
 

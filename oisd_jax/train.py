@@ -87,7 +87,7 @@ def rl_step(s: Setup, state, step: int, it, pool: RewardPool, key: jax.Array, ti
                               [e["prompt_ids"] for e in examples], key, s.sampling, config.sampler.batch_size)
     with timer("reward"):
         answers = [e["answer"] for e in examples for _ in range(ro.n)]
-        rewards = np.asarray(pool.score(ro.texts, answers), np.float32).reshape(len(examples), ro.n)
+        rewards = rollout.score(pool, ro.texts, answers).reshape(len(examples), ro.n)
     adv = np.asarray(advantages.compute(algo.adv_estimator, jnp.asarray(rewards))).reshape(-1)
     with timer("update"):
         batches = [s.put_batch(b) for b in make_minibatches(s, ro, adv, step)]

@@ -56,20 +56,16 @@ class Setup:
         return init_params(self.model_cfg, key, mesh=self.mesh)
 
     def next_prompts(self, it: Iterator) -> list[dict]:
-        n = int(self.config.train.prompts_per_step) // jax.process_count()
+        n = int(self.config.train.prompts_per_step)
         out = D.next_batch(it, n)
         if len(out) < n:
             raise RuntimeError("the training prompt stream ended (it should repeat)")
         return out
 
     def put_batch(self, batch: TrainBatch) -> TrainBatch:
-        """Host rows -> global arrays sharded like the step expects (rows over data x fsdp)."""
-        sh = batch_shardings(self.mesh, batch.ref_logp is not None)
-        if jax.process_count() == 1:
-            return jax.device_put(batch, sh)
-        # each process holds its own rows (axis 1) of every [M, R, ...] field
-        return jax.tree.map(lambda x, sh: jax.make_array_from_process_local_data(
-            sh, x, (x.shape[0], x.shape[1] * jax.process_count(), *x.shape[2:])), batch, sh)
+        """The host batch (the same on every process) -> global arrays sharded like the step
+        expects (rows over data x fsdp); each device gets only its rows."""
+        return distributed.put_global(batch, batch_shardings(self.mesh, batch.ref_logp is not None))
 
     def train_flops_per_token(self) -> float:
         c = self.model_cfg
@@ -120,7 +116,7 @@ def _eval_sets(config, tokenizer, held_out: list[dict]) -> dict[str, tuple[list[
                                        max_prompt_len=int(d.max_prompt_len), truncation=d.truncation)
         if t.eval_prompts:
             examples = examples[:int(t.eval_prompts)]
-        out[name] = (distributed.shard_list(examples), int(spec.k))
+        out[name] = (examples, int(spec.k))
     return out
 
 
@@ -150,10 +146,11 @@ def build_setup(config) -> Setup:
 
 
 def train_prompt_iterator(s: Setup) -> D.PromptIterator:
+    """The global prompt stream. Every process reads all of it (prompts are tiny), so the
+    data order does not depend on the process count (see distributed.put_global)."""
     d = s.config.data
     return D.make_prompt_dataset(s.records, s.tokenizer, max_prompt_len=int(d.max_prompt_len), seed=int(d.seed),
-                                 truncation=d.truncation, process_index=jax.process_index(),
-                                 process_count=jax.process_count())
+                                 truncation=d.truncation)
 
 
 def eval_examples(s: Setup, name: str) -> list[dict]:
@@ -165,26 +162,18 @@ def _batch_devices(mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
-def _agree_max(x: int) -> int:
-    """The largest value of x over processes (so every process builds the same shapes)."""
-    if jax.process_count() == 1:
-        return x
-    from jax.experimental import multihost_utils
-    return int(np.max(multihost_utils.process_allgather(np.asarray(x))))
-
-
 def _pack(s: Setup, prompts, responses, lengths, adv, rng) -> TrainBatch:
     """Pack sequences into [M, R, row_len] with few distinct shapes: R and M are rounded
     up to powers of two (times the batch devices), so compiles stay logarithmic."""
     rl = s.config.rl
-    row_len, ndev = s.row_len, _batch_devices(s.mesh) // jax.process_count() or 1
+    row_len, ndev = s.row_len, _batch_devices(s.mesh)
     max_per_row = max(1, min(16, row_len // 16))
     seq_lens = [len(p) + int(n) for p, n in zip(prompts, lengths) if n > 0]
     rows = 1 + max((r for r, _ in pack_rows(seq_lens, row_len, None, max_per_row)), default=0)
-    r_cap = max(ndev, (int(rl.micro_batch_tokens) // row_len // jax.process_count()) // ndev * ndev)
+    r_cap = max(ndev, (int(rl.micro_batch_tokens) // row_len) // ndev * ndev)
     r_need = ndev * 2 ** math.ceil(math.log2(max(1, math.ceil(rows / ndev))))
-    R = _agree_max(min(r_cap, r_need))
-    M = _agree_max(2 ** math.ceil(math.log2(max(1, math.ceil(rows / R)))))
+    R = min(r_cap, r_need)
+    M = 2 ** math.ceil(math.log2(max(1, math.ceil(rows / R))))
     steps = int(rl.attn_steps) if (s.algo.use_attn or s.step_cfg.oisd_metrics) else 0
     return build_train_batch(prompts, responses, lengths, adv, row_len=row_len, rows_per_micro=R, num_micro=M,
                              attn_steps=steps, attn_window=int(rl.attn_window), attn_stride=int(rl.attn_stride),
@@ -194,7 +183,7 @@ def _pack(s: Setup, prompts, responses, lengths, adv, rng) -> TrainBatch:
 def make_minibatches(s: Setup, ro, adv: np.ndarray, step: int) -> list[TrainBatch]:
     """The step's rollouts split into mini-batches of `mini_batch_prompts` prompts (x n)."""
     t = s.config.train
-    per = int(t.mini_batch_prompts) // jax.process_count() * ro.n
+    per = int(t.mini_batch_prompts) * ro.n
     rng = np.random.default_rng([int(t.seed), step])
     prompts = [p for p in ro.prompt_tokens for _ in range(ro.n)]
     return [_pack(s, prompts[i:i + per], ro.tokens[i:i + per], ro.lengths[i:i + per], adv[i:i + per], rng)

@@ -1,0 +1,77 @@
+"""Launcher detection and host-data placement (the two-process run is test_multiprocess)."""
+import jax
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from oisd_jax import distributed, parallel
+
+_LAUNCH_VARS = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_NPROCS", "TPU_WORKER_HOSTNAMES",
+                "OISD_TPU_POD", "MEGASCALE_COORDINATOR_ADDRESS", "OMPI_COMM_WORLD_SIZE", "SLURM_NTASKS_PER_NODE",
+                "SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE")
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for v in _LAUNCH_VARS:
+        monkeypatch.delenv(v, raising=False)
+    return monkeypatch
+
+
+@pytest.mark.parametrize("env, want", [
+    ({}, "single"),
+    ({"JAX_COORDINATOR_ADDRESS": "h:1234"}, "env"),
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2"}, "slurm"),
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}, "single"),  # an interactive one-task allocation
+    ({"TPU_WORKER_HOSTNAMES": "a,b"}, "tpu"),
+    ({"TPU_WORKER_HOSTNAMES": "a"}, "single"),  # a single-host TPU VM
+    ({"OMPI_COMM_WORLD_SIZE": "4"}, "ompi"),
+    ({"JAX_COORDINATOR_ADDRESS": "h:1", "SLURM_JOB_ID": "7", "SLURM_NTASKS": "2"}, "env"),  # explicit env wins
+])
+def test_detect(clean_env, env, want):
+    for k, v in env.items():
+        clean_env.setenv(k, v)
+    assert distributed.detect() == want
+
+
+@pytest.mark.parametrize("env, want", [
+    ({"SLURM_NTASKS_PER_NODE": "1", "SLURM_GPUS_ON_NODE": "8"}, list(range(8))),
+    ({"SLURM_NTASKS_PER_NODE": "1(x2)", "SLURM_GPUS_PER_NODE": "h100:4"}, list(range(4))),
+    ({"SLURM_NTASKS_PER_NODE": "8", "SLURM_GPUS_ON_NODE": "8"}, None),  # one task per GPU: jax's default
+    ({"SLURM_NTASKS_PER_NODE": "1"}, None),
+])
+def test_slurm_task_owns_its_node_gpus(clean_env, env, want):
+    for k, v in env.items():
+        clean_env.setenv(k, v)
+    assert distributed._slurm_local_devices() == want
+
+
+def test_explicit_settings_must_be_complete():
+    if distributed._INFO is not None:
+        pytest.skip("jax.distributed already initialised in this process")
+    with pytest.raises(ValueError, match="coordinator, num_processes and process_id"):
+        distributed.initialize("localhost:1", num_processes=2)
+
+
+@pytest.mark.parametrize("spec", [P(("data", "fsdp")), P(None, "tensor"), P()])
+def test_put_global_gives_each_device_its_slice(spec):
+    mesh = parallel.make_mesh((2, 2, 2))
+    x = np.arange(8 * 6, dtype=np.float32).reshape(8, 6)
+    sharding = NamedSharding(mesh, spec)
+    tree = distributed.put_global({"a": x, "b": x[:, :2].astype(np.int32)}, sharding)
+    for leaf, ref in ((tree["a"], x), (tree["b"], x[:, :2].astype(np.int32))):
+        assert leaf.sharding == sharding and leaf.dtype == ref.dtype
+        np.testing.assert_array_equal(np.asarray(leaf), ref)
+        for shard in leaf.addressable_shards:
+            np.testing.assert_array_equal(np.asarray(shard.data), ref[shard.index])
+
+
+def test_split_map_one_process_is_fn():
+    calls = []
+
+    def fn(items):
+        calls.append(list(items))
+        return [len(s) for s in items]
+    out = distributed.split_map(fn, ["a", "bb", "ccc"])
+    assert out.dtype == np.float32 and out.tolist() == [1, 2, 3] and calls == [["a", "bb", "ccc"]]
+    assert jax.process_count() == 1
