@@ -108,3 +108,7 @@ def constrain(x: jax.Array, axes: Sequence[str | None], rules=RULES) -> jax.Arra
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def num_params(tree) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
