@@ -97,6 +97,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     r.tau = 1.0  # temperature of the OISD lens/teacher distributions
     r.adv_clip = 1.0  # c: OISD weight w = clip(A, -c, c)
     r.lens_norm = True  # OISD student lens applies the final norm (logit lens)
+    r.oisd_metrics = False  # also log think_js / attn_js / lens_entropy at tap_layer for baselines
     r.attn_steps = 32  # Q: sampled decoding steps per rollout for L_attn
     r.attn_window = 64  # W: local key window
     r.attn_stride = 64  # s: stride of the global keys before the window

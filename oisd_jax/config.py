@@ -72,6 +72,7 @@ class AlgorithmSettings:
     tap_layer: int | None  # student layer (1-based) for OISD / BuPO; None when unused
     lens_norm: bool  # apply the final norm to the student residual before the unembedding
     bupo_steps: int  # BuPO: RL steps that optimise the internal policy; 0 = never
+    oisd_metrics: bool = False  # log the OISD divergences at tap_layer even with their weights 0
 
     @property
     def use_think(self) -> bool:
@@ -95,7 +96,8 @@ def algorithm_settings(config: ml_collections.ConfigDict) -> AlgorithmSettings:
     if rl.algorithm not in _ALGORITHM_TABLE:
         raise ConfigError([f"rl.algorithm={rl.algorithm!r} is not one of {ALGORITHMS}"])
     adv, think, attn, bupo = _ALGORITHM_TABLE[rl.algorithm]
-    uses_tap = think or attn or bupo
+    metrics = bool(rl.get("oisd_metrics", False))
+    uses_tap = think or attn or bupo or metrics
     return AlgorithmSettings(
         algorithm=rl.algorithm,
         adv_estimator=rl.adv_estimator or adv,
@@ -103,7 +105,7 @@ def algorithm_settings(config: ml_collections.ConfigDict) -> AlgorithmSettings:
         attn_weight=float(rl.attn_weight) if attn else 0.0,
         tap_layer=rl.tap_layer if uses_tap else None,
         lens_norm=bool(rl.bupo_lens_norm if bupo else rl.lens_norm),
-        bupo_steps=int(rl.bupo_steps) if bupo else 0)
+        bupo_steps=int(rl.bupo_steps) if bupo else 0, oisd_metrics=metrics)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -349,14 +351,16 @@ def validate(config: ml_collections.ConfigDict, *, num_layers: int | None = None
     if algo in _ALGORITHM_TABLE:
         _, uses_think, uses_attn, uses_bupo = _ALGORITHM_TABLE[algo]
         tap = c.get("rl.tap_layer")
-        if uses_think or uses_attn or uses_bupo:
+        metrics = c.boolean("rl.oisd_metrics") if "oisd_metrics" in config.rl else False  # older run configs
+        if uses_think or uses_attn or uses_bupo or metrics is True:
             if num_layers is None:
                 try:
                     num_layers = resolve_num_layers(config)
                 except (ValueError, KeyError, OSError) as e:
                     c.bad(f"model: cannot resolve the number of layers ({e})")
             if tap is None:
-                c.bad(f"rl.tap_layer must be set for rl.algorithm={algo!r} (the student layer)")
+                why = f"rl.algorithm={algo!r}" if uses_think or uses_attn or uses_bupo else "rl.oisd_metrics=True"
+                c.bad(f"rl.tap_layer must be set for {why} (the student layer)")
             elif isinstance(tap, bool) or not isinstance(tap, int):
                 c.bad(f"rl.tap_layer={tap!r} must be an integer")
             elif num_layers is not None and not 1 <= tap <= num_layers - 1:

@@ -97,7 +97,12 @@ def test_tap_layer_range():
     for algo in ("bupo", "oisd_attn_only", "oisd_think_only", "oisd"):
         c = load("base", algo)  # base has no tap layer
         assert problems(c) == [f"rl.tap_layer must be set for rl.algorithm={algo!r} (the student layer)"]
-    validate(load("base", "grpo"), num_layers=4)  # GRPO needs none
+    validate(load("base", "grpo"), num_layers=4)  # GRPO needs none ...
+    # ... unless it logs OISD's divergences
+    assert problems(load("base", "grpo,rl.oisd_metrics=True")) == \
+        ["rl.tap_layer must be set for rl.oisd_metrics=True (the student layer)"]
+    assert problems(load("base", "grpo,rl.oisd_metrics=True,rl.tap_layer=9")) == \
+        ["rl.tap_layer=9 is out of range 1..3 for a 4-layer model"]
 
 
 def test_num_layers_from_hf_config(tmp_path):

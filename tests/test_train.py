@@ -50,12 +50,17 @@ def test_few_steps_then_resume_equals_uninterrupted(tmp_path):
 
 @pytest.mark.parametrize("algorithm", ["grpo", "bupo"])
 def test_baselines_run(tmp_path, algorithm):
-    c = tiny(rl__algorithm=algorithm, train__steps=2, rl__bupo_steps=1, train__checkpoint_every=0)
+    # rl.oisd_metrics: the baselines log OISD's divergences at tap_layer without training on them
+    c = tiny(rl__algorithm=algorithm, train__steps=2, rl__bupo_steps=1, train__checkpoint_every=0,
+             rl__oisd_metrics=True)
     last = train(c, str(tmp_path))
     assert np.isfinite(last["loss"])
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     if algorithm == "bupo":
         assert [r["bupo_phase"] for r in rows] == [1, 0]
+        assert "think_js" not in rows[0]  # the internal-policy phase trains the lens itself
+    for k in ("think_js", "attn_js", "lens_entropy"):
+        assert np.isfinite(rows[-1][k]) and rows[-1][k] > 0, k
 
 
 def test_bad_config_is_named_before_compiling():

@@ -126,6 +126,7 @@ class StepConfig:
             kl_coef=float(rl.kl_coef), kl_type=rl.kl_type, entropy_coef=float(rl.entropy_coef),
             tap_layer=s.tap_layer, think_weight=s.think_weight, attn_weight=s.attn_weight,
             tau=float(rl.tau), adv_clip=float(rl.adv_clip), lens_norm=bool(rl.lens_norm),
+            oisd_metrics=s.oisd_metrics and not bupo,  # BuPO's internal-policy phase has its own lens
             bupo=bupo, bupo_lens_norm=bool(rl.bupo_lens_norm),
             logit_chunk=None if not rl.logit_chunk else int(rl.logit_chunk),
             lr=float(o.lr), b1=float(o.b1), b2=float(o.b2), eps=float(o.eps),
