@@ -79,6 +79,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     sp.prompt_bucket = 128  # prompt lengths are padded up to a multiple (fewer recompiles)
     sp.batch_size = 16  # prompts per sampler call (x n rollouts; global, all processes); bounds the KV cache
     sp.kv_dtype = "bfloat16"  # KV cache dtype
+    # Keep the KV cache allocated through the updates (no re-allocation per step); False
+    # frees it after sampling, leaving the train step that memory (`oisd_jax.plan` models both).
+    sp.keep_cache = True
 
     c.rl = r = ml_collections.ConfigDict()
     r.algorithm = "grpo"  # grpo|rloo|reinforce_pp|dr_grpo|bupo|oisd|oisd_think_only|oisd_attn_only

@@ -322,6 +322,8 @@ def validate(config: ml_collections.ConfigDict, *, num_layers: int | None = None
     c.number("sampler.top_k", ge=0, integer=True)
     c.number("sampler.prompt_bucket", ge=1, integer=True)
     c.choice("sampler.kv_dtype", COMPUTE_DTYPES)
+    if "keep_cache" in config.sampler:  # older run configs lack it
+        c.boolean("sampler.keep_cache")
 
     # rl
     algo = c.choice("rl.algorithm", ALGORITHMS)

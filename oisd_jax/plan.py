@@ -276,8 +276,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--preset", default=None, help="model preset when the config's hf_path is not on disk")
     p.add_argument("--micro_batch_tokens", type=int, default=None, help="override rl.micro_batch_tokens")
     p.add_argument("--sampler_batch", type=int, default=None, help="override sampler.batch_size (prompts)")
-    p.add_argument("--sampler_cache", choices=("kept", "released"), default="kept",
-                   help="whether the sampler's KV cache stays allocated through the updates (Sampler keep_cache)")
+    p.add_argument("--sampler_cache", choices=("kept", "released"), default=None,
+                   help="whether the sampler's KV cache stays allocated through the updates "
+                        "(default: the config's sampler.keep_cache)")
     p.add_argument("--mem_fraction", type=float, default=0.92,
                    help="XLA's pool as a fraction of device memory (XLA_PYTHON_CLIENT_MEM_FRACTION; JAX's default 0.75)")
     p.add_argument("--reserve_gib", type=float, default=1.5,
@@ -298,7 +299,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     preset = _guess_preset(config, a.config, a.preset)
     setup = make_setup(config, target.devices(a.devices), preset=preset, micro_batch_tokens=a.micro_batch_tokens,
                        sampler_batch=a.sampler_batch)
-    setup = setup.replace(sampler_cache_kept=a.sampler_cache == "kept")
+    kept = bool(config.sampler.get("keep_cache", True)) if a.sampler_cache is None else a.sampler_cache == "kept"
+    setup = setup.replace(sampler_cache_kept=kept)
     budget = Budget(target.memory_bytes, a.mem_fraction, int(a.reserve_gib * GiB))
     m = setup.model
     from oisd_jax.plan_programs import model_config

@@ -85,6 +85,8 @@ def rl_step(s: Setup, state, step: int, it, pool: RewardPool, key: jax.Array, ti
         examples = s.next_prompts(it)
         ro = rollout.generate(s.sampler, s.sampler.reshard(state.params, s.model_cfg.dtype), s.tokenizer,
                               [e["prompt_ids"] for e in examples], key, s.sampling, config.sampler.batch_size)
+        if not config.sampler.get("keep_cache", True):
+            s.sampler.release_cache()  # the updates get the cache's memory
     with timer("reward"):
         answers = [e["answer"] for e in examples for _ in range(ro.n)]
         rewards = rollout.score(pool, ro.texts, answers).reshape(len(examples), ro.n)

@@ -69,3 +69,17 @@ def test_bad_config_is_named_before_compiling():
         c.rl.tap_layer = 9
     with pytest.raises(ConfigError, match="rl.tap_layer"):
         validate(c, num_devices=jax.device_count())
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_sampler_cache_kept_or_freed_before_updates(keep):
+    from oisd_jax import metrics
+    from oisd_jax.rewards import RewardPool
+    from oisd_jax.rl.step import init_train_state
+    from oisd_jax.train import rl_step
+    from oisd_jax.train_setup import train_prompt_iterator
+    s = build_setup(tiny(sampler__keep_cache=keep, train__sft_warmup_steps=0))
+    state = init_train_state(s.init_params(jax.random.key(0)), s.step_cfg, s.mesh, s.model_cfg)
+    with RewardPool("strict", workers=1) as pool:
+        rl_step(s, state, 0, train_prompt_iterator(s), pool, jax.random.key(1), metrics.Timer())
+    assert (s.sampler._cache is not None) == keep
