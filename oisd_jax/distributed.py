@@ -105,11 +105,19 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     return _INFO
 
 
-def add_flags(parser) -> None:
-    """--coordinator/--num_processes/--process_id on an argparse parser (None = from the environment)."""
-    parser.add_argument("--coordinator", default=None, help="host:port of process 0 (explicit multi-process)")
-    parser.add_argument("--num_processes", type=int, default=None)
-    parser.add_argument("--process_id", type=int, default=None)
+def define_flags() -> None:
+    """absl flags --coordinator / --num_processes / --process_id for an entry point
+    (unset = from the environment); `initialize_from_flags()` reads them."""
+    from absl import flags
+    flags.DEFINE_string("coordinator", None, "host:port of process 0 (explicit multi-process runs).")
+    flags.DEFINE_integer("num_processes", None, "Processes in an explicit multi-process run.")
+    flags.DEFINE_integer("process_id", None, "This process's index in an explicit multi-process run.")
+
+
+def initialize_from_flags() -> DistInfo:
+    from absl import flags
+    f = flags.FLAGS
+    return initialize(f.coordinator, f.num_processes, f.process_id)
 
 
 # ----------------------------------------------------------------------------- process 0 writes

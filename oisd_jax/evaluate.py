@@ -211,19 +211,22 @@ def evaluate(run, benchmarks: dict[str, tuple[list[dict], int]], out_dir: str, *
              reward_pool=None, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
     """Sample, score and dump every benchmark's problems (skipping those already dumped);
     returns (and writes) the results: per benchmark n, k, avg@k, pass@k'; and their mean."""
-    from oisd_jax import metrics
+    from oisd_jax import distributed, metrics
     from oisd_jax.rewards import RewardPool
-    if jax.process_count() > 1:
-        raise NotImplementedError("the evaluation CLI runs in one process (it may use all its devices)")
+    # Several processes: all sample (one SPMD program) and share the reward checks; process
+    # 0 alone touches the files, and the others read them (a shared folder) after a barrier.
+    main = distributed.is_main()
     config = run.config
-    os.makedirs(out_dir, exist_ok=True)
     sampler, sampling = make_sampler(config, run.model_cfg)
     meta = {"source": run.source, "seed": int(seed), "reward": config.train.reward,
             "sampling": {k: v for k, v in dataclasses.asdict(sampling).items() if k != "n"},
             "max_new_tokens": int(config.sampler.max_new_tokens), "max_prompt_len": int(config.data.max_prompt_len),
             "benchmarks": {n: {"k": k} for n, (ex, k) in benchmarks.items()}}
     meta = json.loads(json.dumps(meta, default=list))  # tuples as lists, as they read back
-    _check_meta(out_dir, meta, overwrite)
+    if main:
+        os.makedirs(out_dir, exist_ok=True)
+        _check_meta(out_dir, meta, overwrite)
+    distributed.sync("eval_meta")
     dump_path = os.path.join(out_dir, SAMPLES_FILE)
     batch = int(config.sampler.batch_size)
     # Chunks sit at fixed positions of each benchmark's problem list and a chunk's key
@@ -232,17 +235,20 @@ def evaluate(run, benchmarks: dict[str, tuple[list[dict], int]], out_dir: str, *
     chunks = [(name, k, ex[i:i + batch]) for name, (ex, k) in benchmarks.items() for i in range(0, len(ex), batch)]
     dump = read_dump(dump_path)
     todo = [c for c in chunks if len(complete_rewards(dump, c[0], c[2], c[1])) < len(c[2])]
-    _keep_only(dump_path, {(name, int(e["index"])) for name, _, ch in todo for e in ch})
+    distributed.sync("eval_dump_read")  # before process 0 rewrites it
+    if main:
+        _keep_only(dump_path, {(name, int(e["index"])) for name, _, ch in todo for e in ch})
     total = sum(len(ex) for ex, _ in benchmarks.values())
     done = total - sum(len(c[2]) for c in todo)
-    bar = metrics.ProgressBar(total, initial=done, process_index=0 if progress else 1, fields={}, desc="eval")
+    bar = metrics.ProgressBar(total, initial=done, process_index=0 if progress and main else 1, fields={},
+                              desc="eval")
     own_pool = reward_pool is None
     pool = reward_pool or RewardPool(config.train.reward, workers=int(config.train.reward_workers),
                                      timeout_s=float(config.train.reward_timeout_s))
     params = sampler.reshard(run.params) if todo else None
     base = jax.random.key(int(seed))
     try:
-        with open(dump_path, "a", encoding="utf-8") as f:
+        with open(dump_path if main else os.devnull, "a", encoding="utf-8") as f:  # process 0 writes
             for name, k, chunk in todo:
                 key = jax.random.fold_in(jax.random.fold_in(base, zlib.crc32(name.encode())), int(chunk[0]["index"]))
                 rewards, ro = score_examples(sampler, params, run.tokenizer, chunk, k=k, sampling=sampling,
@@ -261,11 +267,14 @@ def evaluate(run, benchmarks: dict[str, tuple[list[dict], int]], out_dir: str, *
         bar.close()
         if own_pool:
             pool.close()
-    return write_results(out_dir, benchmarks, source=run.source)
+    distributed.sync("eval_dump_written")
+    return write_results(out_dir, benchmarks, source=run.source, write=main)
 
 
-def write_results(out_dir: str, benchmarks: dict[str, tuple[list[dict], int]], *, source: str) -> dict[str, Any]:
-    """results.json from the dump: per benchmark avg@k / pass@k', and the mean over benchmarks."""
+def write_results(out_dir: str, benchmarks: dict[str, tuple[list[dict], int]], *, source: str,
+                  write: bool = True) -> dict[str, Any]:
+    """results.json from the dump: per benchmark avg@k / pass@k', and the mean over benchmarks
+    (computed by every caller; written if `write`)."""
     dump = read_dump(os.path.join(out_dir, SAMPLES_FILE))
     per = {}
     for name, (examples, k) in benchmarks.items():
@@ -279,8 +288,11 @@ def write_results(out_dir: str, benchmarks: dict[str, tuple[list[dict], int]], *
     for m in sorted(common, key=lambda s: int(s[5:])):
         mean[m] = float(np.mean([v[m] for v in per.values()]))
     results = {"source": source, "benchmarks": per, "mean": mean}
-    with open(os.path.join(out_dir, RESULTS_FILE), "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2)
+    if write:
+        tmp = os.path.join(out_dir, RESULTS_FILE + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=2)
+        os.replace(tmp, os.path.join(out_dir, RESULTS_FILE))
     return results
 
 
@@ -317,13 +329,16 @@ def define_flags() -> None:
     flags.DEFINE_integer("seed", 0, "Sampling seed.")
     flags.DEFINE_string("out", None, "Output folder; default <workdir>/eval/step_<step> or <hf>/eval.")
     flags.DEFINE_bool("overwrite", False, "Start over even if --out holds another evaluation.")
+    from oisd_jax import distributed
+    distributed.define_flags()
 
 
 def main(argv):
     del argv
-    from oisd_jax import export
+    from oisd_jax import distributed, export
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every handler at INFO
+    distributed.initialize_from_flags()  # every process of a multi-host slice runs this command
     if bool(FLAGS.workdir) == bool(FLAGS.hf):
         raise app.UsageError("give exactly one of --workdir and --hf")
     if FLAGS.hf:
@@ -336,7 +351,8 @@ def main(argv):
         out = FLAGS.out or os.path.join(FLAGS.workdir, "eval", f"step_{run.step}")
     benchmarks = load_benchmarks(run.config, run.tokenizer, FLAGS.benchmarks, k=FLAGS.k, limit=FLAGS.limit)
     results = evaluate(run, benchmarks, out, seed=FLAGS.seed, overwrite=FLAGS.overwrite)
-    print(f"{run.source}\n{format_table(results)}\nwritten to {out}/{RESULTS_FILE} and {SAMPLES_FILE}")
+    if distributed.is_main():
+        print(f"{run.source}\n{format_table(results)}\nwritten to {out}/{RESULTS_FILE} and {SAMPLES_FILE}")
 
 
 if __name__ == "__main__":

@@ -169,16 +169,14 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file (configs/*.py[:arg]).", lock_config=True)
 flags.DEFINE_string("workdir", "runs/default", "Run folder: checkpoints, metrics.jsonl, TensorBoard, plots.")
 flags.DEFINE_string("init_from_hf", None, "Start from this Hugging Face folder (overrides train.init_from_hf).")
-flags.DEFINE_string("coordinator", None, "host:port of process 0 (explicit multi-process runs).")
-flags.DEFINE_integer("num_processes", None, "Processes in an explicit multi-process run.")
-flags.DEFINE_integer("process_id", None, "This process's index in an explicit multi-process run.")
+distributed.define_flags()
 
 
 def main(argv):
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save INFO lines
-    distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+    distributed.initialize_from_flags()
     config = FLAGS.config
     if FLAGS.init_from_hf:
         with config.unlocked():

@@ -1,9 +1,9 @@
 """Two real processes on localhost with jax.distributed (CPU collectives, gloo), 4 fake
 devices each, run the tiny trainer end to end on a (2, 2, 2) mesh spanning both: warm-up,
 sampling, rewards (shared out), REINFORCE++ advantages (whitened over the global batch),
-OISD updates, evaluation, an orbax checkpoint written by both, and a resume from it. The
-run must equal the same config run by this single process over its 8 devices, and the
-two-process checkpoint must restore here, on another topology.
+OISD updates, evaluation, an orbax checkpoint written by both, a resume from it, and the
+evaluation CLI's loop. The run must equal the same config run by this single process over
+its 8 devices, and the two-process checkpoint must restore here, on another topology.
 
 This file is also the worker: `python tests/test_multiprocess.py worker ID PORT WORKDIR`.
 """
@@ -37,10 +37,19 @@ def worker(pid: int, port: int, workdir: str) -> None:
     from oisd_jax.train import train
     train(config(1), workdir)  # "killed" after its step-1 checkpoint ...
     train(config(2), workdir)  # ... and resumed by both processes
+    evaluate_run(workdir, "eval_two")
     with open(os.path.join(workdir, f"info{pid}.json"), "w") as f:
         json.dump({"source": info.source, "process_index": jax.process_index(), "process_count": jax.process_count(),
                    "local": jax.local_device_count(), "global": jax.device_count()}, f)
     distributed.sync("done")
+
+
+def evaluate_run(workdir: str, out: str) -> dict:
+    """The evaluation CLI's work on the run's last checkpoint: 7 problems x k=4."""
+    from oisd_jax import evaluate, export
+    run = export.load_run(workdir)
+    benchmarks = evaluate.load_benchmarks(run.config, run.tokenizer, limit=7)
+    return evaluate.evaluate(run, benchmarks, os.path.join(workdir, out), progress=False)
 
 
 def _free_port() -> int:
@@ -99,6 +108,12 @@ def test_two_process_training_equals_one(tmp_path):
             if k in w:
                 np.testing.assert_allclose(g[k], w[k], rtol=1e-4, atol=1e-6, err_msg=f"step {g['step']} {k}")
     assert any(0 < w["reward"] < 1 for w in want[1:])  # some advantages are not 0: the test has teeth
+    # the evaluation CLI's loop in two processes equals it in one, on the same checkpoint
+    one_eval = evaluate_run(str(two), "eval_one")
+    two_eval = json.loads((two / "eval_two" / "results.json").read_text())
+    assert two_eval == one_eval and one_eval["benchmarks"]["synthetic"]["problems"] == 7
+    samples = [(two / d / "samples.jsonl").read_text().splitlines() for d in ("eval_one", "eval_two")]
+    assert len(samples[0]) == 28 and sorted(samples[0]) == sorted(samples[1])
     step_two, p_two = _final(str(two))
     step_one, p_one = _final(str(tmp_path / "one"))
     assert step_two == step_one == 2
