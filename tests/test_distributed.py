@@ -75,3 +75,44 @@ def test_split_map_one_process_is_fn():
     out = distributed.split_map(fn, ["a", "bb", "ccc"])
     assert out.dtype == np.float32 and out.tolist() == [1, 2, 3] and calls == [["a", "bb", "ccc"]]
     assert jax.process_count() == 1
+
+
+def _fake_tool(tmp_path, name: str) -> str:
+    """A stand-in for srun / gcloud on PATH that records its arguments, one per line."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    tool = bin_dir / name
+    tool.write_text(f'#!/bin/bash\nprintf "%s\\n" "$@" >> {tmp_path}/{name}.args\n')
+    tool.chmod(0o755)
+    return str(bin_dir)
+
+
+@pytest.mark.parametrize("entry", [None, "oisd_jax.evaluate"])
+def test_slurm_launcher_command(tmp_path, entry):
+    import os
+    import subprocess
+    env = dict(os.environ, PATH=_fake_tool(tmp_path, "srun") + os.pathsep + os.environ["PATH"],
+               SLURM_JOB_NAME="oisd", SLURM_JOB_ID="42", SLURM_JOB_NUM_NODES="2", WORKDIR=str(tmp_path / "run"))
+    if entry:
+        env["ENTRY"] = entry
+    subprocess.run(["bash", "launch/slurm_gpu.sbatch", "configs/tiny.py", "--config.train.steps=3"], env=env,
+                   check=True, capture_output=True)
+    args = (tmp_path / "srun.args").read_text().splitlines()
+    assert args[args.index("python"):] == ["python", "-m", entry or "oisd_jax.train", "--config=configs/tiny.py",
+                                           f"--workdir={tmp_path / 'run'}", "--config.train.steps=3"]
+    assert "--kill-on-bad-exit=1" in args
+
+
+def test_tpu_launcher_runs_one_command_on_all_workers(tmp_path):
+    import os
+    import subprocess
+    env = dict(os.environ, PATH=_fake_tool(tmp_path, "gcloud") + os.pathsep + os.environ["PATH"],
+               WORKDIR="gs://bucket/run", ENTRY="oisd_jax.evaluate")
+    subprocess.run(["bash", "launch/tpu_pod.sh", "run", "my-v5p", "us-east5-a", "configs/qwen3_8b.py",
+                    "--benchmarks=aime24"], env=env, check=True, capture_output=True)
+    args = (tmp_path / "gcloud.args").read_text().splitlines()
+    assert "--worker=all" in args
+    command = next(a for a in args if a.startswith("--command="))
+    assert "OISD_TPU_POD=1" in command
+    assert ("python -m oisd_jax.evaluate --config=configs/qwen3_8b.py --workdir=gs://bucket/run "
+            "--config.model.attn_impl=blocked  --benchmarks=aime24") in command
