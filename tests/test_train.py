@@ -1,5 +1,9 @@
 """End-to-end training: a few steps run, write metrics/checkpoints, and resume exactly."""
 import json
+import os
+import signal
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -11,6 +15,8 @@ from oisd_jax.rl.step import abstract_train_state
 from oisd_jax.train import train
 from oisd_jax.train_setup import build_setup
 from tiny_run import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny(**over):
@@ -26,6 +32,36 @@ def _final_params(workdir, config):
     return r.step, jax.tree.map(np.asarray, r.state.params)
 
 
+def _run_until_killed(workdir, committed_step: int) -> None:
+    """`train(tiny(), workdir)` in a child process, SIGKILLed as soon as it reports that
+    `committed_step`'s (synchronous) checkpoint save has returned."""
+    code = f"""
+import sys
+sys.path.insert(0, 'tests')
+from test_train import tiny
+from oisd_jax import train as T
+save = T.Checkpointer.save
+def reporting_save(self, step, *a, **k):
+    save(self, step, *a, **k)
+    print('SAVED', step, flush=True)
+T.Checkpointer.save = reporting_save
+T.train(tiny(), {str(workdir)!r})
+"""
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    try:
+        for line in proc.stdout:  # blocks on the child, no timers
+            if line.strip() == f"SAVED {committed_step}":
+                proc.send_signal(signal.SIGKILL)
+                break
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert (workdir / "checkpoints" / str(committed_step)).is_dir()
+
+
 def test_few_steps_then_resume_equals_uninterrupted(tmp_path):
     full = tmp_path / "full"
     last = train(tiny(), str(full))
@@ -34,9 +70,10 @@ def test_few_steps_then_resume_equals_uninterrupted(tmp_path):
     for key in ("reward", "response_len", "loss", "grad_norm", "think_js", "attn_js", "tokens_per_s", "time/sample"):
         assert key in last, key
     assert (full / "reward.png").stat().st_size > 0
-    # "Killed" after step 2 (its checkpoint), then rerun with the same workdir.
+    # SIGKILLed once its step-2 checkpoint is committed (maybe mid-step 3 or mid-save),
+    # then rerun with the same workdir.
     part = tmp_path / "part"
-    train(tiny(train__steps=2), str(part))
+    _run_until_killed(part, committed_step=2)
     train(tiny(), str(part))
     step_a, pa = _final_params(full, tiny())
     step_b, pb = _final_params(part, tiny())
