@@ -141,6 +141,23 @@ def block(lp: Layers, cfg: ModelConfig, x_BTD, positions_BT, segment_ids_BT, pro
     return x, probe_scores(q, k, segment_ids_BT, *probe, cfg)
 
 
+def embed_tokens(params: Params, cfg: ModelConfig, tokens_BT: jax.Array) -> jax.Array:
+    """Embedding lookup [B, T] -> [B, T, D] in the activation layout (batch, seq, act_embed).
+
+    The lookup reads the table's own (vocab, embed) shards: rows over the batch axes that
+    "embed" leaves free ("lookup_batch"), D split like the table's "embed", vocabulary
+    shards masked and summed over "tensor". One all-to-all then moves "fsdp" from D to
+    the rows (and back for the gradient, which lands directly in the table's FSDP shard).
+    Why not a plain `table[tokens]` constrained to the activation layout: with "data" and
+    "fsdp" both > 1, XLA cannot get from the lookup's D-on-"fsdp" to rows-on-("data",
+    "fsdp") and all-gathers every row of the [B, T, D] output and its cotangent
+    ("Involuntary full rematerialization"). Why not gather the table over "fsdp" first:
+    its gradient is then a full-D f32 [V / tensor, D] per device (1.45 GiB for Qwen3-4B).
+    """
+    x = constrain(params.embed.astype(cfg.dtype)[tokens_BT], ("lookup_batch", "seq", "embed"))
+    return constrain(x, ("batch", "seq", "act_embed"))
+
+
 def _remat(fn, cfg: ModelConfig):
     if cfg.remat_policy == "none":
         return fn
@@ -166,7 +183,7 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.
     if taps.attn_layers and (taps.attn_queries is None or taps.attn_keys is None):
         raise ValueError("Taps.attn_layers needs attn_queries [B, Q] and attn_keys [B, Q, K]")
 
-    x = constrain(params.embed.astype(cfg.dtype)[tokens], ("batch", "seq", "act_embed"))
+    x = embed_tokens(params, cfg, tokens)
     probed, stops = set(taps.attn_layers), set(taps.residual_layers)
     residuals, attn_logits = {}, {}
     if 0 in stops:
