@@ -291,8 +291,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="write the numbers to this JSON file")
     a = p.parse_args(argv)
 
-    if a.target == "cpu" and not jax._src.xla_bridge.backends_are_initialized():  # noqa: SLF001
-        jax.config.update("jax_num_cpu_devices", a.devices)
+    if not jax._src.xla_bridge.backends_are_initialized():  # noqa: SLF001
+        # Planning compiles only; it never needs a local accelerator. On a machine without
+        # CUDA libraries the CUDA plugin fails its version check while jax initialises the
+        # "cuda" backend, and then offers no deviceless topology either; with the CPU
+        # platform it loads, skips that check and compiles for the GPU target.
+        if "JAX_PLATFORMS" not in os.environ:
+            jax.config.update("jax_platforms", "cpu")
+        if a.target == "cpu":
+            jax.config.update("jax_num_cpu_devices", a.devices)
     from oisd_jax.config_files import load_config_file
     config = load_config_file(a.config)
     target = get_target(a.target)
@@ -333,11 +340,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     tr = next(r for r in results if r.phase.name == "train step")
     if setup.sampler_cache_kept:
         print(f"\nthe sampler keeps its KV cache ({kv / GiB:.2f} GiB/device) through the updates (counted above); "
-              f"with Sampler.release_cache() after sampling (--sampler_cache=released) the train step needs "
+              f"with sampler.keep_cache=False (freed after sampling) the train step needs "
               f"{(tr.total - kv) / GiB:.2f} GiB")
     else:
         print(f"\nassumes the trainer frees the sampler's KV cache ({kv / GiB:.2f} GiB/device) before the updates "
-              f"(Sampler.release_cache()); kept, the train step would need {(tr.total + kv) / GiB:.2f} GiB")
+              f"(sampler.keep_cache=False); kept, the train step would need {(tr.total + kv) / GiB:.2f} GiB")
 
     mean_prompt = a.mean_prompt if a.mean_prompt is not None else setup.max_prompt_len / 4
     fl = step_flops(setup, mean_prompt, a.response_frac)

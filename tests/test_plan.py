@@ -144,6 +144,22 @@ def test_plan_tiny_gpu_target_deviceless():
         assert r.compiled.cudnn_attention > 0  # cuDNN flash attention compiled without a GPU
 
 
+@needs_plugin
+def test_cli_gpu_target_without_jax_platforms(tmp_path):
+    """The user's command on a CPU-only machine, where nothing sets JAX_PLATFORMS: the CUDA
+    plugin must not be initialised as a backend (it would fail without CUDA libraries)."""
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+    cfg = TINY.replace("model.dtype=float32", "model.dtype=bfloat16") + ",model.attn_impl=cudnn"
+    proc = subprocess.run([sys.executable, "-m", "oisd_jax.plan", "--config", cfg, "--devices", "8", "--target",
+                           "h100", "--no_suggest", "--json", str(tmp_path / "plan.json")],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rec = json.loads((tmp_path / "plan.json").read_text())
+    assert rec["ok"] and "H100" in proc.stdout
+
+
 def test_sampling_seconds_closed_form():
     setup = _setup(plan.get_target("cpu"))
     ph = pp.Phase("sampler", lambda: None, decode_params_bytes=3 * 10 ** 9, kv_bytes=8 * 10 ** 9)
