@@ -133,6 +133,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     t.eval_every = 50  # RL steps between evaluations; 0 = off
     t.eval_prompts = 0  # problems per eval set during training; 0 = all
     t.log_every = 1  # RL steps between metric writes
+    t.log_samples = 4  # rollouts (prompt, response, reward) written to samples.jsonl / TensorBoard per log
     t.checkpoint_every = 50  # RL steps between checkpoints; 0 = only at the end
     t.keep_checkpoints = 3  # newest checkpoints kept
     t.async_checkpoint = True  # write checkpoints in the background

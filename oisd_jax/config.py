@@ -400,6 +400,8 @@ def validate(config: ml_collections.ConfigDict, *, num_layers: int | None = None
     c.number("train.seed", integer=True)
     for f in ("sft_warmup_steps", "eval_every", "eval_prompts", "checkpoint_every"):
         c.number(f"train.{f}", ge=0, integer=True)
+    if "log_samples" in config.train:  # older run configs lack it
+        c.number("train.log_samples", ge=0, integer=True)
     for f in ("sft_batch_size", "log_every", "keep_checkpoints", "reward_workers"):
         c.number(f"train.{f}", ge=1, integer=True)
     c.number("train.sft_lr", gt=0)

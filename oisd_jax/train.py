@@ -78,6 +78,7 @@ def supervised_warmup(s: Setup, state, workdir: str):
 
 # ----------------------------------------------------------------------------- RL step
 def rl_step(s: Setup, state, step: int, it, pool: RewardPool, key: jax.Array, timer: metrics.Timer):
+    """One RL step; returns (state, metrics, a few rollouts as text for the logs)."""
     config, algo = s.config, s.algo
     bupo_now = algo.bupo_active(step)
     step_fn, logp_fn = s.step_fns[bupo_now], s.logprob_fns[bupo_now]
@@ -106,7 +107,11 @@ def rl_step(s: Setup, state, step: int, it, pool: RewardPool, key: jax.Array, ti
                truncated=float(ro.truncated(s.sampling.eos_ids).mean()), tokens=tokens,
                bupo_phase=int(bupo_now), reward_timeouts=pool.num_timeouts,
                solve_none=float((rewards.max(1) == 0).mean()), solve_all=float((rewards.min(1) == 1).mean()))
-    return state, out
+    shown = range(0, len(ro.texts), max(1, ro.n))[:int(config.train.get("log_samples", 0))]  # one per prompt
+    samples = [f"reward {rewards.flat[i]:g} | answer {answers[i]}\n--- prompt ---\n"
+               f"{s.tokenizer.decode(ro.prompt_tokens[i // ro.n].tolist())}\n--- response ---\n{ro.texts[i]}"
+               for i in shown]
+    return state, out, samples
 
 
 # ----------------------------------------------------------------------------- main loop
@@ -140,7 +145,7 @@ def train(config, workdir: str) -> dict[str, float]:
         timer = metrics.Timer()
         for step in range(start, int(t.steps)):
             t0 = time.perf_counter()
-            state, m = rl_step(s, state, step, it, pool, jax.random.fold_in(rng, step), timer)
+            state, m, samples = rl_step(s, state, step, it, pool, jax.random.fold_in(rng, step), timer)
             dt = time.perf_counter() - t0
             m.update(timer.summary(), step_time_s=dt, tokens_per_s=m["tokens"] / dt)
             if np.isfinite(s.peak_flops):  # accelerators with a known peak (not CPUs)
@@ -150,6 +155,8 @@ def train(config, workdir: str) -> dict[str, float]:
                 m.update(run_eval(s, state.params, done, pool, jax.random.fold_in(rng, 10**9 + done)))
             if done % int(t.log_every) == 0 or done == int(t.steps):
                 last = writer.write(done, m)
+                if samples:
+                    writer.write_texts(done, "rollouts", samples)
             bar.update(done, m)
             if (t.checkpoint_every and done % int(t.checkpoint_every) == 0) or done == int(t.steps):
                 ckpt.save(done, state, data_state=it.get_state(), config=config)

@@ -70,6 +70,13 @@ def test_few_steps_then_resume_equals_uninterrupted(tmp_path):
     for key in ("reward", "response_len", "loss", "grad_norm", "think_js", "attn_js", "tokens_per_s", "time/sample"):
         assert key in last, key
     assert (full / "reward.png").stat().st_size > 0
+    # a few rollouts per logged step, one per prompt, with their reward and the reference answer
+    samples = [json.loads(x) for x in (full / "samples.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in samples] == [1, 2, 3, 4] and {r["name"] for r in samples} == {"rollouts"}
+    first = samples[0]["texts"]
+    assert len(first) == 4 and all(t.startswith("reward ") and "--- prompt ---" in t and "--- response ---" in t
+                                   for t in first)
+    assert "what is" in first[0]  # the decoded prompt of the synthetic task
     # SIGKILLed once its step-2 checkpoint is committed (maybe mid-step 3 or mid-save),
     # then rerun with the same workdir.
     part = tmp_path / "part"
