@@ -4,7 +4,9 @@ One jitted call per `generate`: prefill the left-padded prompts into the shared 
 part of the KV cache (oisd_jax.model.decode), sample each rollout's first token from the
 prompt's last logits, then decode one token per row per iteration until every row has
 emitted an EOS or the budget is spent. The cache is a donated argument kept between calls,
-so its steps update it in place; params are an argument, never closed over. Prompt lengths
+so its steps update it in place; params are an argument, never closed over. The generated
+part of the cache is stored in S chunks decoded by S loops in turn, so a step reads only the
+chunks filled so far (about (S+1)/2S of the part on average), not the whole response budget. Prompt lengths
 are padded up to a multiple of `prompt_bucket`, so a run compiles at most one program per
 (bucket, batch size, static sampling settings): see `Sampler.compiled_shapes`.
 
@@ -166,6 +168,30 @@ def sample_logits(key: jax.Array, logits_RV: jax.Array, temperature: jax.Array, 
 
 
 # ----------------------------------------------------------------------------- the program
+# Decode segments: each is one while_loop (a copy of the decode step in the program), so
+# compile time grows ~linearly with S while cache reads shrink as (S+1)/2S; see
+# bench/README.md for the measurement behind these defaults.
+SEGMENT_MIN_SLOTS = 128  # a shorter segment saves little and still costs a compiled step
+MAX_SEGMENTS = 8         # (S+1)/2S: 0.5625 of the cache at 8 vs 0.5 at infinity
+
+
+def default_segments(gen_len: int) -> int:
+    """S for `gen_len` generated slots: segments of ~SEGMENT_MIN_SLOTS or more (rounded, so
+    N = 512 new tokens, 511 slots, gives 4), at most MAX_SEGMENTS."""
+    return max(1, min(MAX_SEGMENTS, (gen_len + SEGMENT_MIN_SLOTS // 2) // SEGMENT_MIN_SLOTS))
+
+
+def cache_read_fraction(gen_len: int, segments: int, steps: float | None = None) -> float:
+    """Mean fraction of the generated cache part a decode step reads over the first `steps`
+    steps (None = all gen_len): (S+1)/2S when S divides gen_len and every step runs."""
+    steps = gen_len if steps is None else min(steps, gen_len)
+    slots, prev = 0, 0
+    for end in decode.segment_ends(gen_len, segments):
+        slots += max(0, min(end, steps) - prev) * end
+        prev = end
+    return slots / (max(steps, 1) * gen_len)
+
+
 def _generate(params: Params, cache: decode.KVCache, tokens_BP, start_B, key, temperature, top_p, eos_E,
               pad_id, *, cfg: ModelConfig, n: int, greedy: bool, top_k: int, max_new_tokens: int):
     """The whole rollout program (jitted by Sampler; cache donated)."""
@@ -201,22 +227,32 @@ def _generate(params: Params, cache: decode.KVCache, tokens_BP, start_B, key, te
     state = (jnp.int32(1), (cache.gen_k, cache.gen_v), tok, is_eos(tok), jnp.ones((R,), jnp.int32), out_tok,
              out_lp)
 
-    def cond(s):
-        t, _, _, done, *_ = s
-        return (t < N) & ~jnp.all(done)
+    def segment(seg, end):
+        """Decode steps whose slot t-1 is in chunk `seg` of the generated part (t <= end):
+        attention reads chunks 0..seg only. Stops early, like every segment, once all rows
+        are done."""
+        def cond(s):
+            t, _, _, done, *_ = s
+            return (t <= end) & ~jnp.all(done)
 
-    def body(s):
-        t, (gk, gv), prev, done, lengths, out_tok, out_lp = s
-        # Token t-1 goes into generated slot t-1 at position len + t-1.
-        c, h = decode.decode_step(params, cfg, loop_cache.replace(gen_k=gk, gen_v=gv), prev, plen_R + t - 1, t - 1,
-                                  start_B, layers)
-        tok, lp = pick(t, lm_logits(params, cfg, h[:, None])[:, 0], done)
-        out_tok = jax.lax.dynamic_update_slice(out_tok, tok[:, None], (0, t))
-        out_lp = jax.lax.dynamic_update_slice(out_lp, lp[:, None], (0, t))
-        lengths = jnp.where(done, lengths, t + 1)
-        return t + 1, (c.gen_k, c.gen_v), tok, done | is_eos(tok), lengths, out_tok, out_lp
+        def body(s):
+            t, (gk, gv), prev, done, lengths, out_tok, out_lp = s
+            # Token t-1 goes into generated slot t-1 at position len + t-1.
+            c, h = decode.decode_step(params, cfg, loop_cache.replace(gen_k=gk, gen_v=gv), prev, plen_R + t - 1,
+                                      t - 1, start_B, layers, segment=seg)
+            tok, lp = pick(t, lm_logits(params, cfg, h[:, None])[:, 0], done)
+            out_tok = jax.lax.dynamic_update_slice(out_tok, tok[:, None], (0, t))
+            out_lp = jax.lax.dynamic_update_slice(out_lp, lp[:, None], (0, t))
+            lengths = jnp.where(done, lengths, t + 1)
+            return t + 1, (c.gen_k, c.gen_v), tok, done | is_eos(tok), lengths, out_tok, out_lp
 
-    _, (gk, gv), _, _, lengths, out_tok, out_lp = jax.lax.while_loop(cond, body, state)
+        return cond, body
+
+    # Steps 1..N-1 fill slots 0..N-2, in one loop per chunk of the generated part: a step
+    # reads the chunks up to its own, ~(S+1)/2S of the whole part on average.
+    for seg, end in enumerate((cache.gen_ends or (cache.gen_len,)) if N > 1 else ()):
+        state = jax.lax.while_loop(*segment(seg, end), state)
+    _, (gk, gv), _, _, lengths, out_tok, out_lp = state
     return _constrain_cache(cache.replace(gen_k=gk, gen_v=gv)), out_tok, out_lp, lengths
 
 
@@ -240,13 +276,20 @@ class Sampler:
       kv_dtype: KV cache entries (bf16 halves its memory; f32 for bit-level parity tests).
       keep_cache: keep the (donated) cache buffer between calls of the same shape. Call
         `release_cache()` to free it, e.g. before a memory-hungry train step.
+      decode_segments: S, the chunks of the generated cache part (`decode.segment_ends`),
+        each filled by its own decode loop whose steps read only the chunks up to theirs;
+        None = `default_segments`; 1 = one loop reading the whole part every step. Fixed
+        per sampler (it is in the cache's structure), so it adds no compiled programs.
     """
 
     def __init__(self, cfg: ModelConfig, max_prompt_len: int, max_new_tokens: int, mesh: Mesh | None = None,
-                 prompt_bucket: int = 64, kv_dtype=jnp.bfloat16, truncation: str = "left", keep_cache: bool = True):
+                 prompt_bucket: int = 64, kv_dtype=jnp.bfloat16, truncation: str = "left", keep_cache: bool = True,
+                 decode_segments: int | None = None):
         if max_prompt_len < 1 or max_new_tokens < 1 or prompt_bucket < 1:
             raise ValueError(f"Sampler: max_prompt_len={max_prompt_len}, max_new_tokens={max_new_tokens} and "
                              f"prompt_bucket={prompt_bucket} must all be >= 1")
+        if decode_segments is not None and not (isinstance(decode_segments, (int, np.integer)) and decode_segments >= 1):
+            raise ValueError(f"Sampler: decode_segments={decode_segments!r} must be an integer >= 1 (or None)")
         if max_prompt_len + max_new_tokens > cfg.max_position_embeddings:
             raise ValueError(f"Sampler: max_prompt_len + max_new_tokens = {max_prompt_len} + {max_new_tokens} = "
                              f"{max_prompt_len + max_new_tokens} exceeds the model's max_position_embeddings="
@@ -257,6 +300,8 @@ class Sampler:
         self.max_prompt_len, self.max_new_tokens = int(max_prompt_len), int(max_new_tokens)
         self.prompt_bucket, self.truncation, self.keep_cache = int(prompt_bucket), truncation, keep_cache
         self.kv_dtype = jnp.dtype(kv_dtype)
+        T = max(self.max_new_tokens - 1, 1)
+        self.decode_segments = default_segments(T) if decode_segments is None else min(int(decode_segments), T)
         self._jit = jax.jit(self._trace, donate_argnames=("cache",),
                             static_argnames=("cfg", "n", "greedy", "top_k", "max_new_tokens"))
         self._cache: decode.KVCache | None = None
@@ -340,7 +385,7 @@ class Sampler:
         cache = self._cache
         if cache is None or (cache.num_prompts, cache.prompt_len, cache.rows, cache.gen_len) != shape:
             self._cache = cache = None  # free the old buffer before allocating the new one
-            cache = decode.init_cache(cfg, *shape, dtype=self.kv_dtype, mesh=self.mesh)
+            cache = decode.init_cache(cfg, *shape, dtype=self.kv_dtype, mesh=self.mesh, segments=self.decode_segments)
         self._cache = None
         args = (tokens_BP, start_B)
         if self.mesh is not None:  # every process passes the same prompts (see distributed.put_global)

@@ -7,9 +7,10 @@ import torch
 
 from hf_fixtures import save_hf_model
 from oisd_jax import parallel
-from oisd_jax.model import load_hf
-from oisd_jax.model.decode import init_cache
-from oisd_jax.sampler import Sampler, SamplingParams, categorical, sample_logits, top_p_threshold
+from oisd_jax.model import ModelConfig, load_hf
+from oisd_jax.model.decode import init_cache, segment_ends
+from oisd_jax.sampler import (Sampler, SamplingParams, cache_read_fraction, categorical, default_segments, sample_logits,
+                              top_p_threshold)
 
 
 @pytest.fixture(scope="module", params=["qwen3", "llama"])
@@ -287,3 +288,77 @@ def test_cache_init_layout():
     assert len(c.prompt_k) == cfg.num_layers and c.prompt_k[0].shape == (2, cfg.num_kv_heads, 16, cfg.head_dim)
     assert c.gen_v[0].shape == (6, cfg.num_kv_heads, 5, cfg.head_dim)
     assert c.gen_k[0].dtype == jnp.uint16 and c.read(c.gen_k[0]).dtype == jnp.bfloat16  # bf16 bits
+
+
+# ----------------------------------------------------------------------------- decode segments
+def test_segment_ends_and_read_fraction():
+    assert segment_ends(15, 4) == (4, 8, 12, 15) and segment_ends(7, 1) == (7,)
+    assert segment_ends(3, 5) == (1, 2, 3)  # more segments than slots: one slot each
+    assert cache_read_fraction(12, 4) == pytest.approx(5 / 8) and cache_read_fraction(12, 1) == 1
+    # Every row done after 6 of 12 steps: 3 steps read 3 slots, 3 steps read 6.
+    assert cache_read_fraction(12, 4, steps=6) == pytest.approx((3 * 3 + 3 * 6) / (6 * 12))
+    assert [default_segments(t) for t in (15, 63, 191, 192, 511, 1023, 8191)] == [1, 1, 1, 2, 4, 8, 8]
+    with pytest.raises(ValueError, match="decode_segments"):
+        Sampler(ModelConfig.preset("tiny"), 8, 8, decode_segments=0)
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_decode_segments_equal_one_loop(qwen, greedy):
+    """S static decode loops reading a growing cache prefix = one loop over the whole cache:
+    same tokens and lengths, log-probs up to float reassociation; rows stopping in
+    different segments; 22 generated slots, not a multiple of S."""
+    _, cfg, params = qwen
+    rng = np.random.default_rng(14)
+    prompts = [rng.integers(2, cfg.vocab_size, n) for n in (3, 10, 6, 1, 8, 5)]
+    N = 23
+    eos = tuple(range(2, 2 + cfg.vocab_size // 8))  # frequent enough to stop some rows early
+    sp = SamplingParams(temperature=1.2, n=3, eos_ids=eos, greedy=greedy)
+    key = jax.random.key(4)
+    ref = Sampler(cfg, 12, N, prompt_bucket=8, kv_dtype=jnp.float32, decode_segments=1)
+    assert ref.decode_segments == 1
+    want = ref.generate(params, prompts, key, sp)
+    # Rows end in more than one segment of S=4 (ends 6, 11, 17, 22) and some run to the end.
+    seg_of = np.searchsorted(np.asarray(segment_ends(N - 1, 4)), want.lengths - 1)
+    assert len(set(seg_of[want.lengths < N])) >= 2 and (want.lengths == N).any()
+    for S in (2, 4, 7):
+        s = Sampler(cfg, 12, N, prompt_bucket=8, kv_dtype=jnp.float32, decode_segments=S)
+        for _ in range(2):  # the second call reuses the program and the donated cache
+            out = s.generate(params, prompts, key, sp)
+            np.testing.assert_array_equal(out.tokens, want.tokens)
+            np.testing.assert_array_equal(out.lengths, want.lengths)
+            np.testing.assert_allclose(out.logprobs, want.logprobs, atol=1e-5)
+        assert s.num_compiles == 1 and len(s.compiled_shapes) == 1
+    # Every row stops inside the first segment: the later loops run no step.
+    early = SamplingParams(temperature=1.2, n=3, eos_ids=tuple(range(2, cfg.vocab_size)), greedy=greedy)
+    a, b = (Sampler(cfg, 12, N, prompt_bucket=8, kv_dtype=jnp.float32, decode_segments=S).generate(
+        params, prompts, key, early) for S in (1, 4))
+    assert a.lengths.max() <= segment_ends(N - 1, 4)[0]
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_array_equal(a.lengths, b.lengths)
+
+
+def test_decode_segments_on_mesh(qwen):
+    """The 8-device decode layout with S=3 against S=1 on the same mesh (a bf16 cache: the
+    uint16 storage view, rounded alike on both sides) and, for tokens, one device."""
+    _, cfg, params = qwen
+    rng = np.random.default_rng(9)
+    prompts = [rng.integers(2, cfg.vocab_size, n) for n in (4, 7)]
+    sp = SamplingParams(temperature=0.9, n=4, eos_ids=tuple(range(2, 2 + cfg.vocab_size // 16)))
+    N, mesh, key = 14, parallel.make_mesh((2, 2, 2)), jax.random.key(2)
+    single = Sampler(cfg, 8, N, prompt_bucket=8, decode_segments=1).generate(params, prompts, key, sp)
+    one = Sampler(cfg, 8, N, mesh=mesh, prompt_bucket=8, decode_segments=1)
+    one = one.generate(one.reshard(params), prompts, key, sp)
+    s = Sampler(cfg, 8, N, mesh=mesh, prompt_bucket=8, decode_segments=3)
+    out = s.generate(s.reshard(params), prompts, key, sp)
+    assert (single.lengths < N).any() and (single.lengths == N).any()
+    for ref in (one, single):
+        np.testing.assert_array_equal(out.tokens, ref.tokens)
+        np.testing.assert_array_equal(out.lengths, ref.lengths)
+    np.testing.assert_allclose(out.logprobs, one.logprobs, atol=1e-5)
+    kept = s._cache
+    assert kept.gen_k[0].sharding.spec == parallel.P(("data", "fsdp"), "tensor")
+    # Layer 0's generated part in 3 chunks of 13 slots (then layer 1's), each a uint16 view.
+    assert kept.segments == 3 and len(kept.gen_k) == 3 * cfg.num_layers
+    assert [a.shape[2] for a in kept.layer_chunks(kept.gen_k, 0)] == [5, 4, 4] and kept.gen_len == N - 1
+    assert all(a.dtype == jnp.uint16 for a in kept.gen_k + kept.gen_v)
+    assert kept.nbytes == s.cache_bytes(2, 4, prompt_len=8)

@@ -14,7 +14,9 @@ Layout: logically [layers, batch, kv_heads, seq, head_dim], stored as one array 
 (as in jax-llm-examples). Measured on XLA:CPU (B=64, S=288, 8 layers): a [L, ...] stack
 turns each layer's read into a slice copy, and a seq-major [B, S, KV, Dh] cache makes the
 attention dots copy it transposed, ~7x slower attention together. The cache is meant to be
-a donated argument so each step updates it in place.
+a donated argument so each step updates it in place. The generated part may be split along
+seq into S chunk arrays (`segment_ends`), so that a decode loop over the first chunks reads
+only those: the sampler's segmented decoding.
 """
 from __future__ import annotations
 
@@ -46,9 +48,13 @@ def storage_dtype(dtype) -> jnp.dtype:
 class KVCache:
     prompt_k: tuple[jax.Array, ...]  # L x [B, KV, P, Dh]   shared by a prompt's rollouts
     prompt_v: tuple[jax.Array, ...]
-    gen_k: tuple[jax.Array, ...]     # L x [B*G, KV, T, Dh] each rollout's own tokens
-    gen_v: tuple[jax.Array, ...]
+    gen_k: tuple[jax.Array, ...]     # L*S x [B*G, KV, T_s, Dh] each rollout's own tokens,
+    gen_v: tuple[jax.Array, ...]     # layer-major: layer i's chunks are [i*S, (i+1)*S)
     dtype: str = struct.field(pytree_node=False, default="bfloat16")  # entries' dtype
+    # End slot of each of the S chunks of the generated part (`segment_ends`). A decode loop
+    # in segment s reads whole chunks 0..s: separate arrays, so no backend has to copy a
+    # slice of one buffer before the attention dot (XLA:GPU does, for a static prefix).
+    gen_ends: tuple[int, ...] = struct.field(pytree_node=False, default=None)
 
     @property
     def num_prompts(self) -> int:
@@ -64,7 +70,15 @@ class KVCache:
 
     @property
     def gen_len(self) -> int:
-        return self.gen_k[0].shape[2]
+        return self.gen_ends[-1] if self.gen_ends else self.gen_k[0].shape[2]
+
+    @property
+    def segments(self) -> int:
+        return len(self.gen_ends) if self.gen_ends else 1
+
+    def layer_chunks(self, arrays: tuple[jax.Array, ...], layer: int) -> tuple[jax.Array, ...]:
+        S = self.segments
+        return arrays[layer * S:(layer + 1) * S]
 
     @property
     def nbytes(self) -> int:
@@ -83,10 +97,28 @@ class KVCache:
         return self.replace(prompt_k=widen(self.prompt_k), prompt_v=widen(self.prompt_v))
 
 
+def segment_ends(gen_len: int, segments: int) -> tuple[int, ...]:
+    """End slots of S chunks of `gen_len` generated slots: ceil((s+1) T / S), distinct (so
+    S > T gives T one-slot chunks)."""
+    return tuple(sorted({-(-(s + 1) * gen_len // segments) for s in range(segments)}))
+
+
 def cache_shapes(cfg: ModelConfig, num_prompts: int, prompt_len: int, rows: int, gen_len: int):
-    """Per-layer shapes of the prompt and generated parts."""
+    """Per-layer shapes of the prompt and (whole) generated parts."""
     KV, Dh = cfg.num_kv_heads, cfg.head_dim
     return (num_prompts, KV, prompt_len, Dh), (rows, KV, gen_len, Dh)
+
+
+def _cache_tree(cfg: ModelConfig, num_prompts: int, prompt_len: int, rows: int, gen_len: int, dtype, segments: int,
+                leaf) -> KVCache:
+    """A KVCache whose arrays are `leaf(shape)`: prompt parts, then each layer's S chunks."""
+    p, g = cache_shapes(cfg, num_prompts, prompt_len, rows, gen_len)
+    ends = segment_ends(gen_len, segments)
+    chunks = [g[:2] + (e - s,) + g[3:] for s, e in zip((0,) + ends[:-1], ends)]
+    L = cfg.num_layers
+    prompt = lambda: tuple(leaf(p) for _ in range(L))
+    gen = lambda: tuple(leaf(c) for _ in range(L) for c in chunks)
+    return KVCache(prompt(), prompt(), gen(), gen(), jnp.dtype(dtype).name, ends)
 
 
 def cache_bytes(cfg: ModelConfig, num_prompts: int, prompt_len: int, rows: int, gen_len: int,
@@ -96,26 +128,32 @@ def cache_bytes(cfg: ModelConfig, num_prompts: int, prompt_len: int, rows: int, 
 
 
 def cache_sharding(cfg: ModelConfig, mesh: Mesh, num_prompts: int, prompt_len: int, rows: int, gen_len: int,
-                   dtype=jnp.bfloat16, rules=parallel.DECODE_RULES) -> KVCache:
+                   dtype=jnp.bfloat16, rules=parallel.DECODE_RULES, segments: int = 1) -> KVCache:
     """KVCache of NamedShardings: batch over (data, fsdp), KV heads over tensor."""
-    p, g = cache_shapes(cfg, num_prompts, prompt_len, rows, gen_len)
-    sp, sg = (parallel.sharding_for(CACHE_AXES, mesh, s, rules) for s in (p, g))
-    L = cfg.num_layers
-    return KVCache((sp,) * L, (sp,) * L, (sg,) * L, (sg,) * L, jnp.dtype(dtype).name)
+    return _cache_tree(cfg, num_prompts, prompt_len, rows, gen_len, dtype, segments,
+                       lambda s: parallel.sharding_for(CACHE_AXES, mesh, s, rules))
+
+
+def abstract_cache(cfg: ModelConfig, mesh: Mesh, num_prompts: int, prompt_len: int, rows: int, gen_len: int,
+                   dtype=jnp.bfloat16, segments: int = 1, rules=parallel.DECODE_RULES) -> KVCache:
+    """KVCache of sharded ShapeDtypeStructs in the storage dtype (planning, nothing allocated)."""
+    st = storage_dtype(dtype)
+    return _cache_tree(cfg, num_prompts, prompt_len, rows, gen_len, dtype, segments, lambda s: jax.ShapeDtypeStruct(
+        s, st, sharding=parallel.sharding_for(CACHE_AXES, mesh, s, rules)))
 
 
 def init_cache(cfg: ModelConfig, num_prompts: int, prompt_len: int, rows: int, gen_len: int,
-               dtype=jnp.bfloat16, mesh: Mesh | None = None, rules=parallel.DECODE_RULES) -> KVCache:
+               dtype=jnp.bfloat16, mesh: Mesh | None = None, rules=parallel.DECODE_RULES,
+               segments: int = 1) -> KVCache:
     """A zero cache for `num_prompts` prompts of `prompt_len` slots and `rows` rollouts
-    (a multiple of num_prompts) of `gen_len` fed tokens; with a mesh each device allocates
-    only its shard."""
+    (a multiple of num_prompts) of `gen_len` fed tokens, the generated part stored in
+    `segments` chunks; with a mesh each device allocates only its shard."""
     if rows % num_prompts:
         raise ValueError(f"rows={rows} is not a multiple of num_prompts={num_prompts}")
-    p, g = cache_shapes(cfg, num_prompts, prompt_len, rows, gen_len)
-    st, L = storage_dtype(dtype), cfg.num_layers
-    make = lambda: KVCache(*(tuple(jnp.zeros(s, st) for _ in range(L)) for s in (p, p, g, g)),
-                           dtype=jnp.dtype(dtype).name)
-    out = cache_sharding(cfg, mesh, num_prompts, prompt_len, rows, gen_len, dtype, rules) if mesh else None
+    st = storage_dtype(dtype)
+    make = lambda: _cache_tree(cfg, num_prompts, prompt_len, rows, gen_len, dtype, segments,
+                               lambda s: jnp.zeros(s, st))
+    out = cache_sharding(cfg, mesh, num_prompts, prompt_len, rows, gen_len, dtype, rules, segments) if mesh else None
     return jax.jit(make, out_shardings=out)()
 
 
@@ -164,11 +202,14 @@ def prefill(params: Params, cfg: ModelConfig, cache: KVCache, tokens_BP: jax.Arr
 
 
 # ----------------------------------------------------------------------------- decode
-def cache_attention(q_RNH: jax.Array, pk_BKPH, pv_BKPH, prompt_valid_BP, gk_RKTH, gv_RKTH, gen_valid_RT,
+def cache_attention(q_RNH: jax.Array, pk_BKPH, pv_BKPH, prompt_valid_BP, gk_chunks, gv_chunks, gen_valid_RT,
                     cfg: ModelConfig) -> jax.Array:
     """One query per row over its prompt's shared K/V and its own generated K/V: [R, N, Dh].
 
-    One softmax over both parts, combined through a shared max. Scores and softmax in f32;
+    The generated part comes as consecutive chunks ([R, KV, T_c, Dh] each; their lengths
+    sum to gen_valid_RT's): their scores are concatenated, so the softmax is the same, and
+    the value products summed. One softmax over both parts, combined through a shared
+    max. Scores and softmax in f32;
     the dots run in the wider of the compute and cache dtypes. (bf16 x bf16 -> f32 dots
     would be ~2x faster on this AVX512-BF16 CPU, but XLA:CPU's fallback dot kernel rejects
     that type combination for some shapes, e.g. a 12-slot prompt: a crash, not a slowdown.)
@@ -176,51 +217,64 @@ def cache_attention(q_RNH: jax.Array, pk_BKPH, pv_BKPH, prompt_valid_BP, gk_RKTH
     R, N, Dh = q_RNH.shape
     B, KV = pk_BKPH.shape[0], cfg.num_kv_heads
     G, Q = R // B, N // KV
-    dt = jnp.promote_types(q_RNH.dtype, gk_RKTH.dtype)
+    dt = jnp.promote_types(q_RNH.dtype, gk_chunks[0].dtype)
     f32 = jnp.float32
     q = (q_RNH * (Dh ** -0.5)).astype(dt).reshape(B, G, KV, Q, Dh)
     # Prompt part: the G rollouts x Q query heads of a KV head share its keys (M = G*Q).
     sp = jnp.einsum("bgkqh,bkph->bkgqp", q, pk_BKPH.astype(dt), preferred_element_type=f32)
     sp = jnp.where(prompt_valid_BP[:, None, None, None, :], sp, -jnp.inf)
-    gk = gk_RKTH.astype(dt).reshape(B, G, KV, -1, Dh)
-    sg = jnp.einsum("bgkqh,bgkth->bgkqt", q, gk, preferred_element_type=f32)
+    sg = [jnp.einsum("bgkqh,bgkth->bgkqt", q, gk.astype(dt).reshape(B, G, KV, -1, Dh), preferred_element_type=f32)
+          for gk in gk_chunks]
+    sg = sg[0] if len(sg) == 1 else jnp.concatenate(sg, axis=-1)
     sg = jnp.where(gen_valid_RT.reshape(B, G, 1, 1, -1), sg, -jnp.inf)
     m = jnp.maximum(jnp.max(sp, axis=-1).transpose(0, 2, 1, 3), jnp.max(sg, axis=-1))  # [B, G, KV, Q]
     pp = jnp.exp(sp - m.transpose(0, 2, 1, 3)[..., None])
     pg = jnp.exp(sg - m[..., None])
     denom = jnp.sum(pp, axis=-1).transpose(0, 2, 1, 3) + jnp.sum(pg, axis=-1)
     op = jnp.einsum("bkgqp,bkph->bgkqh", pp.astype(dt), pv_BKPH.astype(dt), preferred_element_type=f32)
-    gv = gv_RKTH.astype(dt).reshape(B, G, KV, -1, Dh)
-    og = jnp.einsum("bgkqt,bgkth->bgkqh", pg.astype(dt), gv, preferred_element_type=f32)
+    pg, og, t0 = pg.astype(dt), [], 0
+    for gv in gv_chunks:
+        T_c = gv.shape[2]
+        og.append(jnp.einsum("bgkqt,bgkth->bgkqh", pg[..., t0:t0 + T_c], gv.astype(dt).reshape(B, G, KV, -1, Dh),
+                             preferred_element_type=f32))
+        t0 += T_c
+    og = sum(og[1:], og[0])
     o = (op + og) / denom[..., None]
     return o.reshape(R, N, Dh).astype(q_RNH.dtype)
 
 
 def decode_step(params: Params, cfg: ModelConfig, cache: KVCache, tokens_R: jax.Array, positions_R: jax.Array,
-                step: jax.Array, start_B: jax.Array,
-                layers: tuple[Layers, ...] | None = None) -> tuple[KVCache, jax.Array]:
+                step: jax.Array, start_B: jax.Array, layers: tuple[Layers, ...] | None = None,
+                segment: int = 0) -> tuple[KVCache, jax.Array]:
     """Feed one token per rollout row (row r belongs to prompt r // G) at generated slot
     `step` (a scalar, the same for every row); it attends to its prompt's slots from
     start_B on and to its own generated slots [0, step]. Returns (cache, hidden [R, D]).
 
     `layers`: the blocks' weights from `unstack_layers`, in the compute dtype; pass them in
     from outside a decode loop (None unstacks here: a weight copy per call).
+    `segment`: static index of the generated-part chunk that holds slot `step` (the
+    caller's promise; 0 for an unchunked cache): only chunks 0..segment are read.
     """
     if layers is None:
         layers = unstack_layers(jax.tree.map(lambda a: a.astype(cfg.dtype), params.layers), cfg.num_layers)
+    S = cache.segments
+    if not 0 <= segment < S:
+        raise ValueError(f"segment={segment}: the cache's generated part has {S} chunk(s)")
+    ends = cache.gen_ends or (cache.gen_len,)
+    start, A = (ends[segment - 1] if segment else 0), ends[segment]  # this chunk; slots read
     R = tokens_R.shape[0]
     prompt_valid_BP = jnp.arange(cache.prompt_len, dtype=jnp.int32)[None, :] >= start_B[:, None]
-    gen_valid_RT = jnp.broadcast_to(jnp.arange(cache.gen_len, dtype=jnp.int32) <= step, (R, cache.gen_len))
+    gen_valid_RT = jnp.broadcast_to(jnp.arange(A, dtype=jnp.int32) <= step, (R, A))
     x = constrain(params.embed.astype(cfg.dtype)[tokens_R][:, None], ("batch", "seq", "act_embed"))
-    gks, gvs = [], []
-    for lp, pk, pv, gk, gv in zip(layers, cache.prompt_k, cache.prompt_v, cache.gen_k, cache.gen_v):
+    gks, gvs = list(cache.gen_k), list(cache.gen_v)
+    for i, (lp, pk, pv) in enumerate(zip(layers, cache.prompt_k, cache.prompt_v)):
         q, k, v = qkv(lp, cfg, x, positions_R[:, None])                 # [R, 1, N|KV, Dh]
         # Write first, then attend over the updated buffer: its only reader, so in place.
-        gk = write_seq(gk, jnp.swapaxes(k, 1, 2), step, cache.dtype)
-        gv = write_seq(gv, jnp.swapaxes(v, 1, 2), step, cache.dtype)
+        c = i * S + segment
+        gks[c] = write_seq(gks[c], jnp.swapaxes(k, 1, 2), step - start, cache.dtype)
+        gvs[c] = write_seq(gvs[c], jnp.swapaxes(v, 1, 2), step - start, cache.dtype)
         o = cache_attention(q[:, 0], cache.read(pk), cache.read(pv), prompt_valid_BP,
-                            cache.read(gk), cache.read(gv), gen_valid_RT, cfg)
+                            [cache.read(a) for a in gks[i * S:c + 1]], [cache.read(a) for a in gvs[i * S:c + 1]],
+                            gen_valid_RT, cfg)
         x = attn_out_and_mlp(lp, cfg, x, o[:, None])
-        gks.append(gk)
-        gvs.append(gv)
     return cache.replace(gen_k=tuple(gks), gen_v=tuple(gvs)), final_norm(params, cfg, x[:, 0])
