@@ -202,14 +202,19 @@ def step_flops(setup: PlanSetup, mean_prompt: float, response_frac: float) -> di
 def sampling_seconds(setup: PlanSetup, sampler: Phase, bandwidth: float, response_frac: float = 1.0) -> float:
     """Lower bound on one RL step's sampling time from HBM bandwidth.
 
-    Each decode step reads every weight of the device's decode-layout copy and the
-    filled part of its KV cache; calls run one after another (prompts_per_step /
-    sampler batch of them), all devices in parallel.
+    Each decode step reads every weight of the device's decode-layout copy, the whole
+    prompt part of its KV cache, and the generated part's chunks up to its segment's
+    (`sampler.cache_read_fraction`: (S+1)/2S of that part on average over a full
+    response); calls run one after another (prompts_per_step / sampler batch of them),
+    all devices in parallel.
     """
+    from oisd_jax.sampler import cache_read_fraction
     c = setup.config
     calls = math.ceil(int(c.train.prompts_per_step) / setup.sampler_batch)
     steps = response_frac * setup.max_new_tokens
-    per_step = sampler.decode_params_bytes + 0.5 * response_frac * sampler.kv_bytes
+    gen_bytes = sampler.kv_bytes - sampler.kv_prompt_bytes
+    gen_frac = cache_read_fraction(max(setup.max_new_tokens - 1, 1), sampler.decode_segments, steps)
+    per_step = sampler.decode_params_bytes + sampler.kv_prompt_bytes + gen_frac * gen_bytes
     return calls * steps * per_step / bandwidth
 
 
@@ -359,7 +364,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         t = sampling_seconds(setup, sres.phase, target.bandwidth, a.response_frac)
         fl["sample_hbm_s"] = t
         print(f"  sampling is HBM-bound: >= {t:8.1f} s per step (every decode step reads the device's decode "
-              f"params and, on average, half its KV cache, at {target.bandwidth / 1e12:.2f} TB/s)")
+              f"params, its KV cache's prompt part and, in {sres.phase.decode_segments} segment(s), the "
+              f"generated part's chunks filled so far, at {target.bandwidth / 1e12:.2f} TB/s)")
 
     suggestions = {}
     if not a.no_suggest:

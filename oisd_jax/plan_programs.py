@@ -72,6 +72,8 @@ class Phase:
     opt_bytes: int = 0           # optimizer state read by the program
     decode_params_bytes: int = 0  # the sampler's compute-dtype copy
     kv_bytes: int = 0            # KV cache
+    kv_prompt_bytes: int = 0     # its shared prompt part (read whole by every decode step)
+    decode_segments: int = 1     # the sampler's S (decode steps read a prefix of the rest)
     other_arg_bytes: int = 0     # batch, prompts, keys
     resident_bytes: int = 0      # live beside the program but not its argument
 
@@ -191,18 +193,14 @@ def abstract_sampler_inputs(setup: PlanSetup) -> dict:
     bucket feeds its compiled program: decode-layout compute-dtype params (what
     `Sampler.reshard(params, cfg.dtype)` returns), the shared-prompt KV cache, prompts."""
     from oisd_jax.model import decode
+    from oisd_jax.sampler import default_segments
     m, mesh, c = setup.model, setup.sampler_mesh, setup.config
     B, P, n = setup.sampler_batch, setup.max_prompt_len, int(c.sampler.n)
     T = max(setup.max_new_tokens - 1, 1)
     sds = jax.ShapeDtypeStruct
     params = mparams.abstract(m, mesh, dtype=m.dtype, rules=parallel.DECODE_RULES)
-    kv_dtype = jnp.dtype(c.sampler.kv_dtype)
-    st = decode.storage_dtype(kv_dtype)
-    shapes = decode.cache_shapes(m, B, P, B * n, T)
-    sh = decode.cache_sharding(m, mesh, B, P, B * n, T, kv_dtype)
-    parts = [tuple(sds(shapes[0 if i < 2 else 1], st, sharding=x) for x in getattr(sh, f))
-             for i, f in enumerate(("prompt_k", "prompt_v", "gen_k", "gen_v"))]
-    cache = decode.KVCache(*parts, dtype=kv_dtype.name)
+    # The generated part in the default Sampler's S chunks (what `sampler_phase` builds).
+    cache = decode.abstract_cache(m, mesh, B, P, B * n, T, c.sampler.kv_dtype, default_segments(T))
     row = lambda shape: parallel.sharding_for(("batch",) + (None,) * (len(shape) - 1), mesh, shape,
                                               parallel.DECODE_RULES)
     tokens = sds((B, P), jnp.int32, sharding=row((B, P)))
@@ -236,6 +234,8 @@ def sampler_phase(setup: PlanSetup) -> Phase:
 
     state = abstract_train_state(m, setup.step_cfg, setup.mesh)
     return Phase("sampler", lower, decode_params_bytes=shard_bytes(a["params"]), kv_bytes=shard_bytes(a["cache"]),
+                 kv_prompt_bytes=shard_bytes([a["cache"].prompt_k, a["cache"].prompt_v]),
+                 decode_segments=a["cache"].segments,
                  other_arg_bytes=shard_bytes([a["tokens"], a["start"]]), resident_bytes=shard_bytes(state))
 
 

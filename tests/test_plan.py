@@ -4,6 +4,7 @@ CPU target always; the deviceless GPU target where jax-cuda12-pjrt/plugin are in
 (requirements-gpu-plan.txt; CI installs them). Byte counts are checked against closed
 forms of the tiny model's shapes and shardings, not against the planner's own sums.
 """
+import dataclasses
 import json
 import os
 
@@ -12,6 +13,7 @@ import pytest
 from oisd_jax import gpu_targets, plan, plan_search
 from oisd_jax import plan_programs as pp
 from oisd_jax.config_files import load_config_file
+from oisd_jax.sampler import Sampler
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The tiny config with this file's own batch shapes pinned (so config tweaks elsewhere
@@ -161,8 +163,20 @@ def test_cli_gpu_target_without_jax_platforms(tmp_path):
 
 
 def test_sampling_seconds_closed_form():
-    setup = _setup(plan.get_target("cpu"))
-    ph = pp.Phase("sampler", lambda: None, decode_params_bytes=3 * 10 ** 9, kv_bytes=8 * 10 ** 9)
-    # 16 prompts per step / 16 per call = 1 call; 16 decode steps of 3 GB weights + 4 GB mean cache.
-    assert plan.sampling_seconds(setup, ph, bandwidth=2e12) == pytest.approx(16 * 7e9 / 2e12)
-    assert plan.sampling_seconds(setup.replace(sampler_batch=8), ph, 2e12) == pytest.approx(2 * 16 * 7e9 / 2e12)
+    setup = _setup(plan.get_target("cpu"))  # 16 new tokens: T = 15 generated slots
+    ph = pp.Phase("sampler", lambda: None, decode_params_bytes=3 * 10 ** 9, kv_bytes=8 * 10 ** 9,
+                  kv_prompt_bytes=2 * 10 ** 9)
+    # 16 prompts per step / 16 per call = 1 call; one segment: 16 decode steps each read
+    # 3 GB weights + the 2 GB prompt part + the whole 6 GB generated part.
+    assert plan.sampling_seconds(setup, ph, bandwidth=2e12) == pytest.approx(16 * 11e9 / 2e12)
+    assert plan.sampling_seconds(setup.replace(sampler_batch=8), ph, 2e12) == pytest.approx(2 * 16 * 11e9 / 2e12)
+    # S = 3 segments of 5 slots read 5, 10, 15 of 15: (S+1)/2S = 2/3 of the generated part.
+    ph3 = dataclasses.replace(ph, decode_segments=3)
+    assert plan.sampling_seconds(setup, ph3, 2e12) == pytest.approx(16 * (5e9 + 2 / 3 * 6e9) / 2e12)
+    # Responses of half the budget: 8 steps, 5 in the first segment and 3 in the second.
+    frac = (5 * 5 + 3 * 10) / (8 * 15)
+    assert plan.sampling_seconds(setup, ph3, 2e12, response_frac=0.5) == pytest.approx(8 * (5e9 + frac * 6e9) / 2e12)
+    # The planner's sampler phase carries the Sampler's S and the prompt part's bytes.
+    sph = pp.sampler_phase(setup)
+    assert sph.decode_segments == Sampler(setup.model, 64, 16).decode_segments == 1
+    assert 0 < sph.kv_prompt_bytes < sph.kv_bytes
