@@ -8,7 +8,10 @@ matmuls are ~0.3 GFLOP/s on this CPU). EOS is disabled in both so every row gene
 exactly N tokens. Cases:
   a) 16 prompts x 64 tokens, 64 new tokens, greedy and sampling (T=1, no top-k/top-p);
   b) the RL shape: 8 prompts x 256 tokens, n=8 rollouts each, sampling; transformers uses
-     num_return_sequences=8 (it prefills every copy), oisd_jax prefills each prompt once.
+     num_return_sequences=8 (it prefills every copy), oisd_jax prefills each prompt once;
+  c) long responses, oisd_jax only: 4 prompts x 64 tokens, n=8, 512 new tokens, greedy,
+     the sampler's default decode segments S against S=1 (every step reading the whole
+     generated cache), interleaved in the same run.
 Reports generated tokens/s (B*n*N over the whole call, prefill included), the speed-up,
 compile time (trace + lower + XLA compile of the first call), KV-cache bytes, analytic
 FLOPs and achieved FLOP/s as a fraction of the f32 matmul peak measured in the same run, and (robust to other
@@ -32,7 +35,7 @@ import transformers
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from oisd_jax.model import load_hf  # noqa: E402
-from oisd_jax.sampler import Sampler, SamplingParams  # noqa: E402
+from oisd_jax.sampler import Sampler, SamplingParams, cache_read_fraction  # noqa: E402
 
 SPEC = dict(model_type="qwen3", vocab_size=32768, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
             num_attention_heads=8, num_key_value_heads=4, head_dim=64, tie_word_embeddings=True,
@@ -146,6 +149,38 @@ def run_case(name, model, cfg, params, B, P, N, n, greedy, reps, hf_reps, peaks)
     return row
 
 
+def run_long(cfg, params, N: int, reps: int) -> list[dict]:
+    """Case c): one Sampler per S, compiled first, then timed alternately (best of reps)."""
+    B, P, n = 4, 64, 8
+    prompts = list(np.random.default_rng(1).integers(2, cfg.vocab_size, (B, P)))
+    sp = SamplingParams(n=n, eos_ids=(), greedy=True)
+    key = jax.random.key(0)
+    default = Sampler(cfg, max_prompt_len=P, max_new_tokens=N, prompt_bucket=64)
+    samplers = {1: Sampler(cfg, max_prompt_len=P, max_new_tokens=N, prompt_bucket=64, decode_segments=1),
+                default.decode_segments: default}
+    compile_s, outs, best = {}, {}, {}
+    for S, smp in samplers.items():
+        COMPILE_S[0] = 0.0
+        outs[S] = smp.generate(params, prompts, key, sp)
+        compile_s[S] = COMPILE_S[0]
+        assert (outs[S].lengths == N).all()
+    assert all((o.tokens == outs[1].tokens).all() for o in outs.values())  # greedy: the same tokens
+    for _ in range(reps):
+        for S, smp in samplers.items():
+            best[S] = min(best.get(S, np.inf), timed(lambda: smp.generate(params, prompts, key, sp), 1)[0])
+    rows = []
+    for S, smp in samplers.items():
+        row = dict(case=f"c/long S={S}", B=B, prompt=P, new=N, n=n, greedy=True, segments=S, oisd_s=best[S],
+                   oisd_tok_s=B * n * N / best[S], speedup_vs_s1=best[1] / best[S], compile_s=compile_s[S],
+                   gen_cache_read_frac=cache_read_fraction(N - 1, S), kv_cache_bytes=smp.cache_bytes(B, n, P),
+                   compiled_programs=smp.num_compiles, load_average=os.getloadavg()[0])
+        print(f"{row['case']:<14} {best[S]:7.2f}s {row['oisd_tok_s']:8.0f} tok/s {row['speedup_vs_s1']:5.2f}x vs S=1 "
+              f"compile {compile_s[S]:5.1f}s  reads {row['gen_cache_read_frac']:.3f} of the generated cache/step  "
+              f"load {row['load_average']:.1f}", flush=True)
+        rows.append(row)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer new tokens and repetitions")
@@ -167,6 +202,8 @@ def main():
         rows = [run_case("a/greedy", model, cfg, params, 16, 64, N, 1, True, reps, hf_reps, peaks),
                 run_case("a/sample", model, cfg, params, 16, 64, N, 1, False, reps, hf_reps, peaks),
                 run_case("b/rl n=8", model, cfg, params, 8, 256, N, 8, False, reps, hf_reps, peaks)]
+        print("long responses, oisd_jax only (best of 2, S=1 and the default interleaved):")
+        rows += run_long(cfg, params, 256 if args.quick else 512, 2)
     peak = {k: max(p[k] for p in peaks) for k in ("jax_gflops", "torch_gflops", "jax_gflop_per_cpu_s")}
     peak.update(measurements=peaks, load_average=os.getloadavg()[0], cores=os.cpu_count(), quick=args.quick)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
