@@ -82,6 +82,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Keep the KV cache allocated through the updates (no re-allocation per step); False
     # frees it after sampling, leaving the train step that memory (`oisd_jax.plan` models both).
     sp.keep_cache = True
+    # S: the generated cache part in S chunks, each decoded by its own loop that reads only
+    # the chunks filled so far ((S+1)/2S of the reads; compile time grows with S).
+    # None = ~128-slot chunks, at most 8 (`sampler.default_segments`); 1 = one loop.
+    sp.decode_segments = placeholder(int)
 
     c.rl = r = ml_collections.ConfigDict()
     r.algorithm = "grpo"  # grpo|rloo|reinforce_pp|dr_grpo|bupo|oisd|oisd_think_only|oisd_attn_only

@@ -324,6 +324,8 @@ def validate(config: ml_collections.ConfigDict, *, num_layers: int | None = None
     c.choice("sampler.kv_dtype", COMPUTE_DTYPES)
     if "keep_cache" in config.sampler:  # older run configs lack it
         c.boolean("sampler.keep_cache")
+    if "decode_segments" in config.sampler:
+        c.number("sampler.decode_segments", ge=1, integer=True, optional=True)
 
     # rl
     algo = c.choice("rl.algorithm", ALGORITHMS)

@@ -193,14 +193,15 @@ def abstract_sampler_inputs(setup: PlanSetup) -> dict:
     bucket feeds its compiled program: decode-layout compute-dtype params (what
     `Sampler.reshard(params, cfg.dtype)` returns), the shared-prompt KV cache, prompts."""
     from oisd_jax.model import decode
-    from oisd_jax.sampler import default_segments
+    from oisd_jax.sampler import num_segments
     m, mesh, c = setup.model, setup.sampler_mesh, setup.config
     B, P, n = setup.sampler_batch, setup.max_prompt_len, int(c.sampler.n)
     T = max(setup.max_new_tokens - 1, 1)
     sds = jax.ShapeDtypeStruct
     params = mparams.abstract(m, mesh, dtype=m.dtype, rules=parallel.DECODE_RULES)
-    # The generated part in the default Sampler's S chunks (what `sampler_phase` builds).
-    cache = decode.abstract_cache(m, mesh, B, P, B * n, T, c.sampler.kv_dtype, default_segments(T))
+    # The generated part in the Sampler's S chunks (what `sampler_phase` builds).
+    S = num_segments(setup.max_new_tokens, c.sampler.get("decode_segments"))
+    cache = decode.abstract_cache(m, mesh, B, P, B * n, T, c.sampler.kv_dtype, S)
     row = lambda shape: parallel.sharding_for(("batch",) + (None,) * (len(shape) - 1), mesh, shape,
                                               parallel.DECODE_RULES)
     tokens = sds((B, P), jnp.int32, sharding=row((B, P)))
@@ -221,7 +222,8 @@ def sampler_phase(setup: PlanSetup) -> Phase:
         raise ValueError(f"sampler batch {setup.sampler_batch} prompts must split over the sampler mesh's "
                          f"{setup.sampler_batch_shards} batch shards (data x fsdp)")
     smp = Sampler(m, max_prompt_len=setup.max_prompt_len, max_new_tokens=setup.max_new_tokens,
-                  mesh=setup.sampler_mesh, prompt_bucket=int(c.sampler.prompt_bucket), kv_dtype=c.sampler.kv_dtype)
+                  mesh=setup.sampler_mesh, prompt_bucket=int(c.sampler.prompt_bucket), kv_dtype=c.sampler.kv_dtype,
+                  decode_segments=c.sampler.get("decode_segments"))
     a = abstract_sampler_inputs(setup)
     eos = np.asarray(m.eos_token_ids or (0,), np.int32)
     statics = dict(cfg=m, n=int(c.sampler.n), greedy=False, top_k=int(c.sampler.top_k),

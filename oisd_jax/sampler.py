@@ -181,6 +181,13 @@ def default_segments(gen_len: int) -> int:
     return max(1, min(MAX_SEGMENTS, (gen_len + SEGMENT_MIN_SLOTS // 2) // SEGMENT_MIN_SLOTS))
 
 
+def num_segments(max_new_tokens: int, decode_segments: int | None = None) -> int:
+    """The S a Sampler uses: `decode_segments` (None = `default_segments`) capped at the
+    max_new_tokens - 1 generated slots."""
+    T = max(int(max_new_tokens) - 1, 1)
+    return default_segments(T) if decode_segments is None else min(int(decode_segments), T)
+
+
 def cache_read_fraction(gen_len: int, segments: int, steps: float | None = None) -> float:
     """Mean fraction of the generated cache part a decode step reads over the first `steps`
     steps (None = all gen_len): (S+1)/2S when S divides gen_len and every step runs."""
@@ -300,8 +307,7 @@ class Sampler:
         self.max_prompt_len, self.max_new_tokens = int(max_prompt_len), int(max_new_tokens)
         self.prompt_bucket, self.truncation, self.keep_cache = int(prompt_bucket), truncation, keep_cache
         self.kv_dtype = jnp.dtype(kv_dtype)
-        T = max(self.max_new_tokens - 1, 1)
-        self.decode_segments = default_segments(T) if decode_segments is None else min(int(decode_segments), T)
+        self.decode_segments = num_segments(self.max_new_tokens, decode_segments)
         self._jit = jax.jit(self._trace, donate_argnames=("cache",),
                             static_argnames=("cfg", "n", "greedy", "top_k", "max_new_tokens"))
         self._cache: decode.KVCache | None = None

@@ -132,7 +132,7 @@ def build_setup(config) -> Setup:
     sp = config.sampler
     sampler = Sampler(model_cfg, max_prompt_len=int(config.data.max_prompt_len), max_new_tokens=int(sp.max_new_tokens),
                       mesh=sampler_mesh, prompt_bucket=int(sp.prompt_bucket), kv_dtype=sp.kv_dtype,
-                      truncation=config.data.truncation)
+                      truncation=config.data.truncation, decode_segments=sp.get("decode_segments"))
     sampling = SamplingParams(temperature=float(sp.temperature), top_p=float(sp.top_p), top_k=int(sp.top_k),
                               n=int(sp.n), eos_ids=model_cfg.eos_token_ids, greedy=False)
     train_records, held = _records(config)

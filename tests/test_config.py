@@ -151,9 +151,11 @@ def test_divisibility_and_sizes():
     assert problems(load("tiny", "train.prompts_per_step=16,train.mini_batch_prompts=6")) == \
         ["train.prompts_per_step=16 is not divisible by train.mini_batch_prompts=6"]
     got = problems(load("tiny", "sampler.n=0,sampler.top_p=1.5,sampler.temperature=0.0,"
-                                "rl.clip_low=1.0,rl.dual_clip=1.0,optim.lr=-1e-6,sampler.top_k=-1"))
+                                "rl.clip_low=1.0,rl.dual_clip=1.0,optim.lr=-1e-6,sampler.top_k=-1,"
+                                "sampler.decode_segments=0"))
     assert got == ["sampler.n=0 must be >= 1", "sampler.temperature=0.0 must be > 0",
                    "sampler.top_p=1.5 must be <= 1", "sampler.top_k=-1 must be >= 0",
+                   "sampler.decode_segments=0 must be >= 1",
                    "rl.clip_low=1.0 must be < 1", "rl.dual_clip=1.0 must be > 1",
                    "optim.lr=-1e-06 must be > 0"]
     # ConfigDict's type safety stops 2.5 on the command line; a config built in code may not

@@ -180,3 +180,7 @@ def test_sampling_seconds_closed_form():
     sph = pp.sampler_phase(setup)
     assert sph.decode_segments == Sampler(setup.model, 64, 16).decode_segments == 1
     assert 0 < sph.kv_prompt_bytes < sph.kv_bytes
+    # ... and sampler.decode_segments from the config, in the cache it lowers with.
+    s3 = pp.make_setup(load_config_file(TINY + ",sampler.decode_segments=3"), plan.get_target("cpu").devices(8),
+                       micro_batch_tokens=2 * 8 * 80)
+    assert pp.sampler_phase(s3).decode_segments == pp.abstract_sampler_inputs(s3)["cache"].segments == 3

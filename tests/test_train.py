@@ -115,15 +115,18 @@ def test_bad_config_is_named_before_compiling():
         validate(c, num_devices=jax.device_count())
 
 
-@pytest.mark.parametrize("keep", [True, False])
-def test_sampler_cache_kept_or_freed_before_updates(keep):
+@pytest.mark.parametrize("keep,segments", [(True, 3), (False, None)])
+def test_sampler_cache_kept_or_freed_before_updates(keep, segments):
     from oisd_jax import metrics
     from oisd_jax.rewards import RewardPool
     from oisd_jax.rl.step import init_train_state
     from oisd_jax.train import rl_step
     from oisd_jax.train_setup import train_prompt_iterator
-    s = build_setup(tiny(sampler__keep_cache=keep, train__sft_warmup_steps=0))
+    s = build_setup(tiny(sampler__keep_cache=keep, sampler__decode_segments=segments, train__sft_warmup_steps=0))
+    assert s.sampler.decode_segments == (segments or 1)  # tiny's 11 generated slots: 1 by default
     state = init_train_state(s.init_params(jax.random.key(0)), s.step_cfg, s.mesh, s.model_cfg)
     with RewardPool("strict", workers=1) as pool:
         rl_step(s, state, 0, train_prompt_iterator(s), pool, jax.random.key(1), metrics.Timer())
     assert (s.sampler._cache is not None) == keep
+    if keep:
+        assert s.sampler._cache.segments == segments
