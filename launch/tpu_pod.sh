@@ -8,7 +8,9 @@
 #
 # Environment: PROJECT (gcloud project; default: gcloud's), REMOTE_DIR (default ~/oisd_jax),
 # WORKDIR (checkpoints + metrics; use a gs:// bucket so every worker writes its shards),
-# ENTRY (default oisd_jax.train; oisd_jax.evaluate evaluates WORKDIR's checkpoint).
+# ENTRY (default oisd_jax.train; oisd_jax.evaluate evaluates WORKDIR's checkpoint),
+# JAX_COMPILATION_CACHE_DIR (default ~/.cache/oisd_jax/xla on each worker: a rerun on the
+# same slice loads its compiled programs instead of recompiling them).
 # On TPU use model.attn_impl=blocked (cuDNN is GPU-only; xla's T x T scores do not fit 8k).
 set -euo pipefail
 
@@ -39,7 +41,8 @@ case "$CMD" in
     ARGS=$(printf ' %q' "$@")
     # OISD_TPU_POD=1 makes oisd_jax.distributed.initialize() start jax.distributed even
     # where the TPU environment variables are not set (GCE TPU VMs use metadata instead).
-    ssh_all "cd $REMOTE_DIR && OISD_TPU_POD=1 TOKENIZERS_PARALLELISM=false nohup \
+    CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-\$HOME/.cache/oisd_jax/xla}
+    ssh_all "cd $REMOTE_DIR && OISD_TPU_POD=1 TOKENIZERS_PARALLELISM=false JAX_COMPILATION_CACHE_DIR=$CACHE_DIR nohup \
       python -m ${ENTRY:-oisd_jax.train} --config=$CONFIG --workdir=$WORKDIR --config.model.attn_impl=blocked $ARGS \
       > run.log 2>&1 & echo \$! > train.pid; echo started on \$(hostname)"
     echo "logs: gcloud compute tpus tpu-vm ssh $TPU_NAME --zone=$ZONE --worker=0 --command='tail -f $REMOTE_DIR/run.log'"

@@ -82,16 +82,24 @@ def _fake_tool(tmp_path, name: str) -> str:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     tool = bin_dir / name
-    tool.write_text(f'#!/bin/bash\nprintf "%s\\n" "$@" >> {tmp_path}/{name}.args\n')
+    tool.write_text(f'#!/bin/bash\nprintf "%s\\n" "$@" >> {tmp_path}/{name}.args\n'
+                    f'echo "$JAX_COMPILATION_CACHE_DIR" > {tmp_path}/{name}.cache_dir\n')
     tool.chmod(0o755)
     return str(bin_dir)
+
+
+def _env_without_cache_dir() -> dict:
+    """os.environ less the test session's own compilation cache (conftest), so the
+    launchers' defaults show."""
+    import os
+    return {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
 
 
 @pytest.mark.parametrize("entry", [None, "oisd_jax.evaluate"])
 def test_slurm_launcher_command(tmp_path, entry):
     import os
     import subprocess
-    env = dict(os.environ, PATH=_fake_tool(tmp_path, "srun") + os.pathsep + os.environ["PATH"],
+    env = dict(_env_without_cache_dir(), PATH=_fake_tool(tmp_path, "srun") + os.pathsep + os.environ["PATH"],
                SLURM_JOB_NAME="oisd", SLURM_JOB_ID="42", SLURM_JOB_NUM_NODES="2", WORKDIR=str(tmp_path / "run"))
     if entry:
         env["ENTRY"] = entry
@@ -101,12 +109,14 @@ def test_slurm_launcher_command(tmp_path, entry):
     assert args[args.index("python"):] == ["python", "-m", entry or "oisd_jax.train", "--config=configs/tiny.py",
                                            f"--workdir={tmp_path / 'run'}", "--config.train.steps=3"]
     assert "--kill-on-bad-exit=1" in args
+    # every task inherits the persistent compilation cache, inside the (shared) workdir
+    assert (tmp_path / "srun.cache_dir").read_text().strip() == str(tmp_path / "run" / "xla_cache")
 
 
 def test_tpu_launcher_runs_one_command_on_all_workers(tmp_path):
     import os
     import subprocess
-    env = dict(os.environ, PATH=_fake_tool(tmp_path, "gcloud") + os.pathsep + os.environ["PATH"],
+    env = dict(_env_without_cache_dir(), PATH=_fake_tool(tmp_path, "gcloud") + os.pathsep + os.environ["PATH"],
                WORKDIR="gs://bucket/run", ENTRY="oisd_jax.evaluate")
     subprocess.run(["bash", "launch/tpu_pod.sh", "run", "my-v5p", "us-east5-a", "configs/qwen3_8b.py",
                     "--benchmarks=aime24"], env=env, check=True, capture_output=True)
@@ -114,5 +124,6 @@ def test_tpu_launcher_runs_one_command_on_all_workers(tmp_path):
     assert "--worker=all" in args
     command = next(a for a in args if a.startswith("--command="))
     assert "OISD_TPU_POD=1" in command
+    assert "JAX_COMPILATION_CACHE_DIR=$HOME/.cache/oisd_jax/xla " in command  # expanded on each worker
     assert ("python -m oisd_jax.evaluate --config=configs/qwen3_8b.py --workdir=gs://bucket/run "
             "--config.model.attn_impl=blocked  --benchmarks=aime24") in command
