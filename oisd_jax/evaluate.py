@@ -114,26 +114,19 @@ def load_benchmarks(config, tokenizer, names: Sequence[str] | None = None, *, k:
 
 def make_sampler(config, model_cfg) -> "tuple[Sampler, SamplingParams]":
     """The trainer's Sampler and sampling settings for a config (see train_setup.build_setup)."""
-    from oisd_jax.sampler import SamplingParams
-    sp = config.sampler
-    sampler = _sampler(model_cfg, int(config.data.max_prompt_len), int(sp.max_new_tokens),
-                       tuple(config.mesh.sampler_shape or config.mesh.shape), int(sp.prompt_bucket), sp.kv_dtype,
-                       config.data.truncation, sp.get("decode_segments"))
-    sampling = SamplingParams(temperature=float(sp.temperature), top_p=float(sp.top_p), top_k=int(sp.top_k),
-                              n=int(sp.n), eos_ids=model_cfg.eos_token_ids, greedy=False)
+    from oisd_jax import train_setup as TS
+    kwargs, sampling = TS.sampler_settings(config, model_cfg)
+    sampler = _sampler(model_cfg, tuple(config.mesh.sampler_shape or config.mesh.shape), tuple(sorted(kwargs.items())))
     return sampler, sampling
 
 
 @functools.lru_cache(maxsize=4)
-def _sampler(model_cfg, max_prompt_len, max_new_tokens, mesh_shape, prompt_bucket, kv_dtype, truncation,
-             decode_segments):
+def _sampler(model_cfg, mesh_shape, kwargs: tuple):
     # Cached: a Sampler holds its compiled prefill/decode, so repeated evaluations or analyses
     # of one model shape in a process compile once.
     from oisd_jax import parallel
     from oisd_jax.sampler import Sampler
-    return Sampler(model_cfg, max_prompt_len=max_prompt_len, max_new_tokens=max_new_tokens,
-                   mesh=parallel.make_mesh(mesh_shape), prompt_bucket=prompt_bucket, kv_dtype=kv_dtype,
-                   truncation=truncation, decode_segments=decode_segments)
+    return Sampler(model_cfg, mesh=parallel.make_mesh(mesh_shape), **dict(kwargs))
 
 
 # ----------------------------------------------------------------------------- the dump

@@ -120,6 +120,18 @@ def _eval_sets(config, tokenizer, held_out: list[dict]) -> dict[str, tuple[list[
     return out
 
 
+def sampler_settings(config, model_cfg: ModelConfig) -> tuple[dict[str, Any], SamplingParams]:
+    """The `Sampler` keyword arguments (all but the mesh) and rollout sampling settings a
+    config asks for: one reading for the trainer and the evaluator."""
+    sp = config.sampler
+    kwargs = dict(max_prompt_len=int(config.data.max_prompt_len), max_new_tokens=int(sp.max_new_tokens),
+                  prompt_bucket=int(sp.prompt_bucket), kv_dtype=sp.kv_dtype, truncation=config.data.truncation,
+                  decode_segments=sp.get("decode_segments"))
+    sampling = SamplingParams(temperature=float(sp.temperature), top_p=float(sp.top_p), top_k=int(sp.top_k),
+                              n=int(sp.n), eos_ids=model_cfg.eos_token_ids, greedy=False)
+    return kwargs, sampling
+
+
 def build_setup(config) -> Setup:
     algo = algorithm_settings(config)
     tokenizer = run_tokenizer(config)
@@ -129,12 +141,8 @@ def build_setup(config) -> Setup:
     phases = (False, True) if algo.use_bupo else (False,)
     cfgs = {p: StepConfig.from_config(config, bupo=True) if p else step_cfg for p in phases}
     sampler_mesh = parallel.make_mesh(tuple(config.mesh.sampler_shape)) if config.mesh.sampler_shape else mesh
-    sp = config.sampler
-    sampler = Sampler(model_cfg, max_prompt_len=int(config.data.max_prompt_len), max_new_tokens=int(sp.max_new_tokens),
-                      mesh=sampler_mesh, prompt_bucket=int(sp.prompt_bucket), kv_dtype=sp.kv_dtype,
-                      truncation=config.data.truncation, decode_segments=sp.get("decode_segments"))
-    sampling = SamplingParams(temperature=float(sp.temperature), top_p=float(sp.top_p), top_k=int(sp.top_k),
-                              n=int(sp.n), eos_ids=model_cfg.eos_token_ids, greedy=False)
+    sampler_kwargs, sampling = sampler_settings(config, model_cfg)
+    sampler = Sampler(model_cfg, mesh=sampler_mesh, **sampler_kwargs)
     train_records, held = _records(config)
     kind = jax.devices()[0].device_kind
     peak = (metrics.peak_flops_per_device(kind) or float("nan")) * jax.device_count()
