@@ -216,14 +216,13 @@ def sampler_phase(setup: PlanSetup) -> Phase:
     stays resident beside it."""
     from oisd_jax.rl.step import abstract_train_state
     from oisd_jax.sampler import Sampler
+    from oisd_jax.train_setup import sampler_settings
     m, c = setup.model, setup.config
     if setup.sampler_batch * int(c.sampler.n) % setup.sampler_batch_shards or \
             setup.sampler_batch % setup.sampler_batch_shards:
         raise ValueError(f"sampler batch {setup.sampler_batch} prompts must split over the sampler mesh's "
                          f"{setup.sampler_batch_shards} batch shards (data x fsdp)")
-    smp = Sampler(m, max_prompt_len=setup.max_prompt_len, max_new_tokens=setup.max_new_tokens,
-                  mesh=setup.sampler_mesh, prompt_bucket=int(c.sampler.prompt_bucket), kv_dtype=c.sampler.kv_dtype,
-                  decode_segments=c.sampler.get("decode_segments"))
+    smp = Sampler(m, mesh=setup.sampler_mesh, **sampler_settings(c, m)[0])  # the trainer's Sampler
     a = abstract_sampler_inputs(setup)
     eos = np.asarray(m.eos_token_ids or (0,), np.int32)
     statics = dict(cfg=m, n=int(c.sampler.n), greedy=False, top_k=int(c.sampler.top_k),
