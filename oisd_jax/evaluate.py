@@ -329,10 +329,11 @@ def define_flags() -> None:
 
 def main(argv):
     del argv
-    from oisd_jax import distributed, export
+    from oisd_jax import distributed, export, startup
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every handler at INFO
     distributed.initialize_from_flags()  # every process of a multi-host slice runs this command
+    log.info("%s", startup.describe_backend())
     if bool(FLAGS.workdir) == bool(FLAGS.hf):
         raise app.UsageError("give exactly one of --workdir and --hf")
     if FLAGS.hf:

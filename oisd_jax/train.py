@@ -19,7 +19,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from oisd_jax import distributed, evaluate, metrics, parallel, rollout
+from oisd_jax import distributed, evaluate, metrics, parallel, rollout, startup
 from oisd_jax.checkpoint import Checkpointer
 from oisd_jax.config import algorithm_settings, validate
 from oisd_jax.rewards import RewardPool
@@ -184,6 +184,7 @@ def main(argv):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save INFO lines
     distributed.initialize_from_flags()
+    log.info("%s", startup.describe_backend())
     config = FLAGS.config
     if FLAGS.init_from_hf:
         with config.unlocked():

@@ -1,0 +1,100 @@
+"""A quiet start: drop start-up chatter that is harmless here, then say in one line what a run uses.
+
+On a CPU machine a run used to open with lines a user reads as errors:
+  * `Unable to initialize backend 'tpu': ... libtpu.so` (jax probes every platform it knows;
+    these probes are marked fail-quietly and logged at INFO),
+  * `[transformers] PyTorch was not found. Models won't be available ...` (an advisory: we
+    only use transformers' tokenizers and config classes at run time),
+  * with the deviceless-planning CUDA plugin installed (requirements-gpu-plan.txt) and no NVIDIA
+    GPU: three pairs of `cudart_stub.cc:31] Could not find cuda drivers` lines printed by C++
+    code while `import jax` runs, and a 20-line `Jax plugin configuration error` traceback.
+Only those are filtered, each by its own pattern. Everything else on stderr is passed on, and
+the plugin error stays visible when an NVIDIA GPU is there (then it is a real error). Set
+`OISD_JAX_VERBOSE_START=1` to see it all.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+
+VERBOSE_ENV = "OISD_JAX_VERBOSE_START"
+# Lines that C++ code writes to fd 2 while `import jax` loads the CUDA plugin on a machine
+# without CUDA drivers.
+IMPORT_NOISE = ("cudart_stub.cc", "All log messages before absl::InitializeLog() is called")
+
+
+def _verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+class _HarmlessBackendRecords(logging.Filter):
+    """Drops jax's fail-quietly backend probes, and the CUDA plugin's traceback when no NVIDIA
+    GPU is visible (the plugin is installed for deviceless planning; it cannot run here)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = str(record.msg)
+        if record.levelno <= logging.INFO and msg.startswith("Unable to initialize backend"):
+            return False
+        if msg.startswith("Jax plugin configuration error") and not nvidia_gpu_visible():
+            return False
+        return True
+
+
+def nvidia_gpu_visible() -> bool:
+    """True when the machine shows an NVIDIA device node (jax's own test for the cuda backend)."""
+    try:
+        from jax._src import hardware_utils  # noqa: PLC0415
+        return bool(hardware_utils.has_visible_nvidia_gpu())
+    except Exception:  # noqa: BLE001 - a newer jax without the helper: keep the record
+        return True
+
+
+def _emit_kept(text: str) -> None:
+    kept = [ln for ln in text.splitlines() if ln.strip() and not any(n in ln for n in IMPORT_NOISE)]
+    if kept:
+        sys.stderr.write("\n".join(kept) + "\n")
+        sys.stderr.flush()
+
+
+def quiet_import_jax() -> None:
+    """Import jax with the known-harmless start-up lines dropped (a no-op once jax is imported).
+
+    C++ code writes those lines straight to file descriptor 2, so stderr is captured at the
+    descriptor while the import runs and every other line is written back afterwards, also
+    when the import fails.
+    """
+    if _verbose():
+        return
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    logging.getLogger("jax._src.xla_bridge").addFilter(_HarmlessBackendRecords())
+    if "jax" in sys.modules:
+        return
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except OSError:  # no usable fd 2 (an embedded interpreter): import as is
+        import jax  # noqa: F401, PLC0415
+        return
+    with tempfile.TemporaryFile() as cap:
+        os.dup2(cap.fileno(), 2)
+        try:
+            import jax  # noqa: F401, PLC0415
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            cap.seek(0)
+            _emit_kept(cap.read().decode(errors="replace"))
+
+
+def describe_backend() -> str:
+    """One line: platform, device kind and count, processes (initialises jax's backends)."""
+    import jax  # noqa: PLC0415
+    devices = jax.devices()
+    kinds = sorted({d.device_kind for d in devices})
+    procs = jax.process_count()
+    return (f"backend {jax.default_backend()}: {len(devices)} device{'s' * (len(devices) != 1)} "
+            f"({', '.join(kinds)}), {jax.local_device_count()} local, "
+            f"{procs} process{'es' * (procs != 1)}; jax {jax.__version__}")
