@@ -9,6 +9,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import time
 from collections import defaultdict
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -45,6 +46,12 @@ def flatten(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def tb_tag(name: str) -> str:
+    """TensorBoard's tag for a metric name: `pass@4` -> `pass_4` (the same rule tensorboardX applies,
+    done here so it does not log a line per metric; metrics.jsonl keeps the original name)."""
+    return re.sub(r"[^-/\w.]", "_", name)
+
+
 class MetricsWriter:
     """One JSON object per `write` in `<workdir>/metrics.jsonl` and TensorBoard scalars in
     `<workdir>/tb/`. Appends, so a resumed run continues the same files (readers keep the
@@ -75,7 +82,7 @@ class MetricsWriter:
         self._jsonl.write(json.dumps(record) + "\n")
         if self._tb is not None:
             for k, v in scalars.items():
-                self._tb.add_scalar(k, v, global_step=int(step))
+                self._tb.add_scalar(tb_tag(k), v, global_step=int(step))
         return scalars
 
     def write_texts(self, step: int, name: str, texts: Sequence[str]) -> None:

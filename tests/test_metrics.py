@@ -2,6 +2,7 @@
 import glob
 import itertools
 import json
+import logging
 import math
 import os
 import struct
@@ -50,6 +51,16 @@ def test_jsonl_and_tensorboard_roundtrip(tmp_path):
     tb = read_tb_scalars(tmp_path / "tb")
     assert (1, "reward", 0.25) in tb and (1, "loss/pg", -1.5) in tb and (1, "tokens", 1000.0) in tb
     assert {t for s, t, _ in tb if s == 2} == {"reward", "loss/pg"}
+
+
+def test_tensorboard_tags_are_legal_without_a_log_line_each(tmp_path, caplog):
+    """`pass@4` becomes TensorBoard's `pass_4` here, so tensorboardX logs nothing per metric."""
+    with caplog.at_level(logging.INFO), MetricsWriter(tmp_path) as w:
+        w.write(3, {"eval/aime24/pass@4": 0.5, "eval/aime24/avg@16": 0.25})
+        w.flush()
+    assert not [r for r in caplog.records if "illegal" in r.getMessage()]
+    assert set(read_tb_scalars(tmp_path / "tb")) == {(3, "eval/aime24/pass_4", 0.5), (3, "eval/aime24/avg_16", 0.25)}
+    assert "eval/aime24/pass@4" in json.loads((tmp_path / "metrics.jsonl").read_text())
 
 
 def test_resume_appends_and_reader_keeps_last_record_per_step(tmp_path):
