@@ -1,4 +1,4 @@
-"""Settings shared by the paper's four model configs (METHOD.md); not a config on its own.
+"""Settings shared by the paper's four model configs (docs/method.md); not a config on its own.
 
 A model file calls `get_config(hf_path=..., tap_layer=..., max_new_tokens=...)`. The data
 paths are placeholders: point them at your copies (`--config.data.train_path=...`, or

@@ -1,8 +1,8 @@
 """Every config field with its default. Other config files start from this one and override.
 
-Defaults follow METHOD.md's paper settings (Qwen3 GRPO: 128 prompts x 8, mini-batches of 32,
-AdamW lr 1e-6, ...), on the built-in tiny model and the synthetic task so this file validates
-on its own. Usage:
+Defaults follow the paper's settings (Qwen3 GRPO: 128 prompts x 8, mini-batches of 32,
+AdamW lr 1e-6, ...; docs/method.md, "Open choices"), on the built-in tiny model and the
+synthetic task so this file validates on its own. Usage:
 
   python -m oisd_jax.train --config=configs/base.py             # plain GRPO
   python -m oisd_jax.train --config=configs/base.py:oisd,rl.tap_layer=2

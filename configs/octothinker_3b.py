@@ -1,4 +1,4 @@
-"""OctoThinker-3B (Llama-3.2-3B base, 28 blocks) with OISD, the paper's settings (METHOD.md)."""
+"""OctoThinker-3B (Llama-3.2-3B base, 28 blocks) with OISD, the paper's settings (docs/method.md)."""
 from __future__ import annotations
 
 import pathlib

@@ -1,7 +1,7 @@
 """OctoThinker-8B (Llama-3.1-8B base, 32 blocks) with OISD.
 
-The tap layer is open in METHOD.md (BuPO's criterion: the last FFN layer with a positive
-entropy change); 27 until measured.
+The tap layer is an open choice (docs/method.md; BuPO's criterion: the last FFN layer with
+a positive entropy change); 27 until measured.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Qwen3-4B with OISD, the paper's settings (METHOD.md). `:grpo`, `:bupo`, ... for baselines."""
+"""Qwen3-4B with OISD, the paper's settings (docs/method.md). `:grpo`, `:bupo`, ... for baselines."""
 from __future__ import annotations
 
 import pathlib

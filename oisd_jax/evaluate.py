@@ -1,4 +1,4 @@
-"""Avg@k and Pass@k of a policy on math benchmarks (the paper's protocol, METHOD.md).
+"""Avg@k and Pass@k of a policy on math benchmarks (the paper's protocol, docs/method.md).
 
     python -m oisd_jax.evaluate --config=configs/qwen3_4b.py --workdir=runs/oisd \
         --benchmarks=aime24,aime25,amc23,math500

@@ -1,7 +1,7 @@
 """Outcome rewards for math rollouts: last-\\boxed{} extraction, math-verify checks, a worker pool.
 
 The reward is host Python (sympy underneath), so it lives outside any jit. Three rules:
-- Only the LAST box counts (METHOD.md), so a rollout cannot hedge with several answers.
+- Only the LAST box counts (docs/method.md), so a rollout cannot hedge with several answers.
 - Nothing from the model's text is ever eval'd: math-verify runs with its LaTeX extractor
   only (its plain-expression extractor calls sympy's `parse_expr`, which is `eval`).
 - Every check is time-bounded. math-verify's own timeouts use `signal.alarm` (main thread

@@ -1,6 +1,6 @@
 """GRPO / OISD / BuPO training: `python -m oisd_jax.train --config=configs/tiny.py --workdir=runs/tiny`.
 
-One RL step, as data flows (DESIGN.md): prompts -> Sampler -> reward -> advantages ->
+One RL step, as data flows (docs/design.md): prompts -> Sampler -> reward -> advantages ->
 TrainBatch -> old log-probs -> mini-batch updates -> metrics -> checkpoint. Everything
 jitted is pure; files, logs, rewards and checkpoints live here in the outer loop.
 A rerun with the same --workdir resumes from the newest readable checkpoint.

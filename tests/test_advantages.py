@@ -1,4 +1,4 @@
-"""Advantage estimators vs float64 NumPy references written from METHOD.md / verl."""
+"""Advantage estimators vs float64 NumPy references written from docs/method.md / verl."""
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -82,7 +82,7 @@ def test_micro_batch_sizes_and_errors():
 
 
 def _want_keys(t, W, s):
-    """METHOD's key set, by brute force over every position."""
+    """The key set of docs/method.md, by brute force over every position."""
     return {j for j in range(t + 1) if j >= t - W + 1 or (j <= t - W and j % s == 0)}
 
 

@@ -1,4 +1,4 @@
-"""RL losses vs float64 NumPy references (METHOD.md formulas, verl conventions)."""
+"""RL losses vs float64 NumPy references (docs/method.md formulas, verl conventions)."""
 import functools
 
 import jax
@@ -268,7 +268,7 @@ def test_js_underflow_is_finite():
 
 @pytest.mark.parametrize("tau", [1.0, 0.5, 2.0])
 def test_js_gradient_closed_form(tau):
-    """METHOD (paper A.3): dJS/dz_s = (1/tau) p_s (g - <p_s, g>), g = 1/2 log(p_s/m); 0 for the teacher."""
+    """Paper A.3: dJS/dz_s = (1/tau) p_s (g - <p_s, g>), g = 1/2 log(p_s/m); 0 for the teacher."""
     rng = np.random.default_rng(10)
     zs = rng.normal(scale=2.0, size=(4, 30)).astype(np.float32)
     zt = rng.normal(scale=2.0, size=(4, 30)).astype(np.float32)

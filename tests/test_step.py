@@ -62,7 +62,7 @@ def _maxabs(tree):
 
 # ----------------------------------------------------------------------------- PyTorch float64 reference
 def _torch_loss(model, batch: TrainBatch, sc: StepConfig):
-    """The METHOD objective computed per unpacked sequence with transformers (float64)."""
+    """The docs/method.md objective computed per unpacked sequence with transformers (float64)."""
     l, temp = sc.tap_layer, sc.temperature
     terms = {k: [] for k in ("pg", "kl", "ent", "think", "js", "lens_ent", "hi", "lo", "dual", "akl")}
     attn_num, attn_js, n_probe = 0.0, 0.0, 0.0

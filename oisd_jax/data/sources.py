@@ -5,7 +5,7 @@
 - verl / the paper's files: `prompt` already holds the chat messages (system + user) and
   the answer sits at the dotted path `reward_model.ground_truth`  -> `VERL_FIELDS`;
 - plain `question` / `answer` columns: the prompt is built as [system, user question]
-  with METHOD.md's system prompt                                  -> `QA_FIELDS`.
+  with the paper's system prompt (docs/method.md)                 -> `QA_FIELDS`.
 Bad rows (missing / empty / malformed fields) are counted, and the first one is reported
 with its file, row and field; `on_bad_row` chooses between skipping and failing.
 """

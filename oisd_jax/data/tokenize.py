@@ -3,8 +3,8 @@
 Every model (Qwen3, Llama, the synthetic task's in-code tokenizer) goes through
 `tokenizer.apply_chat_template`, so the template is the single source of truth for role
 markers and BOS. Qwen3's template reads `enable_thinking`; we pass `enable_thinking=False`
-(METHOD.md: thinking disabled) to every template, which is harmless because a Jinja
-template ignores variables it does not use.
+(thinking disabled: docs/method.md, "Prompts and reward") to every template, which is
+harmless because a Jinja template ignores variables it does not use.
 """
 from __future__ import annotations
 

@@ -21,7 +21,10 @@ from oisd_jax.parallel import constrain
 
 @struct.dataclass
 class Taps:
-    """What to read out of a forward pass. Layer numbers are 1-based blocks (see DESIGN.md)."""
+    """What to read out of a forward pass.
+
+    Layer numbers are 1-based blocks (docs/design.md, "Layer numbers").
+    """
     residual_layers: tuple[int, ...] = struct.field(pytree_node=False, default=())
     attn_layers: tuple[int, ...] = struct.field(pytree_node=False, default=())
     attn_queries: jax.Array | None = None  # [B, Q] int32 row positions

@@ -1,4 +1,4 @@
-"""Outcome advantages for group-sampled rollouts (METHOD.md, "GRPO" and its baselines).
+"""Outcome advantages for group-sampled rollouts (docs/method.md, "Advantages").
 
 Every estimator maps rewards [B, G] (B prompts x G rollouts, grouped by prompt) to one
 scalar advantage per rollout [B, G]; the step broadcasts it over the response tokens.

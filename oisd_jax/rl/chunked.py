@@ -1,11 +1,11 @@
 """Token-chunked unembedding: log-probs, entropy and lens JS without [tokens, vocab] arrays.
 
-Memory lever 1 of DESIGN.md. Qwen3's vocabulary is 151,936: full logits for 8k tokens
-are 5 GB in f32, and OISD needs them for the final layer AND the logit lens, forward
-and backward. Here the sequence axis is cut into chunks; each chunk's logits are made,
-reduced to per-token scalars and dropped, under `jax.checkpoint` inside a `lax.scan`,
-so the backward pass recomputes them chunk by chunk too. Peak temporaries are a few
-[N, chunk, V] f32 arrays regardless of T.
+Memory lever 1 of docs/design.md ("Memory levers"). Qwen3's vocabulary is 151,936:
+full logits for 8k tokens are 5 GB in f32, and OISD needs them for the final layer AND
+the logit lens, forward and backward. Here the sequence axis is cut into chunks; each
+chunk's logits are made, reduced to per-token scalars and dropped, under `jax.checkpoint`
+inside a `lax.scan`, so the backward pass recomputes them chunk by chunk too. Peak
+temporaries are a few [N, chunk, V] f32 arrays regardless of T.
 
 Chunks run along T, not over a flattened token axis, so a batch axis sharded over
 ("data", "fsdp") stays sharded: per device the live logits are N_local x chunk x V.

@@ -1,4 +1,4 @@
-"""Per-token RL losses and their aggregation (METHOD.md: GRPO, OISD think / attention, BuPO).
+"""Per-token RL losses and their aggregation (docs/method.md: GRPO, OISD think / attention, BuPO).
 
 Pure jnp, jit-safe, no model import: callers pass log-probs, logits or hidden-state
 products. Masks are bool or float arrays shaped like the per-token values ([..., T]).
@@ -144,7 +144,7 @@ def policy_loss(
     segment_ids: Array | None = None,
     norm_len: float | None = None,
 ) -> tuple[Array, dict[str, Array]]:
-    """METHOD's clipped surrogate: r = exp(clip(logp - old_logp, -c_r, c_r)),
+    """The clipped surrogate of docs/method.md: r = exp(clip(logp - old_logp, -c_r, c_r)),
     L = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)), and for A < 0 only
     L = min(L, -A dual_clip) (dual_clip=None disables it; it must exceed 1 + clip_high).
 
@@ -249,7 +249,7 @@ def js_divergence(
 
     p_s = softmax(student / temperature), p_T = sg(softmax(teacher / temperature)),
     m = beta p_T + (1 - beta) p_s, JS = beta KL(p_T || m) + (1 - beta) KL(p_s || m);
-    beta = 0.5 is METHOD's symmetric JS (bounded by log 2); other betas give OPSD's
+    beta = 0.5 is OISD's symmetric JS (bounded by log 2); other betas give OPSD's
     generalised JSD_beta. The teacher never receives gradient.
 
     -inf logits mean "outside the support" (masked keys) and count as probability 0 with

@@ -1,4 +1,4 @@
-"""The loss of one micro-batch, read top to bottom like METHOD.md.
+"""The loss of one micro-batch, read top to bottom like docs/method.md ("The objective").
 
     forward (taps only for the terms that are on)
     -> vocabulary head: L_pg (+ KL, - entropy bonus) on the acting policy and
