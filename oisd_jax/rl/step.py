@@ -42,8 +42,8 @@ class StepConfig:
     clip_high: float = 0.2
     dual_clip: float | None = 10.0
     ratio_log_clamp: float = 20.0
-    loss_agg: str = "token-mean"      # token-mean | seq-mean-token-mean | seq-mean-token-sum
-    loss_norm_len: float | None = None  # seq-mean-token-sum's constant (Dr.GRPO: max response)
+    loss_agg: str = "token-mean"      # one of losses.AGG_MODES (verl's names)
+    loss_norm_len: float | None = None  # seq-mean-token-sum-norm's constant (Dr.GRPO: max response)
     kl_coef: float = 0.0              # > 0 needs batch.ref_logp
     kl_type: str = "k3"
     entropy_coef: float = 0.0
@@ -74,6 +74,9 @@ class StepConfig:
     def __post_init__(self):
         if self.loss_agg not in losses.AGG_MODES:
             raise ValueError(f"StepConfig.loss_agg={self.loss_agg!r}: choose from {losses.AGG_MODES}")
+        if (self.loss_agg == "seq-mean-token-sum-norm") != (self.loss_norm_len is not None):
+            raise ValueError(f"StepConfig.loss_norm_len={self.loss_norm_len} with loss_agg={self.loss_agg!r}: "
+                             "seq-mean-token-sum-norm needs it, the other modes take none")
         if self.schedule not in ("constant", "cosine"):
             raise ValueError(f"StepConfig.schedule={self.schedule!r}: constant | cosine")
         needs_tap = self.think_on or self.attn_on or self.bupo or self.oisd_metrics
@@ -121,8 +124,8 @@ class StepConfig:
             temperature=float(config.sampler.temperature), clip_low=float(rl.clip_low),
             clip_high=float(rl.clip_high),
             dual_clip=None if rl.dual_clip is None else float(rl.dual_clip),
-            ratio_log_clamp=float(rl.ratio_log_clamp), loss_agg=rl.loss_agg,
-            loss_norm_len=float(config.sampler.max_new_tokens) if rl.loss_agg == "seq-mean-token-sum" else None,
+            ratio_log_clamp=float(rl.ratio_log_clamp), loss_agg=s.loss_agg,
+            loss_norm_len=float(config.sampler.max_new_tokens) if s.loss_agg == "seq-mean-token-sum-norm" else None,
             kl_coef=float(rl.kl_coef), kl_type=rl.kl_type, entropy_coef=float(rl.entropy_coef),
             tap_layer=s.tap_layer, think_weight=s.think_weight, attn_weight=s.attn_weight,
             tau=float(rl.tau), adv_clip=float(rl.adv_clip), lens_norm=bool(rl.lens_norm),
