@@ -178,7 +178,7 @@ def step_flops(setup: PlanSetup, mean_prompt: float, response_frac: float) -> di
     """Analytic FLOPs of one RL step (cost_analysis counts a scanned body once).
 
     Training: (3 + remat) x forward (6 N tokens + attention when remat = 0) over every
-    rollout token, plus OISD's lens head (2 D V per token forward, x3 with its backward,
+    rollout token, rl.ppo_epochs times, plus OISD's lens head (2 D V per token forward, x3 with its backward,
     +1 recomputed); the old-log-prob pass: one forward. Sampling: 2 N per token (prefill +
     decode) plus attention over the growing context.
     """
@@ -187,16 +187,13 @@ def step_flops(setup: PlanSetup, mean_prompt: float, response_frac: float) -> di
     n = float(setup.matmul_params)
     attn_dim = m.num_heads * m.head_dim
     seq = mean_prompt + response_frac * setup.max_new_tokens
-    rollouts = int(c.train.prompts_per_step) * int(c.sampler.n) * int(c.rl.get("ppo_epochs", 1))
-    tokens = rollouts * seq
+    tokens = int(c.train.prompts_per_step) * int(c.sampler.n) * seq  # the step's rollout tokens
     fwd = forward_flops(n, tokens, num_layers=m.num_layers, attn_dim=attn_dim, context_len=seq)
     remat = {"none": 0.0, "everything_saveable": 0.0}.get(m.remat_policy, 1.0)
     lens = 2.0 * m.hidden_size * m.vocab_size * tokens if setup.step_cfg.think_weight > 0 else 0.0
-    train = (3.0 + remat) * fwd + 4.0 * lens
-    logprob = forward_flops(n, tokens, num_layers=m.num_layers, attn_dim=attn_dim, context_len=seq)
-    sample = forward_flops(n, int(c.train.prompts_per_step) * int(c.sampler.n) * seq, num_layers=m.num_layers,
-                           attn_dim=attn_dim, context_len=seq)
-    return {"train": train, "old_logprob": logprob, "sample": sample, "tokens": tokens}
+    # rl.ppo_epochs passes of updates; the old log-probs and the samples once per step
+    train = int(c.rl.get("ppo_epochs", 1)) * ((3.0 + remat) * fwd + 4.0 * lens)
+    return {"train": train, "old_logprob": fwd, "sample": fwd, "tokens": tokens}
 
 
 def sampling_seconds(setup: PlanSetup, sampler: Phase, bandwidth: float, response_frac: float = 1.0) -> float:

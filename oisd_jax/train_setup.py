@@ -18,7 +18,7 @@ from oisd_jax.config import AlgorithmSettings, algorithm_settings
 from oisd_jax.export import run_model_config, run_tokenizer  # one rule for train, eval and export
 from oisd_jax.model import ModelConfig, init_params, load_hf
 from oisd_jax.rl.batch import TrainBatch, build_train_batch, pack_rows
-from oisd_jax.rl.step import StepConfig, batch_shardings, make_logprob_fn, make_train_step
+from oisd_jax.rl.step import StepConfig, make_logprob_fn, make_train_step, row_sharding
 from oisd_jax.sampler import Sampler, SamplingParams
 
 _EVAL_SEED_OFFSET = 1_000_003  # held-out synthetic problems come from another seed
@@ -65,7 +65,7 @@ class Setup:
     def put_batch(self, batch: TrainBatch) -> TrainBatch:
         """The host batch (the same on every process) -> global arrays sharded like the step
         expects (rows over data x fsdp); each device gets only its rows."""
-        return distributed.put_global(batch, batch_shardings(self.mesh, batch.ref_logp is not None))
+        return distributed.put_global(batch, row_sharding(self.mesh))
 
     def train_flops_per_token(self) -> float:
         c = self.model_cfg
@@ -183,9 +183,26 @@ def _pack(s: Setup, prompts, responses, lengths, adv, rng) -> TrainBatch:
     R = min(r_cap, r_need)
     M = 2 ** math.ceil(math.log2(max(1, math.ceil(rows / R))))
     steps = int(rl.attn_steps) if (s.algo.use_attn or s.step_cfg.oisd_metrics) else 0
-    return build_train_batch(prompts, responses, lengths, adv, row_len=row_len, rows_per_micro=R, num_micro=M,
-                             attn_steps=steps, attn_window=int(rl.attn_window), attn_stride=int(rl.attn_stride),
-                             max_seqs_per_row=max_per_row, rng=rng)
+    b = build_train_batch(prompts, responses, lengths, adv, row_len=row_len, rows_per_micro=R, num_micro=M,
+                          attn_steps=steps, attn_window=int(rl.attn_window), attn_stride=int(rl.attn_stride),
+                          max_seqs_per_row=max_per_row, rng=rng, head_len=0)
+    return with_head_positions(b, row_len)
+
+
+def with_head_positions(b: TrainBatch, row_len: int) -> TrainBatch:
+    """The vocabulary head only at the loss positions, padded to a power of two (few
+    shapes), when that is shorter than the row; else the full head (head_positions None).
+
+    Exact: every head term is weighted by the loss mask, so the skipped positions add 0
+    (tests/test_step.py, tests/test_train.py). Prompts and padding leave their [T, V]
+    logits out; +5-8% on bench/train_step.py.
+    """
+    hp = b.head_positions
+    th = 2 ** math.ceil(math.log2(max(1, hp.shape[-1])))
+    if th >= row_len:
+        return b.replace(head_positions=None)
+    pad = np.full(hp.shape[:-1] + (th - hp.shape[-1],), -1, hp.dtype)
+    return b.replace(head_positions=np.concatenate([hp, pad], axis=-1))
 
 
 def make_minibatches(s: Setup, ro, adv: np.ndarray, step: int) -> list[TrainBatch]:

@@ -121,6 +121,18 @@ def test_step_flops_closed_form():
     assert fl["old_logprob"] == pytest.approx(fwd)
 
 
+def test_step_flops_and_schedule_count_every_ppo_epoch():
+    """rl.ppo_epochs=3: three passes of updates (FLOPs, cosine length), one old-log-prob
+    pass and one sampling per step."""
+    devices = plan.get_target("cpu").devices(8)
+    one, three = (pp.make_setup(load_config_file(TINY + f",rl.ppo_epochs={e}"), devices, micro_batch_tokens=1280)
+                  for e in (1, 3))
+    f1, f3 = (plan.step_flops(s, mean_prompt=16, response_frac=1.0) for s in (one, three))
+    assert f3["train"] == pytest.approx(3 * f1["train"])
+    assert (f3["old_logprob"], f3["sample"], f3["tokens"]) == (f1["old_logprob"], f1["sample"], f1["tokens"])
+    assert three.step_cfg.decay_steps == 3 * one.step_cfg.decay_steps
+
+
 def test_cli_cpu_target(tmp_path, capsys):
     out = tmp_path / "plan.json"
     rc = plan.main(["--config", TINY, "--devices", "8", "--target", "cpu", "--no_suggest",
