@@ -133,6 +133,37 @@ def test_step_flops_and_schedule_count_every_ppo_epoch():
     assert three.step_cfg.decay_steps == 3 * one.step_cfg.decay_steps
 
 
+@pytest.mark.parametrize("name,gpus", [("qwen3_4b", 4), ("qwen3_8b", 8), ("octothinker_3b", 4),
+                                       ("octothinker_8b", 8), ("qwen3_8b:rl.micro_batch_tokens=221184", 8)])
+def test_planner_packs_like_the_trainer(name, gpus):
+    """Each paper config on the GPUs it is sized for: the planner's micro-batch shape
+    [M, R, T] and probe slots are those of the batch the trainer packs from a mini-batch
+    of full-length rollouts (the planner's worst case). 24 rows per micro-batch: the
+    trainer runs 16 (a power of two) micro-batches, which the planner once counted as 11."""
+    import jax
+    import numpy as np
+    from oisd_jax import parallel
+    from oisd_jax.config import algorithm_settings
+    from oisd_jax.rl.step import StepConfig
+    from oisd_jax.rollout import Rollouts
+    from oisd_jax.train_setup import Setup, make_minibatches
+    file, _, arg = name.partition(":")
+    c = load_config_file(os.path.join(ROOT, "configs", f"{file}.py") + (f":{arg}" if arg else ""))
+    setup = pp.make_setup(c, plan.get_target("cpu").devices(gpus))
+    s = Setup(config=c, algo=algorithm_settings(c), tokenizer=None, model_cfg=None,
+              mesh=parallel.make_mesh(tuple(c.mesh.shape), jax.devices()[:gpus]), step_cfg=StepConfig.from_config(c), step_fns={},
+              logprob_fns={}, sampler=None, sampling=None, records=[], eval_sets={}, peak_flops=float("nan"))
+    P, N, n = int(c.data.max_prompt_len), int(c.sampler.max_new_tokens), int(c.sampler.n)
+    prompts = int(c.train.mini_batch_prompts)
+    responses = [np.ones(N, np.int32)] * (prompts * n)
+    ro = Rollouts([np.ones(P, np.int32)] * prompts, responses, responses, [""] * len(responses), n=n)
+    (batch,) = make_minibatches(s, ro, np.ones(len(responses), np.float32), 0)
+    assert batch.tokens.shape == (setup.num_micro, setup.rows_per_micro, setup.row_len)
+    assert batch.attn_queries.shape[-1] == setup.probes_per_row
+    if arg:
+        assert batch.tokens.shape[:2] == (16, 24)
+
+
 def test_cli_cpu_target(tmp_path, capsys):
     out = tmp_path / "plan.json"
     rc = plan.main(["--config", TINY, "--devices", "8", "--target", "cpu", "--no_suggest",
