@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from oisd_jax import gpu_targets, plan, plan_search
+from oisd_jax import gpu_targets, plan, plan_compile, plan_search
 from oisd_jax import plan_programs as pp
 from oisd_jax.config_files import load_config_file
 from oisd_jax.sampler import Sampler
@@ -62,17 +62,17 @@ def test_suggest_linear_finds_largest_fit():
 
 
 def test_capture_stderr_reads_native_writes():
-    with plan._CaptureStderr() as cap:
+    with plan_compile.CaptureStderr() as cap:
         os.write(2, b"W xla: Can't reduce memory use below 12.5GiB (13421772800 bytes) by rematerialization\n")
-    assert plan.REMAT_WARNING in cap.text
+    assert plan_compile.REMAT_WARNING in cap.text
 
 
 def test_budget_and_verdict():
     b = plan.Budget(device_bytes=80 * plan.GiB, mem_fraction=0.9, reserve_bytes=2 * plan.GiB)
     assert b.bytes == int(72 * plan.GiB) - 2 * plan.GiB
-    c = plan.Compiled("x", arguments=10, outputs=4, aliased=3, temporaries=20, xla_peak=None, compile_s=0, warnings=[])
+    c = plan_compile.Compiled("x", arguments=10, outputs=4, aliased=3, temporaries=20, xla_peak=None, compile_s=0, warnings=[])
     assert c.total == 31
-    assert plan.Compiled("x", 10, 4, 3, 20, 40, 0, []).total == 40  # XLA's GPU peak wins when larger
+    assert plan_compile.Compiled("x", 10, 4, 3, 20, 40, 0, []).total == 40  # XLA's GPU peak wins when larger
 
 
 def _setup(target, **kw):

@@ -32,7 +32,7 @@ from oisd_jax.rl import chunked, losses
 if TYPE_CHECKING:  # pragma: no cover
     from oisd_jax.model import ModelConfig
     from oisd_jax.rl.batch import TrainBatch
-    from oisd_jax.rl.step import StepConfig
+    from oisd_jax.rl.step_config import StepConfig
 
 Array = jax.Array
 
