@@ -15,7 +15,7 @@ import numpy as np
 from oisd_jax import data as D
 from oisd_jax import distributed, metrics, parallel
 from oisd_jax.config import AlgorithmSettings, algorithm_settings
-from oisd_jax.export import run_model_config, run_tokenizer  # one rule for train, eval and export
+from oisd_jax.run_files import run_model_config, run_tokenizer  # one rule for train, eval and export
 from oisd_jax.model import ModelConfig, init_params, load_hf
 from oisd_jax.rl.batch import TrainBatch, build_train_batch, pack_rows
 from oisd_jax.rl.step import StepConfig, make_logprob_fn, make_train_step, row_sharding
