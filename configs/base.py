@@ -94,8 +94,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     r.clip_high = 0.2  # eps_high: ratio upper bound 1 + clip_high
     r.dual_clip = 10.0  # c_dual for A < 0 (must be > 1)
     r.ratio_log_clamp = 20.0  # clamp of logp - old_logp before exp
-    r.loss_agg = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum
-    r.kl_coef = 0.0  # KL-to-reference coefficient; 0 = no reference model
+    # verl's names: token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm
+    # (Dr.GRPO: token sums over the constant max_new_tokens); None = the algorithm's own
+    # (seq-mean-token-sum-norm for dr_grpo, token-mean otherwise).
+    r.loss_agg = placeholder(str)
+    r.kl_coef = 0.0  # KL-to-reference coefficient; must be 0 until the trainer builds a reference policy
     r.kl_type = "k3"  # k1 | k2 | k3 (low_var_kl)
     r.entropy_coef = 0.0  # entropy bonus coefficient
     r.tap_layer = placeholder(int)  # student layer l (1-based) for OISD / BuPO

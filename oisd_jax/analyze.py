@@ -312,14 +312,14 @@ def analyze(workdirs: Sequence[str], out_dir: str, *, layer: int | None = None, 
     lens / attn use the first run's checkpoints (`steps`, default every saved one; the
     lens picture uses the newest); curves overlay every run's metrics.jsonl.
     """
-    from oisd_jax import export
+    from oisd_jax import run_files
     os.makedirs(out_dir, exist_ok=True)
     written, numbers = {}, {}
     if {"lens", "attn"} & set(what):
         wd = workdirs[0]
-        saved = export.checkpoint_steps(wd)
+        saved = run_files.checkpoint_steps(wd)
         steps = sorted(steps) if steps else saved
-        run = export.load_run(wd, step=steps[-1])
+        run = run_files.load_run(wd, step=steps[-1])
         cfg, L = run.model_cfg, run.model_cfg.num_layers
         layer = int(layer or run.config.rl.tap_layer or L // 2)
         seqs, plens = rollouts_for_analysis(run, prompts=prompts, num_prompts=num_prompts)
@@ -333,7 +333,7 @@ def analyze(workdirs: Sequence[str], out_dir: str, *, layer: int | None = None, 
         if "attn" in what:
             rows, lens_rows = [], []
             for s in steps:
-                params = run.params if s == run.step else export.restore_params(wd, cfg, step=s)[1]
+                params = run.params if s == run.step else run_files.restore_params(wd, cfg, step=s)[1]
                 rows.append(attention_agreement(params, cfg, seqs, plens, layer))
                 lens_rows.append(lens_agreement(params, cfg, seqs, plens, layer))
             a = np.stack(rows)

@@ -19,7 +19,8 @@ import ml_collections
 ALGORITHMS = ("grpo", "rloo", "reinforce_pp", "dr_grpo", "bupo", "oisd", "oisd_think_only",
               "oisd_attn_only")
 ADV_ESTIMATORS = ("grpo", "rloo", "reinforce_pp", "dr_grpo")
-LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+# verl's agg_loss names; seq-mean-token-sum-norm is Dr.GRPO's constant-length normaliser.
+LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 KL_TYPES = ("k1", "k2", "k3")
 DATA_FORMATS = ("synthetic", "parquet", "jsonl")
 TRUNCATIONS = ("left", "error")
@@ -47,6 +48,8 @@ _ALGORITHM_TABLE = {
     "oisd_think_only": ("grpo", True, False, False),
     "oisd_attn_only": ("grpo", False, True, False),
 }
+# rl.loss_agg=None -> the aggregation the algorithm's paper uses (token-mean otherwise).
+_ALGORITHM_LOSS_AGG = {"dr_grpo": "seq-mean-token-sum-norm"}
 
 
 _MISSING = object()
@@ -73,6 +76,7 @@ class AlgorithmSettings:
     lens_norm: bool  # apply the final norm to the student residual before the unembedding
     bupo_steps: int  # BuPO: RL steps that optimise the internal policy; 0 = never
     oisd_metrics: bool = False  # log the OISD divergences at tap_layer even with their weights 0
+    loss_agg: str = "token-mean"  # one of LOSS_AGGS
 
     @property
     def use_think(self) -> bool:
@@ -105,7 +109,8 @@ def algorithm_settings(config: ml_collections.ConfigDict) -> AlgorithmSettings:
         attn_weight=float(rl.attn_weight) if attn else 0.0,
         tap_layer=rl.tap_layer if uses_tap else None,
         lens_norm=bool(rl.bupo_lens_norm if bupo else rl.lens_norm),
-        bupo_steps=int(rl.bupo_steps) if bupo else 0, oisd_metrics=metrics)
+        bupo_steps=int(rl.bupo_steps) if bupo else 0, oisd_metrics=metrics,
+        loss_agg=rl.loss_agg or _ALGORITHM_LOSS_AGG.get(rl.algorithm, "token-mean"))
 
 
 # ----------------------------------------------------------------------------- validation
@@ -335,8 +340,11 @@ def validate(config: ml_collections.ConfigDict, *, num_layers: int | None = None
     c.number("rl.clip_high", ge=0)
     c.number("rl.dual_clip", gt=1)
     c.number("rl.ratio_log_clamp", gt=0)
-    c.choice("rl.loss_agg", LOSS_AGGS)
-    c.number("rl.kl_coef", ge=0)
+    if c.get("rl.loss_agg") is not None:
+        c.choice("rl.loss_agg", LOSS_AGGS)
+    if (c.number("rl.kl_coef", ge=0) or 0) > 0:
+        c.bad(f"rl.kl_coef={config.rl.kl_coef} needs a reference policy, which the trainer does not "
+              "build yet: set 0")
     c.choice("rl.kl_type", KL_TYPES)
     c.number("rl.entropy_coef", ge=0)
     think = c.number("rl.think_weight", ge=0)

@@ -75,7 +75,7 @@ def apply_arg(config: ml_collections.ConfigDict, arg: str | None) -> ml_collecti
     """Apply a config file's ':arg' string, then lock the config (typos fail loudly).
 
     Items are comma-separated: a bare word is an algorithm (`grpo`, `bupo`, `oisd`, ...;
-    `dr_grpo` also selects its seq-mean-token-sum aggregation), `a.b=value` sets a dotted
+    `rl.algorithm` picks its own loss aggregation, see configs/base.py), `a.b=value` sets a dotted
     field (value parsed as a Python literal, else taken as a string).
     """
     for item in _split_items(arg or ""):
@@ -86,8 +86,6 @@ def apply_arg(config: ml_collections.ConfigDict, arg: str | None) -> ml_collecti
                 raise ConfigError([f"config argument {key!r} is not an algorithm {ALGORITHMS} "
                                    "nor a key=value pair"])
             config.rl.algorithm = key
-            if key == "dr_grpo":
-                config.rl.loss_agg = "seq-mean-token-sum"
             continue
         *parents, leaf = key.split(".")
         node = config

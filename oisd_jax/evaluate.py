@@ -329,7 +329,7 @@ def define_flags() -> None:
 
 def main(argv):
     del argv
-    from oisd_jax import distributed, export, startup
+    from oisd_jax import distributed, run_files, startup
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every handler at INFO
     distributed.initialize_from_flags()  # every process of a multi-host slice runs this command
@@ -339,10 +339,10 @@ def main(argv):
     if FLAGS.hf:
         if FLAGS.config is None:
             raise app.UsageError("--hf needs --config (data, template, sampler settings)")
-        run = export.load_hf_run(FLAGS.hf, FLAGS.config)
+        run = run_files.load_hf_run(FLAGS.hf, FLAGS.config)
         out = FLAGS.out or os.path.join(FLAGS.hf, "eval")
     else:
-        run = export.load_run(FLAGS.workdir, step=FLAGS.step, config=FLAGS.config)
+        run = run_files.load_run(FLAGS.workdir, step=FLAGS.step, config=FLAGS.config)
         out = FLAGS.out or os.path.join(FLAGS.workdir, "eval", f"step_{run.step}")
     benchmarks = load_benchmarks(run.config, run.tokenizer, FLAGS.benchmarks, k=FLAGS.k, limit=FLAGS.limit)
     results = evaluate(run, benchmarks, out, seed=FLAGS.seed, overwrite=FLAGS.overwrite)

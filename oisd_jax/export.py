@@ -4,156 +4,21 @@ The folder holds config.json, safetensors (through `oisd_jax.model.save_hf`), th
 tokenizer files and a generation_config.json, so `transformers.AutoModelForCausalLM` /
 `AutoTokenizer.from_pretrained(DIR)` load it. The run's tokenizer is the synthetic one when
 `data.format == 'synthetic'` and `model.tokenizer_path` is unset, else the tokenizer folder
-of `model.tokenizer_path or model.hf_path` (the same rule as the trainer's).
-
-Also the run-reading helpers that evaluate.py and analyze.py share: the config saved in a
-checkpoint, and the master params of a step restored alone (orbax partial restore), so
-neither the optimizer moments (2x the params) nor the data state are read.
+of `model.tokenizer_path or model.hf_path` (the same rule as the trainer's: both come from
+`oisd_jax.run_files`).
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
-from typing import Any
 
-import jax
-import ml_collections
-import orbax.checkpoint as ocp
 from absl import app, flags
-from flax import serialization
 
-from oisd_jax import distributed, parallel
-from oisd_jax.model import ModelConfig, Params, abstract, save_hf
+from oisd_jax import distributed
+from oisd_jax.model import save_hf
+from oisd_jax.run_files import Run, load_run
 
 log = logging.getLogger("oisd_jax.export")
-_ITEMS = ("state", "data", "rng", "config")  # oisd_jax.checkpoint's item names
-
-
-# ----------------------------------------------------------------------------- reading runs
-def checkpoint_dir(workdir: str | os.PathLike) -> str:
-    """`<workdir>/checkpoints` (the trainer's layout), or `workdir` if it is that folder."""
-    workdir = os.path.abspath(workdir)  # orbax refuses relative checkpoint paths
-    sub = os.path.join(workdir, "checkpoints")
-    return sub if os.path.isdir(sub) else workdir
-
-
-def _manager(ckpt_dir: str) -> ocp.CheckpointManager:
-    if not os.path.isdir(ckpt_dir):
-        raise FileNotFoundError(f"no checkpoint folder at {ckpt_dir}")
-    return ocp.CheckpointManager(ckpt_dir, item_names=_ITEMS,
-                                 options=ocp.CheckpointManagerOptions(read_only=True))
-
-
-def checkpoint_steps(workdir: str | os.PathLike) -> list[int]:
-    """Saved steps of a run, oldest first."""
-    return sorted(_manager(checkpoint_dir(workdir)).all_steps())
-
-
-def _pick_step(manager: ocp.CheckpointManager, step: int | None, where: str) -> int:
-    steps = sorted(manager.all_steps())
-    if not steps:
-        raise FileNotFoundError(f"no checkpoints in {where}")
-    if step is None:
-        return steps[-1]
-    if step not in steps:
-        raise FileNotFoundError(f"no checkpoint step {step} in {where} (saved: {steps})")
-    return step
-
-
-def read_run_config(workdir: str | os.PathLike, step: int | None = None) -> ml_collections.ConfigDict:
-    """The config a run saved with its checkpoint `step` (None = newest)."""
-    ckpt = checkpoint_dir(workdir)
-    m = _manager(ckpt)
-    step = _pick_step(m, step, ckpt)
-    d = m.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
-    if not d:
-        raise ValueError(f"checkpoint step {step} in {ckpt} has no saved config: pass --config")
-    return ml_collections.ConfigDict(d)
-
-
-def restore_params(workdir: str | os.PathLike, model_cfg: ModelConfig, *, step: int | None = None,
-                   mesh: jax.sharding.Mesh | None = None, dtype=None,
-                   rules=parallel.RULES) -> tuple[int, Params]:
-    """(step, TrainState.params) of checkpoint `step` (None = newest), read straight into
-    the shardings of `rules` on `mesh` (default: all devices, the training layout)."""
-    ckpt = checkpoint_dir(workdir)
-    m = _manager(ckpt)
-    step = _pick_step(m, step, ckpt)
-    mesh = mesh if mesh is not None else parallel.make_mesh((1, -1, 1))
-    target = abstract(model_cfg, mesh=mesh, dtype=dtype or model_cfg.param_dtype, rules=rules)
-    item = {"params": serialization.to_state_dict(target)}
-    restore_args = jax.tree.map(
-        lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape, dtype=s.dtype), item)
-    out = m.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)))
-    return step, serialization.from_state_dict(target, out.state["params"])
-
-
-def run_tokenizer(config):
-    """The tokenizer a run trains with (train_setup, evaluate and export all use this)."""
-    from oisd_jax import data as D
-    m = config.model
-    if config.data.format == "synthetic" and not m.tokenizer_path:
-        return D.synthetic_tokenizer()
-    return D.load_tokenizer(m.tokenizer_path or m.hf_path)
-
-
-def run_model_config(config, tokenizer) -> ModelConfig:
-    """The ModelConfig a run trains with: preset or hf_path, run settings, EOS ids merged
-    with the tokenizer's (the trainer's rule, so exported folders stop where rollouts did)."""
-    # Defined here (not in train_setup) so exporting needs neither the sampler nor the
-    # train step; train_setup imports it.
-    m = config.model
-    run = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy, attn_impl=m.attn_impl,
-               attn_block_size=int(m.attn_block_size))
-    cfg = ModelConfig.from_hf(m.hf_path, **run) if m.hf_path else ModelConfig.preset(m.preset, **run)
-    if len(tokenizer) > cfg.vocab_size:
-        raise ValueError(f"model.tokenizer_path: {len(tokenizer)} tokens > the model's vocab_size {cfg.vocab_size}")
-    tok_eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    eos = tuple(dict.fromkeys([*cfg.eos_token_ids, *tok_eos]))
-    if not eos:
-        raise ValueError("no EOS id: neither the model's config.json nor the tokenizer defines one")
-    return cfg.replace(eos_token_ids=eos)
-
-
-@dataclasses.dataclass
-class Run:
-    config: Any
-    tokenizer: Any
-    model_cfg: ModelConfig
-    params: Params
-    step: int | None  # checkpoint step; None for a Hugging Face folder
-    source: str       # "workdir@step" or "hf:DIR", for reports
-
-
-def load_run(workdir: str | os.PathLike, *, step: int | None = None, config=None,
-             mesh: jax.sharding.Mesh | None = None) -> Run:
-    """Config (given, else the checkpoint's), tokenizer, model config and master params."""
-    config = config if config is not None else read_run_config(workdir, step)
-    tokenizer = run_tokenizer(config)
-    model_cfg = run_model_config(config, tokenizer)
-    mesh = mesh if mesh is not None else parallel.make_mesh(tuple(config.mesh.shape))
-    step, params = restore_params(workdir, model_cfg, step=step, mesh=mesh)
-    return Run(config, tokenizer, model_cfg, params, step, f"{os.path.abspath(workdir)}@{step}")
-
-
-def load_hf_run(hf_dir: str | os.PathLike, config, mesh: jax.sharding.Mesh | None = None) -> Run:
-    """A Hugging Face folder evaluated under `config`'s run settings (dtype, sampler, data).
-
-    The folder replaces model.hf_path; its tokenizer is used unless the config names one
-    (or the run is synthetic with no tokenizer_path: the exported synthetic tokenizer is
-    the same one).
-    """
-    from oisd_jax.model import load_hf
-    hf_dir = os.path.abspath(hf_dir)
-    config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy
-    config.model.hf_path = hf_dir
-    tokenizer = run_tokenizer(config)
-    model_cfg = run_model_config(config, tokenizer)
-    mesh = mesh if mesh is not None else parallel.make_mesh(tuple(config.mesh.shape))
-    _, params = load_hf(hf_dir, dtype=config.model.param_dtype, mesh=mesh)
-    return Run(config, tokenizer, model_cfg, params, None, f"hf:{hf_dir}")
 
 
 # ----------------------------------------------------------------------------- export

@@ -28,142 +28,16 @@ import math
 import os
 import sys
 import time
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
 import jax
 
 from oisd_jax import parallel
+from oisd_jax.plan_compile import GiB, Budget, PhaseResult, Target, compile_program, get_target
 from oisd_jax.plan_programs import Phase, PlanSetup, build_phases, make_setup, sampler_cache_bytes
 
-GiB = 2 ** 30
 
-
-# ----------------------------------------------------------------------------- targets
-@dataclasses.dataclass(frozen=True)
-class Target:
-    kind: str                 # "gpu" | "cpu"
-    name: str
-    memory_bytes: int         # per device
-    peak_flops: float         # per device, dense bf16 (0 = unknown)
-    bandwidth: float          # HBM bytes/s (0 = unknown)
-    gpu: Any = None           # gpu_targets.GpuTarget
-
-    def devices(self, n: int) -> list:
-        if self.kind == "gpu":
-            from oisd_jax import gpu_targets
-            return gpu_targets.compile_only_devices(self.gpu, n)
-        cpus = jax.devices("cpu")
-        if len(cpus) < n:
-            raise RuntimeError(f"--target=cpu needs {n} CPU devices, jax has {len(cpus)}: run as "
-                               f"`python -m oisd_jax.plan` (it sets jax_num_cpu_devices) or set "
-                               f"XLA_FLAGS=--xla_force_host_platform_device_count={n}")
-        return cpus[:n]
-
-
-def get_target(name: str, cpu_memory_gib: float = 80.0) -> Target:
-    if name == "cpu":
-        return Target("cpu", "CPU (fake devices; indicative only)", int(cpu_memory_gib * GiB), 0.0, 0.0)
-    from oisd_jax import gpu_targets
-    t = gpu_targets.load(name)
-    return Target("gpu", t.name, t.memory_bytes, t.peak_bf16_flops, t.bandwidth, t)
-
-
-# ----------------------------------------------------------------------------- compiling
-@dataclasses.dataclass
-class Compiled:
-    """One program's per-device memory as XLA assigned it."""
-    name: str
-    arguments: int
-    outputs: int
-    aliased: int
-    temporaries: int
-    xla_peak: int | None      # memory_analysis().peak_memory_in_bytes (GPU; CPU's ignores temps)
-    compile_s: float
-    warnings: list[str]
-    cudnn_attention: int = 0  # cuDNN fused-attention calls in the compiled program
-
-    @property
-    def total(self) -> int:
-        own = self.arguments + self.outputs - self.aliased + self.temporaries
-        return max(own, self.xla_peak or 0)
-
-
-class _CaptureStderr:
-    """XLA logs from C++ straight to fd 2; redirect the fd to a file to read its warnings."""
-
-    def __enter__(self):
-        import tempfile
-        sys.stderr.flush()
-        self.file = tempfile.TemporaryFile(mode="w+b")
-        self.saved = os.dup(2)
-        os.dup2(self.file.fileno(), 2)
-        return self
-
-    def __exit__(self, *exc):
-        sys.stderr.flush()
-        os.dup2(self.saved, 2)
-        os.close(self.saved)
-        self.file.seek(0)
-        self.text = self.file.read().decode(errors="replace")
-        self.file.close()
-        return False
-
-
-REMAT_WARNING = "Can't reduce memory use below"
-# Deviceless-compile chatter that says nothing about memory (no GPU here; a sort algorithm
-# XLA would pick with CUB data it lacks offline).
-_NOISE = ("cudart_stub", "absl::InitializeLog", "deviceless CUB", "cub/data", "Missing deviceless")
-
-
-def compile_program(name: str, lower: Callable[[], Any], target: Target) -> Compiled:
-    """Lower + compile (nothing allocated) and read memory_analysis; keep XLA's remat warnings."""
-    t0 = time.perf_counter()
-    ctx = _assume_cudnn(target)
-    with ctx, _CaptureStderr() as cap:
-        compiled = lower().compile()
-    dt = time.perf_counter() - t0
-    warn = [ln.strip() for ln in cap.text.splitlines() if REMAT_WARNING in ln]
-    other = [ln for ln in cap.text.splitlines() if ln.strip() and REMAT_WARNING not in ln
-             and not any(n in ln for n in _NOISE)]
-    if other:  # not ours to swallow
-        sys.stderr.write("\n".join(other) + "\n")
-    m = compiled.memory_analysis()
-    peak = getattr(m, "peak_memory_in_bytes", None) if target.kind == "gpu" else None
-    fmha = compiled.as_text().count("custom_call_target=\"__cudnn$fmha") if target.kind == "gpu" else 0
-    return Compiled(name, int(m.argument_size_in_bytes), int(m.output_size_in_bytes), int(m.alias_size_in_bytes),
-                    int(m.temp_size_in_bytes), None if peak is None else int(peak), dt, warn, fmha)
-
-
-def _assume_cudnn(target: Target):
-    import contextlib
-    if target.kind != "gpu":
-        return contextlib.nullcontext()
-    from oisd_jax import gpu_targets
-    return gpu_targets.assume_cudnn(target.gpu)
-
-
-# ----------------------------------------------------------------------------- budget
-@dataclasses.dataclass(frozen=True)
-class Budget:
-    device_bytes: int
-    mem_fraction: float
-    reserve_bytes: int
-
-    @property
-    def bytes(self) -> int:
-        return int(self.device_bytes * self.mem_fraction) - self.reserve_bytes
-
-
-@dataclasses.dataclass
-class PhaseResult:
-    phase: Phase
-    compiled: Compiled
-
-    @property
-    def total(self) -> int:
-        return self.phase.resident_bytes + self.compiled.total
-
-
+# ----------------------------------------------------------------------------- phases
 def run_phases(setup: PlanSetup, target: Target, only: Sequence[str] | None = None) -> list[PhaseResult]:
     out = []
     for ph in build_phases(setup):
@@ -178,7 +52,7 @@ def step_flops(setup: PlanSetup, mean_prompt: float, response_frac: float) -> di
     """Analytic FLOPs of one RL step (cost_analysis counts a scanned body once).
 
     Training: (3 + remat) x forward (6 N tokens + attention when remat = 0) over every
-    rollout token, plus OISD's lens head (2 D V per token forward, x3 with its backward,
+    rollout token, rl.ppo_epochs times, plus OISD's lens head (2 D V per token forward, x3 with its backward,
     +1 recomputed); the old-log-prob pass: one forward. Sampling: 2 N per token (prefill +
     decode) plus attention over the growing context.
     """
@@ -187,16 +61,13 @@ def step_flops(setup: PlanSetup, mean_prompt: float, response_frac: float) -> di
     n = float(setup.matmul_params)
     attn_dim = m.num_heads * m.head_dim
     seq = mean_prompt + response_frac * setup.max_new_tokens
-    rollouts = int(c.train.prompts_per_step) * int(c.sampler.n) * int(c.rl.get("ppo_epochs", 1))
-    tokens = rollouts * seq
+    tokens = int(c.train.prompts_per_step) * int(c.sampler.n) * seq  # the step's rollout tokens
     fwd = forward_flops(n, tokens, num_layers=m.num_layers, attn_dim=attn_dim, context_len=seq)
     remat = {"none": 0.0, "everything_saveable": 0.0}.get(m.remat_policy, 1.0)
     lens = 2.0 * m.hidden_size * m.vocab_size * tokens if setup.step_cfg.think_weight > 0 else 0.0
-    train = (3.0 + remat) * fwd + 4.0 * lens
-    logprob = forward_flops(n, tokens, num_layers=m.num_layers, attn_dim=attn_dim, context_len=seq)
-    sample = forward_flops(n, int(c.train.prompts_per_step) * int(c.sampler.n) * seq, num_layers=m.num_layers,
-                           attn_dim=attn_dim, context_len=seq)
-    return {"train": train, "old_logprob": logprob, "sample": sample, "tokens": tokens}
+    # rl.ppo_epochs passes of updates; the old log-probs and the samples once per step
+    train = int(c.rl.get("ppo_epochs", 1)) * ((3.0 + remat) * fwd + 4.0 * lens)
+    return {"train": train, "old_logprob": fwd, "sample": fwd, "tokens": tokens}
 
 
 def sampling_seconds(setup: PlanSetup, sampler: Phase, bandwidth: float, response_frac: float = 1.0) -> float:

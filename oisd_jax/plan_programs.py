@@ -132,11 +132,13 @@ def make_setup(config, devices, *, preset: str | None = None, micro_batch_tokens
     if rows < 1:
         raise ValueError(f"rl.micro_batch_tokens={mbt} holds fewer than the {shards} rows of {row_len} tokens "
                          f"one per batch shard (data x fsdp) needs: use k * {row_len * shards}")
-    # An update's rollouts, at full length (the worst case the packer can face).
+    # An update's rollouts, at full length (the worst case the packer can face), packed
+    # as the trainer packs them: its shapes, its rollouts per row (Q probes each).
+    from oisd_jax.train_setup import max_seqs_per_row, packing_shape
     rollouts = int(config.train.mini_batch_prompts) * int(config.sampler.n)
-    num_micro = max(1, math.ceil(rollouts / rows))
-    # As train_setup packs: at most min(16, row_len // 16) rollouts per row, Q probes each.
-    probes = int(config.rl.attn_steps) * max(1, min(16, row_len // 16))
+    rows, num_micro = packing_shape([row_len] * rollouts, row_len=row_len, micro_batch_tokens=mbt,
+                                    batch_devices=shards)
+    probes = int(config.rl.attn_steps) * max_seqs_per_row(row_len)
     return PlanSetup(config=config, model=model, step_cfg=StepConfig.from_config(config), mesh=mesh,
                      sampler_mesh=sampler_mesh, row_len=row_len, micro_batch_tokens=rows * row_len,
                      num_micro=num_micro, probes_per_row=probes,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-from oisd_jax.plan import Budget, Compiled, PhaseResult, Target, compile_program
+from oisd_jax.plan_compile import Budget, Compiled, PhaseResult, Target, compile_program
 from oisd_jax.plan_programs import PlanSetup, sampler_cache_bytes, sampler_phase, train_phase
 
 

@@ -91,21 +91,25 @@ def rl_step(s: Setup, state, step: int, it, pool: RewardPool, key: jax.Array, ti
     with timer("reward"):
         answers = [e["answer"] for e in examples for _ in range(ro.n)]
         rewards = rollout.score(pool, ro.texts, answers).reshape(len(examples), ro.n)
-    adv = np.asarray(advantages.compute(algo.adv_estimator, jnp.asarray(rewards))).reshape(-1)
+    adv = advantages.compute(algo.adv_estimator, jnp.asarray(rewards),
+                             lengths_BG=jnp.asarray(ro.lengths.reshape(rewards.shape), jnp.float32))
+    adv = np.asarray(adv).reshape(-1)
     with timer("update"):
         batches = [s.put_batch(b) for b in make_minibatches(s, ro, adv, step)]
-        # old log-probs of every mini-batch come from the policy before this step's updates
+        # old log-probs of every mini-batch come from the policy before this step's updates,
+        # and stay fixed over the rl.ppo_epochs passes (PPO's pi_old)
         batches = [b.replace(old_logp=logp_fn(state.params, b)) for b in batches]
         step_metrics = []
-        for b in batches:
-            state, m = step_fn(state, b)
-            step_metrics.append(m)
+        for _ in range(int(config.rl.ppo_epochs)):
+            for b in batches:
+                state, m = step_fn(state, b)
+                step_metrics.append(m)
         step_metrics = jax.device_get(step_metrics)
     tokens = int(sum(m["tokens"] for m in step_metrics))
     out = {k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0] if k != "tokens"}
     out.update(reward=float(rewards.mean()), response_len=float(ro.lengths.mean()),
                truncated=float(ro.truncated(s.sampling.eos_ids).mean()), tokens=tokens,
-               bupo_phase=int(bupo_now), reward_timeouts=pool.num_timeouts,
+               bupo_phase=int(bupo_now), reward_timeouts=pool.num_timeouts, updates=len(step_metrics),
                solve_none=float((rewards.max(1) == 0).mean()), solve_all=float((rewards.min(1) == 1).mean()))
     shown = range(0, len(ro.texts), max(1, ro.n))[:int(config.train.get("log_samples", 0))]  # one per prompt
     samples = [f"reward {rewards.flat[i]:g} | answer {answers[i]}\n--- prompt ---\n"

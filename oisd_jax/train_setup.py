@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -15,10 +15,10 @@ import numpy as np
 from oisd_jax import data as D
 from oisd_jax import distributed, metrics, parallel
 from oisd_jax.config import AlgorithmSettings, algorithm_settings
-from oisd_jax.export import run_model_config, run_tokenizer  # one rule for train, eval and export
+from oisd_jax.run_files import run_model_config, run_tokenizer  # one rule for train, eval and export
 from oisd_jax.model import ModelConfig, init_params, load_hf
 from oisd_jax.rl.batch import TrainBatch, build_train_batch, pack_rows
-from oisd_jax.rl.step import StepConfig, batch_shardings, make_logprob_fn, make_train_step
+from oisd_jax.rl.step import StepConfig, make_logprob_fn, make_train_step, row_sharding
 from oisd_jax.sampler import Sampler, SamplingParams
 
 _EVAL_SEED_OFFSET = 1_000_003  # held-out synthetic problems come from another seed
@@ -65,7 +65,7 @@ class Setup:
     def put_batch(self, batch: TrainBatch) -> TrainBatch:
         """The host batch (the same on every process) -> global arrays sharded like the step
         expects (rows over data x fsdp); each device gets only its rows."""
-        return distributed.put_global(batch, batch_shardings(self.mesh, batch.ref_logp is not None))
+        return distributed.put_global(batch, row_sharding(self.mesh))
 
     def train_flops_per_token(self) -> float:
         c = self.model_cfg
@@ -170,22 +170,53 @@ def _batch_devices(mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
-def _pack(s: Setup, prompts, responses, lengths, adv, rng) -> TrainBatch:
-    """Pack sequences into [M, R, row_len] with few distinct shapes: R and M are rounded
-    up to powers of two (times the batch devices), so compiles stay logarithmic."""
-    rl = s.config.rl
-    row_len, ndev = s.row_len, _batch_devices(s.mesh)
-    max_per_row = max(1, min(16, row_len // 16))
-    seq_lens = [len(p) + int(n) for p, n in zip(prompts, lengths) if n > 0]
-    rows = 1 + max((r for r, _ in pack_rows(seq_lens, row_len, None, max_per_row)), default=0)
-    r_cap = max(ndev, (int(rl.micro_batch_tokens) // row_len) // ndev * ndev)
-    r_need = ndev * 2 ** math.ceil(math.log2(max(1, math.ceil(rows / ndev))))
+def max_seqs_per_row(row_len: int) -> int:
+    """Rollouts a packed row holds at most: each brings Q attention-probe slots."""
+    return max(1, min(16, row_len // 16))
+
+
+def packing_shape(seq_lens: Sequence[int], *, row_len: int, micro_batch_tokens: int,
+                  batch_devices: int) -> tuple[int, int]:
+    """(R rows per micro-batch, M micro-batches) that sequences of `seq_lens` tokens are
+    packed into: R and M rounded up to powers of two (R a multiple of the batch devices,
+    at most micro_batch_tokens' rows), so compiles stay logarithmic. The planner plans
+    the worst case, every rollout at full length, through this same function."""
+    place = pack_rows(seq_lens, row_len, None, max_seqs_per_row(row_len))
+    rows = 1 + max((r for r, _ in place), default=0)
+    r_cap = max(batch_devices, (micro_batch_tokens // row_len) // batch_devices * batch_devices)
+    r_need = batch_devices * 2 ** math.ceil(math.log2(max(1, math.ceil(rows / batch_devices))))
     R = min(r_cap, r_need)
-    M = 2 ** math.ceil(math.log2(max(1, math.ceil(rows / R))))
+    return R, 2 ** math.ceil(math.log2(max(1, math.ceil(rows / R))))
+
+
+def _pack(s: Setup, prompts, responses, lengths, adv, rng) -> TrainBatch:
+    """Pack sequences into [M, R, row_len] (shapes from `packing_shape`)."""
+    rl = s.config.rl
+    seq_lens = [len(p) + int(n) for p, n in zip(prompts, lengths) if n > 0]
+    R, M = packing_shape(seq_lens, row_len=s.row_len, micro_batch_tokens=int(rl.micro_batch_tokens),
+                         batch_devices=_batch_devices(s.mesh))
+    row_len, max_per_row = s.row_len, max_seqs_per_row(s.row_len)
     steps = int(rl.attn_steps) if (s.algo.use_attn or s.step_cfg.oisd_metrics) else 0
-    return build_train_batch(prompts, responses, lengths, adv, row_len=row_len, rows_per_micro=R, num_micro=M,
-                             attn_steps=steps, attn_window=int(rl.attn_window), attn_stride=int(rl.attn_stride),
-                             max_seqs_per_row=max_per_row, rng=rng)
+    b = build_train_batch(prompts, responses, lengths, adv, row_len=row_len, rows_per_micro=R, num_micro=M,
+                          attn_steps=steps, attn_window=int(rl.attn_window), attn_stride=int(rl.attn_stride),
+                          max_seqs_per_row=max_per_row, rng=rng, head_len=0)
+    return with_head_positions(b, row_len)
+
+
+def with_head_positions(b: TrainBatch, row_len: int) -> TrainBatch:
+    """The vocabulary head only at the loss positions, padded to a power of two (few
+    shapes), when that is shorter than the row; else the full head (head_positions None).
+
+    Exact: every head term is weighted by the loss mask, so the skipped positions add 0
+    (tests/test_step.py, tests/test_train.py). Prompts and padding leave their [T, V]
+    logits out (bench/README.md: 4.73 -> 4.43 s a GRPO step, 6.15 -> 5.70 s an OISD one).
+    """
+    hp = b.head_positions
+    th = 2 ** math.ceil(math.log2(max(1, hp.shape[-1])))
+    if th >= row_len:
+        return b.replace(head_positions=None)
+    pad = np.full(hp.shape[:-1] + (th - hp.shape[-1],), -1, hp.dtype)
+    return b.replace(head_positions=np.concatenate([hp, pad], axis=-1))
 
 
 def make_minibatches(s: Setup, ro, adv: np.ndarray, step: int) -> list[TrainBatch]:

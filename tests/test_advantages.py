@@ -117,3 +117,37 @@ def test_compute_dispatch(rewards):
                                rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError):
         advantages.compute("ppo", rewards)
+
+
+def np_verl_reinforce_pp(rewards, lengths):
+    """verl's compute_reinforce_plus_plus_outcome_advantage (gamma 1) on an outcome reward:
+    the reward at each rollout's last response token, returns-to-go over the response,
+    then masked_whiten over every response token of the batch (unbiased variance,
+    rsqrt(var + 1e-8)). Returns each rollout's (constant) advantage, [N]."""
+    r, n = np.asarray(rewards, np.float64).ravel(), np.asarray(lengths, np.int64).ravel()
+    T = int(n.max())
+    mask = (np.arange(T)[None] < n[:, None]).astype(np.float64)
+    scores = np.zeros((len(r), T))
+    scores[np.arange(len(r)), n - 1] = r
+    returns = np.flip(np.cumsum(np.flip(scores * mask, -1), -1), -1) * mask
+    mean = (returns * mask).sum() / mask.sum()
+    var = (((returns - mean) ** 2) * mask).sum() / mask.sum() * mask.sum() / (mask.sum() - 1)
+    adv = (returns - mean) / np.sqrt(var + 1e-8) * mask
+    return adv[np.arange(len(r)), 0]
+
+
+def test_reinforce_pp_with_lengths_is_verls_token_whitening():
+    """The trainer's call (advantages.compute with lengths) on a toy batch: short correct
+    rollouts and long wrong ones. verl weights rollouts by their length: +1.57 / -0.63,
+    where per-rollout whitening gives +-0.94."""
+    rewards = np.array([[1.0, 0.0, 1.0, 0.0], [1.0, 0.0, 1.0, 0.0]], np.float32)
+    lengths = np.where(rewards > 0, 6, 15).astype(np.float32)
+    want = np_verl_reinforce_pp(rewards, lengths).reshape(rewards.shape)
+    got = np.asarray(advantages.compute("reinforce_pp", rewards, lengths_BG=lengths))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(want[0, :2], [1.572, -0.629], atol=1e-3)
+    np.testing.assert_allclose(np.asarray(advantages.compute("reinforce_pp", rewards))[0, :2], [0.935, -0.935],
+                               atol=1e-3)
+    # the group estimators ignore lengths, as verl's do
+    np.testing.assert_array_equal(advantages.compute("grpo", rewards, lengths_BG=lengths),
+                                  advantages.compute("grpo", rewards))

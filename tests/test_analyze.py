@@ -106,7 +106,7 @@ def test_attention_and_curve_plots(tmp_path):
 
 
 def test_analyze_tiny_run(tmp_path_factory, tmp_path):
-    from oisd_jax import export
+    from oisd_jax import run_files
     from tiny_run import tiny_run
     run_dir = tiny_run(tmp_path_factory)
     written = A.analyze([run_dir], str(tmp_path), num_prompts=2)
@@ -115,7 +115,7 @@ def test_analyze_tiny_run(tmp_path_factory, tmp_path):
         _png_ok(p)
     info = json.loads((tmp_path / "analysis.json").read_text())
     att = info["attention_agreement"]
-    run = export.load_run(run_dir)
+    run = run_files.load_run(run_dir)
     assert att["steps"] == [1, 2] and att["layer"] == run.config.rl.tap_layer
     assert np.asarray(att["per_head"]).shape == (2, run.model_cfg.num_heads)
     assert len(att["lens"]) == 2 and all(0 <= x <= 1 for x in att["lens"])
@@ -125,6 +125,6 @@ def test_analyze_tiny_run(tmp_path_factory, tmp_path):
     # column 1 is step 1's weights on the same rollouts (re-tokenised from the saved texts
     # would differ; recompute from the greedy rollouts of the newest checkpoint instead)
     seqs, plens = A.rollouts_for_analysis(run, num_prompts=2)
-    _, p1 = export.restore_params(run_dir, run.model_cfg, step=1)
+    _, p1 = run_files.restore_params(run_dir, run.model_cfg, step=1)
     np.testing.assert_allclose(A.attention_agreement(p1, run.model_cfg, seqs, plens, att["layer"]),
                                att["per_head"][0], atol=1e-6)

@@ -84,10 +84,10 @@ def _by_hand(dump_path, k_of):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from oisd_jax import export
+    from oisd_jax import run_files
     from tiny_run import tiny_run
     run_dir = tiny_run(tmp_path_factory)
-    run = export.load_run(run_dir)
+    run = run_files.load_run(run_dir)
     # a file-based benchmark next to the held-out synthetic one (chat prompts, verl fields)
     path = tmp_path_factory.mktemp("evalset") / "mini.jsonl"
     rows = [{"prompt": [{"role": "user", "content": f"what is {a}+{b}?"}], "reward_model": {"ground_truth": str(a + b)}}

@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from oisd_jax import export
+from oisd_jax import export, run_files
 from oisd_jax.checkpoint import Checkpointer
 from oisd_jax.data import synthetic_tokenizer
 from oisd_jax.model import forward, logits
@@ -74,7 +74,7 @@ def test_export_tokenizer_and_configs(run_dir, tmp_path):
     assert hf_cfg["bos_token_id"] == ref.bos_token_id
     # export's model-config rule is the one the trainer builds its model with
     c = tiny_config()
-    assert build_setup(c).model_cfg == export.run_model_config(c, ref)
+    assert build_setup(c).model_cfg == run_files.run_model_config(c, ref)
 
 
 def test_export_bfloat16(run_dir, tmp_path):
@@ -93,11 +93,11 @@ def test_export_bfloat16(run_dir, tmp_path):
 
 def test_restore_params_is_the_trainers(run_dir):
     cfg, params = _trainer_params(run_dir, 1)
-    step, mine = export.restore_params(run_dir, cfg, step=1)
+    step, mine = run_files.restore_params(run_dir, cfg, step=1)
     assert step == 1
     diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
                                          params, mine))
     assert max(diffs) == 0.0
-    assert export.checkpoint_steps(run_dir) == [1, 2]
+    assert run_files.checkpoint_steps(run_dir) == [1, 2]
     with pytest.raises(FileNotFoundError, match="saved"):
-        export.restore_params(run_dir, cfg, step=7)
+        run_files.restore_params(run_dir, cfg, step=7)

@@ -86,11 +86,14 @@ def test_aggregate_modes_vs_numpy():
     for mode, want in ref.items():
         got = jax.jit(functools.partial(losses.aggregate, mode=mode))(loss, mask)
         np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL, err_msg=mode)
+    # Dr.GRPO's constant normaliser: each sequence's token sum over the budget, mean over sequences
     np.testing.assert_allclose(
-        losses.aggregate(loss, mask, "seq-mean-token-sum", norm_len=16.0),
-        ref["seq-mean-token-sum"] / 16.0, rtol=RTOL)
+        losses.aggregate(loss, mask, "seq-mean-token-sum-norm", norm_len=16.0),
+        np.mean([(l64[i] * m64[i]).sum() / 16.0 for i in np.where(rows)[0]]), rtol=RTOL)
     with pytest.raises(ValueError):
         losses.aggregate(loss, mask, "token-sum")
+    with pytest.raises(ValueError, match="only seq-mean-token-sum-norm"):
+        losses.aggregate(loss, mask, "seq-mean-token-sum", norm_len=16.0)
 
 
 def test_aggregate_packed_segments():
@@ -198,7 +201,43 @@ def test_policy_loss_on_policy_is_minus_advantage():
     loss, m = policy(logp, logp, adv, mask)
     np.testing.assert_allclose(loss, -adv.mean(), rtol=1e-6)
     assert float(m["approx_kl"]) == 0.0 and float(m["ratio_mean"]) == 1.0
-    assert losses.bupo_policy_loss(logp, logp, adv, mask)[0] == loss
+
+
+def test_bupo_loss_is_the_clipped_surrogate_of_the_internal_policy(tmp_path):
+    """BuPO's step loss vs NumPy: log-probs of pi_l = softmax(W_U h_l / T_s) from
+    transformers' raw layer-l residual (no final norm, float64), verl's clipped surrogate,
+    token-mean. The final layer's policy gives another loss, so the check can fail."""
+    from hf_fixtures import save_hf_model
+    from oisd_jax.model import load_hf
+    from oisd_jax.rl.batch import build_train_batch
+    from oisd_jax.rl.step import StepConfig, compute_grads
+    import torch
+    model = save_hf_model("qwen3", tmp_path, seed=5, tie_word_embeddings=False).double()
+    cfg, params = load_hf(tmp_path, dtype=jnp.float32)
+    rng = np.random.default_rng(8)
+    n, l, temp = 4, 2, 0.7
+    prompts = [rng.integers(2, cfg.vocab_size, 3).tolist() for _ in range(n)]
+    responses = [rng.integers(2, cfg.vocab_size, 6).tolist() for _ in range(n)]
+    adv = np.array([1.0, -0.5, 0.8, -1.2])
+    batch = build_train_batch(prompts, responses, [6, 4, 5, 6], adv, row_len=9, rows_per_micro=4, num_micro=1)
+    old = (rng.normal(size=batch.tokens.shape) * 0.3 - 5.0).astype(np.float32)
+    batch = batch.replace(old_logp=old)
+    w_u = model.lm_head.weight.detach().numpy().T  # [D, V]
+    logp = np.zeros(batch.tokens.shape)
+    for r in range(n):  # one sequence per row (9 tokens each)
+        with torch.no_grad():
+            hs = model(torch.tensor(batch.tokens[0, r][None]), output_hidden_states=True).hidden_states
+        z = hs[l][0].numpy() @ w_u / temp
+        z = z - z.max(-1, keepdims=True)
+        lsm = z - np.log(np.exp(z).sum(-1, keepdims=True))
+        logp[0, r] = lsm[np.arange(9), batch.targets[0, r]]
+    mask = batch.loss_mask[0]
+    want, _ = np_policy(logp[0], old[0], batch.advantages[0], mask, el=0.2, eh=0.28, c=3.0)
+    sc = StepConfig(temperature=temp, clip_high=0.28, dual_clip=3.0, tap_layer=l, logit_chunk=None)
+    got = jax.jit(lambda p, b: [compute_grads(p, b, cfg, c)[0] for c in (sc.replace(bupo=True), sc.replace(tap_layer=None))])
+    bupo, final = got(params, batch)
+    np.testing.assert_allclose(float(bupo), want, rtol=1e-4)
+    assert abs(float(final) - want) > 1e-2
 
 
 def test_kl_penalty_estimators():

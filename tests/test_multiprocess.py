@@ -46,8 +46,8 @@ def worker(pid: int, port: int, workdir: str) -> None:
 
 def evaluate_run(workdir: str, out: str) -> dict:
     """The evaluation CLI's work on the run's last checkpoint: 7 problems x k=4."""
-    from oisd_jax import evaluate, export
-    run = export.load_run(workdir)
+    from oisd_jax import evaluate, run_files
+    run = run_files.load_run(workdir)
     benchmarks = evaluate.load_benchmarks(run.config, run.tokenizer, limit=7)
     return evaluate.evaluate(run, benchmarks, os.path.join(workdir, out), progress=False)
 

@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from oisd_jax import gpu_targets, plan, plan_search
+from oisd_jax import gpu_targets, plan, plan_compile, plan_search
 from oisd_jax import plan_programs as pp
 from oisd_jax.config_files import load_config_file
 from oisd_jax.sampler import Sampler
@@ -62,17 +62,17 @@ def test_suggest_linear_finds_largest_fit():
 
 
 def test_capture_stderr_reads_native_writes():
-    with plan._CaptureStderr() as cap:
+    with plan_compile.CaptureStderr() as cap:
         os.write(2, b"W xla: Can't reduce memory use below 12.5GiB (13421772800 bytes) by rematerialization\n")
-    assert plan.REMAT_WARNING in cap.text
+    assert plan_compile.REMAT_WARNING in cap.text
 
 
 def test_budget_and_verdict():
     b = plan.Budget(device_bytes=80 * plan.GiB, mem_fraction=0.9, reserve_bytes=2 * plan.GiB)
     assert b.bytes == int(72 * plan.GiB) - 2 * plan.GiB
-    c = plan.Compiled("x", arguments=10, outputs=4, aliased=3, temporaries=20, xla_peak=None, compile_s=0, warnings=[])
+    c = plan_compile.Compiled("x", arguments=10, outputs=4, aliased=3, temporaries=20, xla_peak=None, compile_s=0, warnings=[])
     assert c.total == 31
-    assert plan.Compiled("x", 10, 4, 3, 20, 40, 0, []).total == 40  # XLA's GPU peak wins when larger
+    assert plan_compile.Compiled("x", 10, 4, 3, 20, 40, 0, []).total == 40  # XLA's GPU peak wins when larger
 
 
 def _setup(target, **kw):
@@ -119,6 +119,49 @@ def test_step_flops_closed_form():
     fwd = 2 * n * tokens + 4 * m.num_layers * m.num_heads * m.head_dim * (32 + 1) / 2 * tokens
     assert fl["train"] == pytest.approx(3 * fwd + 4 * 2 * m.hidden_size * m.vocab_size * tokens)
     assert fl["old_logprob"] == pytest.approx(fwd)
+
+
+def test_step_flops_and_schedule_count_every_ppo_epoch():
+    """rl.ppo_epochs=3: three passes of updates (FLOPs, cosine length), one old-log-prob
+    pass and one sampling per step."""
+    devices = plan.get_target("cpu").devices(8)
+    one, three = (pp.make_setup(load_config_file(TINY + f",rl.ppo_epochs={e}"), devices, micro_batch_tokens=1280)
+                  for e in (1, 3))
+    f1, f3 = (plan.step_flops(s, mean_prompt=16, response_frac=1.0) for s in (one, three))
+    assert f3["train"] == pytest.approx(3 * f1["train"])
+    assert (f3["old_logprob"], f3["sample"], f3["tokens"]) == (f1["old_logprob"], f1["sample"], f1["tokens"])
+    assert three.step_cfg.decay_steps == 3 * one.step_cfg.decay_steps
+
+
+@pytest.mark.parametrize("name,gpus", [("qwen3_4b", 4), ("qwen3_8b", 8), ("octothinker_3b", 4),
+                                       ("octothinker_8b", 8), ("qwen3_8b:rl.micro_batch_tokens=221184", 8)])
+def test_planner_packs_like_the_trainer(name, gpus):
+    """Each paper config on the GPUs it is sized for: the planner's micro-batch shape
+    [M, R, T] and probe slots are those of the batch the trainer packs from a mini-batch
+    of full-length rollouts (the planner's worst case). 24 rows per micro-batch: the
+    trainer runs 16 (a power of two) micro-batches, which the planner once counted as 11."""
+    import jax
+    import numpy as np
+    from oisd_jax import parallel
+    from oisd_jax.config import algorithm_settings
+    from oisd_jax.rl.step import StepConfig
+    from oisd_jax.rollout import Rollouts
+    from oisd_jax.train_setup import Setup, make_minibatches
+    file, _, arg = name.partition(":")
+    c = load_config_file(os.path.join(ROOT, "configs", f"{file}.py") + (f":{arg}" if arg else ""))
+    setup = pp.make_setup(c, plan.get_target("cpu").devices(gpus))
+    s = Setup(config=c, algo=algorithm_settings(c), tokenizer=None, model_cfg=None,
+              mesh=parallel.make_mesh(tuple(c.mesh.shape), jax.devices()[:gpus]), step_cfg=StepConfig.from_config(c), step_fns={},
+              logprob_fns={}, sampler=None, sampling=None, records=[], eval_sets={}, peak_flops=float("nan"))
+    P, N, n = int(c.data.max_prompt_len), int(c.sampler.max_new_tokens), int(c.sampler.n)
+    prompts = int(c.train.mini_batch_prompts)
+    responses = [np.ones(N, np.int32)] * (prompts * n)
+    ro = Rollouts([np.ones(P, np.int32)] * prompts, responses, responses, [""] * len(responses), n=n)
+    (batch,) = make_minibatches(s, ro, np.ones(len(responses), np.float32), 0)
+    assert batch.tokens.shape == (setup.num_micro, setup.rows_per_micro, setup.row_len)
+    assert batch.attn_queries.shape[-1] == setup.probes_per_row
+    if arg:
+        assert batch.tokens.shape[:2] == (16, 24)
 
 
 def test_cli_cpu_target(tmp_path, capsys):

@@ -14,7 +14,7 @@ import pytest
 import torch
 import transformers
 
-from oisd_jax import export
+from oisd_jax import export, run_files
 from oisd_jax.assets import SMOLLM2_DIR
 from oisd_jax.config import validate
 from oisd_jax.config_files import load_config_file
@@ -98,7 +98,7 @@ def test_one_oisd_step_with_real_text_then_export(tmp_path, hf_model):
 
     out = export.export(workdir, tmp_path / "hf")
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    _, trained = export.restore_params(workdir, ModelConfig.from_hf(out))
+    _, trained = run_files.restore_params(workdir, ModelConfig.from_hf(out))
     cfg = ModelConfig.from_hf(out)
     ids = _ids(transformers.AutoTokenizer.from_pretrained(out))
     ours = np.asarray(logits(trained, cfg, forward(trained, cfg, jnp.asarray(ids)).hidden))

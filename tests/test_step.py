@@ -265,12 +265,15 @@ def test_compact_head_equals_full_head(setup):
     np.testing.assert_allclose(np.asarray(lp), setup["logp"], atol=1e-6)
 
 
-@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
+AGGS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+
+
+@pytest.mark.parametrize("agg", AGGS)
 def test_token_weights_reproduce_aggregation(setup, agg):
     """sum(loss * weight) over the [M, R, T] batch == losses.aggregate over all rows."""
     from oisd_jax.rl import losses
     batch = setup["batch"]
-    sc = FULL.replace(loss_agg=agg, loss_norm_len=20.0 if agg == "seq-mean-token-sum" else None)
+    sc = FULL.replace(loss_agg=agg, loss_norm_len=20.0 if agg == "seq-mean-token-sum-norm" else None)
     per_tok = np.random.default_rng(1).normal(size=batch.tokens.shape).astype(np.float32)
     w = token_weights(batch, sc)
     T = batch.tokens.shape[-1]
@@ -279,6 +282,28 @@ def test_token_weights_reproduce_aggregation(setup, agg):
     np.testing.assert_allclose(float(jnp.sum(per_tok * w.pg)), float(want), rtol=1e-5)
     np.testing.assert_allclose(float(jnp.sum(w.tok)), 1.0, rtol=1e-6)
     assert float(w.attn_denom) == batch.attn_valid.sum()
+
+
+@pytest.mark.parametrize("agg", AGGS)
+def test_step_loss_aggregation_vs_numpy(setup, agg):
+    """The step's L_pg under each rl.loss_agg, on-policy (ratio 1, so L_pg = -A per token)
+    against verl's agg_loss written out per packed sequence (Dr.GRPO's -norm: over 20)."""
+    cfg, params, batch = setup["cfg"], setup["params"], setup["batch"]
+    # advantages shifted off zero mean, so the modes' different weights show in the loss
+    batch = batch.replace(old_logp=setup["logp"], advantages=batch.advantages + 0.5 * batch.loss_mask)
+    sc = GRPO.replace(loss_agg=agg, loss_norm_len=20.0 if agg == "seq-mean-token-sum-norm" else None)
+    loss = float(jax.jit(lambda p, b: compute_grads(p, b, cfg, sc)[0])(params, batch))
+    sums, counts = [], []
+    for m, r in np.ndindex(batch.tokens.shape[:2]):
+        seg, mask = batch.segment_ids[m, r], batch.loss_mask[m, r].astype(np.float64)
+        for s in np.unique(seg[seg > 0]):
+            sel = (seg == s) & (mask > 0)
+            sums.append(-batch.advantages[m, r][sel].astype(np.float64).sum())
+            counts.append(sel.sum())
+    sums, counts = np.array(sums), np.array(counts)
+    want = {"token-mean": sums.sum() / counts.sum(), "seq-mean-token-mean": np.mean(sums / counts),
+            "seq-mean-token-sum": np.mean(sums), "seq-mean-token-sum-norm": np.mean(sums / 20.0)}[agg]
+    np.testing.assert_allclose(loss, want, rtol=1e-5, atol=1e-7)
 
 
 def test_micro_batches_equal_one_batch(setup):
@@ -408,7 +433,11 @@ def test_step_config_from_config():
     assert b1.bupo and not b1.bupo_lens_norm and not b2.bupo and not (b2.think_on or b2.attn_on)
     with pytest.raises(ValueError, match="not bupo"):
         StepConfig.from_config(base.get_config("grpo"), bupo=True)
+    d = StepConfig.from_config(base.get_config("dr_grpo"))  # Dr.GRPO's own aggregation
+    assert (d.loss_agg, d.loss_norm_len) == ("seq-mean-token-sum-norm", float(c.sampler.max_new_tokens))
     d = StepConfig.from_config(base.get_config("dr_grpo,rl.loss_agg=seq-mean-token-sum"))
-    assert d.loss_norm_len == float(c.sampler.max_new_tokens)
+    assert (d.loss_agg, d.loss_norm_len) == ("seq-mean-token-sum", None)
+    with pytest.raises(ValueError, match="loss_norm_len"):
+        StepConfig(loss_agg="seq-mean-token-sum-norm")
     with pytest.raises(ValueError, match="tap_layer is required"):
         StepConfig(think_weight=1.0)

@@ -130,3 +130,98 @@ def test_sampler_cache_kept_or_freed_before_updates(keep, segments):
     assert (s.sampler._cache is not None) == keep
     if keep:
         assert s.sampler._cache.segments == segments
+
+
+def _one_rl_step(s):
+    """rl_step once from a fresh init, recording the mini-batches each update and old-log-prob
+    pass receives; returns (state, metrics, updated batches, old-log-prob batches)."""
+    from oisd_jax import metrics
+    from oisd_jax.rewards import RewardPool
+    from oisd_jax.rl.step import init_train_state
+    from oisd_jax.train import rl_step
+    from oisd_jax.train_setup import train_prompt_iterator
+    updated, logp_seen = [], []
+    step_fn, logp_fn = s.step_fns[False], s.logprob_fns[False]
+    s.step_fns[False] = lambda st, b: (updated.append(b), step_fn(st, b))[1]
+    s.logprob_fns[False] = lambda p, b: (logp_seen.append(b), logp_fn(p, b))[1]
+    state = init_train_state(s.init_params(jax.random.key(0)), s.step_cfg, s.mesh, s.model_cfg)
+    with RewardPool("strict", workers=1) as pool:
+        state, m, _ = rl_step(s, state, 0, train_prompt_iterator(s), pool, jax.random.key(1), metrics.Timer())
+    return state, m, updated, logp_seen
+
+
+def test_ppo_epochs_pass_over_the_minibatches_with_fixed_old_logprobs():
+    s = build_setup(tiny(rl__algorithm="grpo", rl__ppo_epochs=3, train__sft_warmup_steps=0, optim__schedule="cosine"))
+    state, m, updated, logp_seen = _one_rl_step(s)
+    # 4 prompts / 2 per mini-batch = 2 mini-batches, 3 passes: 6 optimizer updates
+    assert int(state.step) == m["updates"] == 6
+    assert len(logp_seen) == 2  # old log-probs once per mini-batch, before any update ...
+    assert [id(b) for b in updated] == [id(b) for b in updated[:2]] * 3  # ... and reused by every pass
+    assert s.step_cfg.decay_steps == 4 * 2 * 3  # the cosine decay spans every update of the run
+    assert all(b.head_positions is None for b in updated)  # rows of 32: the full head is as short
+
+
+def test_reinforce_pp_weights_rollouts_by_length(monkeypatch):
+    """The trainer gives REINFORCE++ the response lengths: the packed advantages are verl's
+    token-level whitening (test_advantages.np_verl_reinforce_pp), not the per-rollout one."""
+    from oisd_jax import rollout
+    from test_advantages import np_verl_reinforce_pp
+    generate, got = rollout.generate, {}
+
+    def varied_lengths(*a, **k):  # a random model rarely stops early: cut rollouts to 1..8 tokens
+        ro = generate(*a, **k)
+        ro.tokens = [t[:1 + i % len(t)] for i, t in enumerate(ro.tokens)]
+        got["lengths"] = ro.lengths
+        return ro
+    monkeypatch.setattr(rollout, "generate", varied_lengths)
+    monkeypatch.setattr(rollout, "score", lambda pool, texts, answers: (np.arange(len(texts)) % 3 == 0).astype(np.float32))
+    s = build_setup(tiny(rl__algorithm="reinforce_pp", train__sft_warmup_steps=0))
+    _, _, updated, _ = _one_rl_step(s)
+    lengths = got["lengths"]
+    assert len(set(lengths.tolist())) > 3
+    rewards = (np.arange(len(lengths)) % 3 == 0).astype(np.float32)
+    want = np_verl_reinforce_pp(rewards, lengths)
+    packed = np.concatenate([np.asarray(b.advantages)[np.asarray(b.loss_mask) > 0] for b in updated])
+    np.testing.assert_allclose(np.sort(packed), np.sort(np.repeat(want, lengths)), rtol=1e-5, atol=1e-6)
+    per_rollout = (rewards - rewards.mean()) / rewards.std(ddof=1)
+    assert np.abs(np.sort(np.repeat(per_rollout, lengths)) - np.sort(packed)).max() > 0.1
+
+
+def test_dr_grpo_selects_its_constant_length_aggregation():
+    s = build_setup(tiny(rl__algorithm="dr_grpo"))
+    assert (s.step_cfg.loss_agg, s.step_cfg.loss_norm_len) == ("seq-mean-token-sum-norm", 8.0)
+    assert build_setup(tiny()).step_cfg.loss_agg == "token-mean"
+
+
+def test_loss_position_head_on_where_shorter_and_exact():
+    """Rows of 128 holding ~30 loss positions: the trainer's batches carry head_positions
+    (64 wide) and their loss, metrics, gradients and old log-probs equal the full head's."""
+    from oisd_jax.model import init_params
+    from oisd_jax.rl.step import compute_grads
+    from oisd_jax.rollout import Rollouts
+    from oisd_jax.train_setup import make_minibatches
+    s = build_setup(tiny(data__max_prompt_len=120))
+    rng = np.random.default_rng(0)
+    v = s.model_cfg.vocab_size
+    prompts = [rng.integers(3, v, rng.integers(10, 21)) for _ in range(4)]
+    responses = [rng.integers(3, v, rng.integers(3, 9)) for _ in range(8)]
+    ro = Rollouts(prompts, responses, [np.zeros(len(r)) for r in responses], [""] * 8, n=2)
+    batches = make_minibatches(s, ro, rng.normal(size=8).astype(np.float32), 0)
+    params = init_params(s.model_cfg, jax.random.key(0))
+    f = jax.jit(lambda p, b: compute_grads(p, b, s.model_cfg, s.step_cfg))
+    for b in batches:
+        assert b.head_positions is not None and b.head_positions.shape[-1] == 64
+        full = b.replace(head_positions=None)
+        (l0, g0, m0), (l1, g1, m1) = f(params, full), f(params, b)
+        np.testing.assert_allclose(float(l1), float(l0), rtol=1e-5, atol=1e-7)
+        for k in m0:
+            np.testing.assert_allclose(float(m1[k]), float(m0[k]), rtol=1e-5, atol=1e-6, err_msg=k)
+        diff = max(float(np.abs(np.asarray(a) - np.asarray(c)).max()) for a, c in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)))
+        assert diff <= 1e-5 * max(float(np.abs(np.asarray(c)).max()) for c in jax.tree.leaves(g0))
+        lp0, lp1 = (np.asarray(s.logprob_fns[False](params, s.put_batch(x))) for x in (full, b))
+        np.testing.assert_allclose(lp1 * b.loss_mask, lp0 * b.loss_mask, atol=1e-6)
+
+
+def test_kl_coef_refused_before_compiling():
+    with pytest.raises(ConfigError, match=r"rl.kl_coef=0.05 needs a reference policy"):
+        tiny(rl__kl_coef=0.05)

@@ -98,9 +98,15 @@ ESTIMATORS: dict[str, Callable[..., Array]] = {
 _ALIASES = {"dr.grpo": "dr_grpo", "drgrpo": "dr_grpo", "reinforce++": "reinforce_pp"}
 
 
-def compute(name: str, rewards_BG: Array, **kwargs) -> Array:
-    """Dispatch by config name ('grpo', 'dr_grpo', 'rloo', 'reinforce_pp')."""
+def compute(name: str, rewards_BG: Array, lengths_BG: Array | None = None, **kwargs) -> Array:
+    """Dispatch by config name ('grpo', 'dr_grpo', 'rloo', 'reinforce_pp').
+
+    lengths_BG: response tokens per rollout. REINFORCE++ then whitens over tokens as verl
+    does (a rollout counts by its length); the group estimators, like verl's, do not use it.
+    """
     key = _ALIASES.get(name.lower(), name.lower())
     if key not in ESTIMATORS:
         raise ValueError(f"unknown advantage estimator {name!r}; choose from {sorted(ESTIMATORS)}")
+    if key == "reinforce_pp" and lengths_BG is not None:
+        kwargs["mask_BG"] = lengths_BG
     return ESTIMATORS[key](rewards_BG, **kwargs)

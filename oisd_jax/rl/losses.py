@@ -1,4 +1,5 @@
-"""Per-token RL losses and their aggregation (docs/method.md: GRPO, OISD think / attention, BuPO).
+"""Per-token RL losses and their aggregation (docs/method.md: GRPO, OISD think / attention; BuPO is
+`policy_loss` on the internal policy's log-probs, see rl/step_loss.py).
 
 Pure jnp, jit-safe, no model import: callers pass log-probs, logits or hidden-state
 products. Masks are bool or float arrays shaped like the per-token values ([..., T]).
@@ -19,7 +20,8 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+# verl's `agg_loss` names (kept equal to oisd_jax.config.LOSS_AGGS).
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 
 def _f32(x: Array) -> Array:
@@ -71,20 +73,27 @@ def aggregate_parts(
 ) -> tuple[Array, Array]:
     """(numerator, denominator) of an aggregation; the loss is numerator / denominator.
 
-    token-mean           sum(l m) / sum(m)                       (GRPO, the default)
-    seq-mean-token-mean  sum_seq [sum_t l m / sum_t m] / n_seq
-    seq-mean-token-sum   sum_seq [sum_t l m / norm_len] / n_seq  (Dr.GRPO; norm_len is
-                         its constant max-length normaliser, 1 when None)
-    n_seq counts sequences with at least one valid token (padding rows do not count).
-    Numerators add over micro-batches (rows never straddle micro-batches), and so do
-    denominators, which is what `denom=` in `aggregate` relies on.
+    token-mean               sum(l m) / sum(m)                       (GRPO, DAPO; the default)
+    seq-mean-token-mean      sum_seq [sum_t l m / sum_t m] / n_seq
+    seq-mean-token-sum       sum_seq [sum_t l m] / n_seq
+    seq-mean-token-sum-norm  sum_seq [sum_t l m / norm_len] / n_seq  (Dr.GRPO: norm_len is
+                             its constant, the response budget; 1 when None)
+    The names and per-sequence weights are verl's (core_algos.agg_loss). For the -norm
+    mode verl divides each micro-batch's token sum by the budget alone, so its scale
+    depends on the micro-batch size; here it is Dr.GRPO's mean over sequences, the same
+    direction at any micro-batching. n_seq counts sequences with at least one valid
+    token (padding rows do not count). Numerators add over micro-batches (rows never
+    straddle micro-batches), and so do denominators, which `denom=` in `aggregate` relies on.
     """
+    if mode not in AGG_MODES:
+        raise ValueError(f"unknown loss aggregation {mode!r}; choose from {AGG_MODES}")
+    if norm_len is not None and mode != "seq-mean-token-sum-norm":
+        raise ValueError(f"norm_len={norm_len} with loss aggregation {mode!r}: only "
+                         "seq-mean-token-sum-norm has a constant normaliser")
     loss_BT, mask_BT = _f32(loss_BT), _f32(mask_BT)
     lm = jnp.where(mask_BT != 0, loss_BT * mask_BT, 0.0)
     if mode == "token-mean":
         return jnp.sum(lm), jnp.sum(mask_BT)
-    if mode not in AGG_MODES:
-        raise ValueError(f"unknown loss aggregation {mode!r}; choose from {AGG_MODES}")
     seq_lm = _seq_sums(lm, segment_ids_BT)
     seq_m = _seq_sums(mask_BT, segment_ids_BT)
     n_seq = jnp.sum((seq_m > 0).astype(jnp.float32))
@@ -182,13 +191,6 @@ def policy_loss(
         "ratio_max": jnp.max(jnp.where(valid, r, 0.0)),
     }
     return loss, metrics
-
-
-def bupo_policy_loss(*args, **kwargs) -> tuple[Array, dict[str, Array]]:
-    """BuPO's internal-policy objective is `policy_loss` unchanged; only the inputs differ:
-    logp / old_logp are the log-probs of pi_l = softmax(W_U h_l / T_s) (raw residual, no
-    final norm in the released code) for the first `iterative_steps` steps."""
-    return policy_loss(*args, **kwargs)
 
 
 def kl_penalty(logp: Array, ref_logp: Array, kind: str = "k3") -> Array:

@@ -32,7 +32,7 @@ from oisd_jax.rl import chunked, losses
 if TYPE_CHECKING:  # pragma: no cover
     from oisd_jax.model import ModelConfig
     from oisd_jax.rl.batch import TrainBatch
-    from oisd_jax.rl.step import StepConfig
+    from oisd_jax.rl.step_config import StepConfig
 
 Array = jax.Array
 
@@ -61,7 +61,9 @@ def token_weights(batch: "TrainBatch", cfg: "StepConfig") -> Weights:
         if cfg.loss_agg == "seq-mean-token-mean":
             per = jnp.maximum(counts[key].reshape(mask.shape), 1.0)
         elif cfg.loss_agg == "seq-mean-token-sum":
-            per = 1.0 if cfg.loss_norm_len is None else float(cfg.loss_norm_len)
+            per = 1.0
+        elif cfg.loss_agg == "seq-mean-token-sum-norm":
+            per = float(cfg.loss_norm_len)
         else:
             raise ValueError(f"unknown loss_agg {cfg.loss_agg!r}; choose from {losses.AGG_MODES}")
         pg = mask / (per * n_seq)

@@ -1,0 +1,145 @@
+"""Compiling a planned program for a target and reading its memory: the targets (deviceless
+GPUs, fake CPUs), XLA's per-device byte counts, the budget they are held against.
+
+Shared by the `oisd_jax.plan` command and its searches (`plan_search`), which import it
+rather than each other.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+
+from oisd_jax.plan_programs import Phase
+
+GiB = 2 ** 30
+
+
+# ----------------------------------------------------------------------------- targets
+@dataclasses.dataclass(frozen=True)
+class Target:
+    kind: str                 # "gpu" | "cpu"
+    name: str
+    memory_bytes: int         # per device
+    peak_flops: float         # per device, dense bf16 (0 = unknown)
+    bandwidth: float          # HBM bytes/s (0 = unknown)
+    gpu: Any = None           # gpu_targets.GpuTarget
+
+    def devices(self, n: int) -> list:
+        if self.kind == "gpu":
+            from oisd_jax import gpu_targets
+            return gpu_targets.compile_only_devices(self.gpu, n)
+        cpus = jax.devices("cpu")
+        if len(cpus) < n:
+            raise RuntimeError(f"--target=cpu needs {n} CPU devices, jax has {len(cpus)}: run as "
+                               f"`python -m oisd_jax.plan` (it sets jax_num_cpu_devices) or set "
+                               f"XLA_FLAGS=--xla_force_host_platform_device_count={n}")
+        return cpus[:n]
+
+
+def get_target(name: str, cpu_memory_gib: float = 80.0) -> Target:
+    if name == "cpu":
+        return Target("cpu", "CPU (fake devices; indicative only)", int(cpu_memory_gib * GiB), 0.0, 0.0)
+    from oisd_jax import gpu_targets
+    t = gpu_targets.load(name)
+    return Target("gpu", t.name, t.memory_bytes, t.peak_bf16_flops, t.bandwidth, t)
+
+
+# ----------------------------------------------------------------------------- compiling
+@dataclasses.dataclass
+class Compiled:
+    """One program's per-device memory as XLA assigned it."""
+    name: str
+    arguments: int
+    outputs: int
+    aliased: int
+    temporaries: int
+    xla_peak: int | None      # memory_analysis().peak_memory_in_bytes (GPU; CPU's ignores temps)
+    compile_s: float
+    warnings: list[str]
+    cudnn_attention: int = 0  # cuDNN fused-attention calls in the compiled program
+
+    @property
+    def total(self) -> int:
+        own = self.arguments + self.outputs - self.aliased + self.temporaries
+        return max(own, self.xla_peak or 0)
+
+
+class CaptureStderr:
+    """XLA logs from C++ straight to fd 2; redirect the fd to a file to read its warnings."""
+
+    def __enter__(self):
+        import tempfile
+        sys.stderr.flush()
+        self.file = tempfile.TemporaryFile(mode="w+b")
+        self.saved = os.dup(2)
+        os.dup2(self.file.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc):
+        sys.stderr.flush()
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+        self.file.seek(0)
+        self.text = self.file.read().decode(errors="replace")
+        self.file.close()
+        return False
+
+
+REMAT_WARNING = "Can't reduce memory use below"
+# Deviceless-compile chatter that says nothing about memory (no GPU here; a sort algorithm
+# XLA would pick with CUB data it lacks offline).
+_NOISE = ("cudart_stub", "absl::InitializeLog", "deviceless CUB", "cub/data", "Missing deviceless")
+
+
+def compile_program(name: str, lower: Callable[[], Any], target: Target) -> Compiled:
+    """Lower + compile (nothing allocated) and read memory_analysis; keep XLA's remat warnings."""
+    t0 = time.perf_counter()
+    ctx = _assume_cudnn(target)
+    with ctx, CaptureStderr() as cap:
+        compiled = lower().compile()
+    dt = time.perf_counter() - t0
+    warn = [ln.strip() for ln in cap.text.splitlines() if REMAT_WARNING in ln]
+    other = [ln for ln in cap.text.splitlines() if ln.strip() and REMAT_WARNING not in ln
+             and not any(n in ln for n in _NOISE)]
+    if other:  # not ours to swallow
+        sys.stderr.write("\n".join(other) + "\n")
+    m = compiled.memory_analysis()
+    peak = getattr(m, "peak_memory_in_bytes", None) if target.kind == "gpu" else None
+    fmha = compiled.as_text().count("custom_call_target=\"__cudnn$fmha") if target.kind == "gpu" else 0
+    return Compiled(name, int(m.argument_size_in_bytes), int(m.output_size_in_bytes), int(m.alias_size_in_bytes),
+                    int(m.temp_size_in_bytes), None if peak is None else int(peak), dt, warn, fmha)
+
+
+def _assume_cudnn(target: Target):
+    import contextlib
+    if target.kind != "gpu":
+        return contextlib.nullcontext()
+    from oisd_jax import gpu_targets
+    return gpu_targets.assume_cudnn(target.gpu)
+
+
+# ----------------------------------------------------------------------------- budget
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    device_bytes: int
+    mem_fraction: float
+    reserve_bytes: int
+
+    @property
+    def bytes(self) -> int:
+        return int(self.device_bytes * self.mem_fraction) - self.reserve_bytes
+
+
+@dataclasses.dataclass
+class PhaseResult:
+    phase: Phase
+    compiled: Compiled
+
+    @property
+    def total(self) -> int:
+        return self.phase.resident_bytes + self.compiled.total
