@@ -11,7 +11,7 @@ from oisd_jax.config_files import apply_arg, load_config_file
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 # Blocks of each shipped config's model (from the models' published config.json files).
 SHIPPED = {"base": 4, "tiny": 4, "qwen3_4b": 36, "qwen3_8b": 36, "octothinker_3b": 28,
-           "octothinker_8b": 32}
+           "octothinker_8b": 32, "smollm2_135m": 30}
 
 
 def load(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
