@@ -2,8 +2,9 @@
 
 Inside a single jit: global per-token weights from the whole mini-batch, a `lax.scan`
 over micro-batches accumulating f32 gradients of `step_loss.micro_loss`, the global grad
-norm, and AdamW (optax, global-norm clipping) -- skipped, and counted, when the norm is
-not finite. The state is donated; in/out shardings follow `parallel.RULES` (params and
+norm, and AdamW (optax, global-norm clipping) -- skipped, and counted, when the norm, the
+loss or any updated parameter is not finite (an exploding update, e.g. a huge lr, has a
+finite gradient norm but makes the params inf; the check is one reduction inside the jit). The state is donated; in/out shardings follow `parallel.RULES` (params and
 moments FSDP/tensor-sharded alike, rows of the batch over ("data", "fsdp")).
 
 A separate jitted pass (`make_logprob_fn`) computes old log-probs with the training
@@ -141,7 +142,7 @@ class TrainState:
     params: Params      # f32 master weights
     opt_state: Any      # optax state; moments shaped (and sharded) like params
     step: Array         # int32 optimizer updates attempted
-    skipped: Array      # int32 updates skipped for a non-finite gradient norm
+    skipped: Array      # int32 updates skipped (non-finite gradient norm, loss or new params)
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -272,12 +273,17 @@ def train_step(state: TrainState, batch: TrainBatch, model_cfg: ModelConfig, cfg
     tx = make_optimizer(cfg)
     gnorm = optax.tree.norm(grads)
     ok = jnp.isfinite(gnorm) if cfg.skip_nonfinite else jnp.array(True)
+    keep = lambda *_: (state.params, state.opt_state)  # noqa: E731
 
     def apply(_):
         updates, opt = tx.update(grads, state.opt_state, state.params)
         return optax.apply_updates(state.params, updates), opt
 
-    params, opt_state = jax.lax.cond(ok, apply, lambda _: (state.params, state.opt_state), None)
+    params, opt_state = jax.lax.cond(ok, apply, keep, None)
+    if cfg.skip_nonfinite:
+        finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
+        params, opt_state = jax.lax.cond(finite, lambda *_: (params, opt_state), keep, None)
+        ok = ok & finite
     skipped = state.skipped + (1 - ok.astype(jnp.int32))
     metrics.update(loss=loss, grad_norm=gnorm, update_skipped=1 - ok.astype(jnp.int32), skipped=skipped,
                    lr=make_schedule(cfg)(state.step - state.skipped),
