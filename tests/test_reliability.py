@@ -438,6 +438,18 @@ def test_finding2_export_refuses_a_full_folder_and_overwrite_drops_stale_shards(
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(want)))
 
 
+def test_export_of_a_corrupt_checkpoint_names_the_step(tmp_path_factory, tmp_path):
+    from oisd_jax import export
+    run = shutil.copytree(tiny_run(tmp_path_factory), tmp_path / "run")
+    for f in (run / "checkpoints" / "2" / "state").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"\x00garbage")
+    line = user_error(export.export, run, tmp_path / "hf")
+    assert "checkpoint step 2 in" in line and "is unreadable" in line
+    (run / "checkpoints" / "1" / "config" / "metadata").write_text("{trunc")
+    assert "its saved config is unreadable" in user_error(export.read_run_config, run, 1)
+
+
 # ----------------------------------------------------------------------------- trainer
 def test_trainer_reruns_over_a_corrupt_step_and_reports_truncation_and_skips(tmp_path, caplog):
     """Finding 4 end to end, plus the per-step truncation metric and the end-of-run skip count."""
