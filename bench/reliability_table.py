@@ -4,7 +4,8 @@
 
 Runs every case of CORPUS as `python -m oisd_jax.<cli> ...` in `--root` (default: this
 checkout; point it at an older checkout for the "before" column) and sorts the outcome:
-  clear      exit code != 0, at most 2 stderr lines (message + hint), no traceback
+  clear      exit code != 0, at most 2 stderr lines (message + hint; absl log lines of
+             libraries such as orbax's are not counted), no traceback
   traceback  exit code != 0 with a Python traceback, or a message longer than 2 lines
   hang       still running after --timeout seconds while refusing (no progress line)
   silent     exit code 0, or still training after --timeout s: the bad input was accepted
@@ -16,6 +17,7 @@ import argparse
 import collections
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -25,7 +27,7 @@ _CONFIG_ARGS = [
     "nosuch", "rl.nosuch=1", "optim.nosuch.deep=1", "optim.lr=1e30", "optim.lr=1.0", "optim.lr=1e999",
     "optim.lr=-1e-3", "optim.lr='fast'", "train.sft_lr=3.0", "optim.b1=1.0", "optim.schedule='linear'",
     "optim.end_lr_factor=2.0", "optim.warmup_steps=100000", "sampler.top_k=100", "sampler.top_k=-1",
-    "sampler.top_p=0.0", "sampler.temperature=0.0", "sampler.n=0", "sampler.batch_size=3,sampler.n=3",
+    "sampler.top_p=0.0", "sampler.temperature=0.0", "sampler.n=0", "mesh.shape=(2,1,1)",
     "data.truncation='middle'", "data.on_bad_row='ignore'", "data.format='csv'", "data.format='jsonl'",
     "data.format='parquet',data.train_path='x.csv'", "data.max_prompt_len=0", "rl.tap_layer=9",
     "rl.tap_layer=0", "rl.clip_low=1.5", "rl.micro_batch_tokens=8", "mesh.shape=(3,-1,1)", "train.steps=0",
@@ -58,8 +60,10 @@ CORPUS: list[tuple[str, list[str]]] = [
 
 
 def classify(rc: int | None, stderr: str) -> str:
-    lines = [ln for ln in stderr.splitlines() if ln.strip() and "cudart_stub" not in ln
-             and not ln.startswith(("WARNING: All log messages", "I0000", "W0000"))]
+    # absl/glog log lines ("W1201 12:00:00.0 ... checkpoint_manager.py:452] ...") are library
+    # chatter, not the message; everything else on stderr counts
+    lines = [ln for ln in stderr.splitlines() if ln.strip() and not re.match(r"^[IWE]\d{4} ", ln)
+             and not ln.startswith("WARNING: All log messages")]
     tb = any("Traceback (most recent call last)" in ln for ln in lines)
     if rc is None:
         return "silent" if "train" in stderr or "it/s" in stderr else "hang"

@@ -481,18 +481,19 @@ def _cli(*args, env=None):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (("oisd_jax.train", f"--config={TINY}", "--config.optim.learning_rate=1", "--workdir=/tmp/x"),
+    (("oisd_jax.train", f"--config={TINY}", "--config.optim.learning_rate=1", "--workdir={tmp}/w"),
      "--config.optim.learning_rate: no such config field"),
-    (("oisd_jax.train", f"--config={TINY}:rl.nosuch=1", "--workdir=/tmp/x"), "config argument 'rl.nosuch'"),
-    (("oisd_jax.export", "--workdir=/nonexistent/run", "--out=/tmp/x"), "no checkpoint folder at /nonexistent/run"),
+    (("oisd_jax.train", f"--config={TINY}:rl.nosuch=1", "--workdir={tmp}/w"), "config argument 'rl.nosuch'"),
+    (("oisd_jax.export", "--workdir=/nonexistent/run", "--out={tmp}/o"), "no checkpoint folder at /nonexistent/run"),
     (("oisd_jax.plan", f"--config={TINY}:nosuch", "--devices=1", "--target=cpu"), "'nosuch' is not an algorithm"),
-], ids=["unknown-override", "arg", "export", "plan"])
-def test_cli_prints_one_line_and_exits_2(args, needle):
-    rc, err = _cli(*args)
+    (("oisd_jax.analyze", "--workdir=/nonexistent/run"), "no run folder at /nonexistent/run"),
+], ids=["unknown-override", "arg", "export", "plan", "analyze"])
+def test_cli_prints_one_line_and_exits_2(args, needle, tmp_path):
+    rc, err = _cli(*[a.replace("{tmp}", str(tmp_path)) for a in args])
     assert rc == 2, err
     assert len(err) == 2 and err[0].startswith("error: ") and needle in err[0] and err[1] == cli.HINT, err
 
 
-def test_cli_debug_shows_the_traceback():
-    rc, err = _cli("oisd_jax.export", "--workdir=/nonexistent/run", "--out=/tmp/x", env={"OISD_DEBUG": "1"})
+def test_cli_debug_shows_the_traceback(tmp_path):
+    rc, err = _cli("oisd_jax.export", "--workdir=/nonexistent/run", f"--out={tmp_path}/o", env={"OISD_DEBUG": "1"})
     assert rc != 0 and any("Traceback" in ln for ln in err)
