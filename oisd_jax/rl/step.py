@@ -4,8 +4,9 @@ Inside a single jit: global per-token weights from the whole mini-batch, a `lax.
 over micro-batches accumulating f32 gradients of `step_loss.micro_loss`, the global grad
 norm, and AdamW (optax, global-norm clipping) -- skipped, and counted, when the norm, the
 loss or any updated parameter is not finite (an exploding update, e.g. a huge lr, has a
-finite gradient norm but makes the params inf; the check is one reduction inside the jit). The state is donated; in/out shardings follow `parallel.RULES` (params and
-moments FSDP/tensor-sharded alike, rows of the batch over ("data", "fsdp")).
+finite gradient norm but makes the params inf; the check is one fused reduction inside the
+jit). The state is donated; in/out shardings follow `parallel.RULES` (params and moments
+FSDP/tensor-sharded alike, rows of the batch over ("data", "fsdp")).
 
 A separate jitted pass (`make_logprob_fn`) computes old log-probs with the training
 model before the updates of an RL step (and reference log-probs for the KL term).
