@@ -1,6 +1,6 @@
 """The issue-16 table: bad inputs fed to the real CLIs, each outcome classified.
 
-    python bench/reliability_table.py [--root=DIR] [--json=out.json]
+    python bench/reliability_table.py [--root=DIR] [--json=bench/results/reliability.json]
 
 Runs every case of CORPUS as `python -m oisd_jax.<cli> ...` in `--root` (default: this
 checkout; point it at an older checkout for the "before" column) and sorts the outcome:
@@ -91,7 +91,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--root", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     ap.add_argument("--timeout", type=float, default=30.0)
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                                   "reliability.json"))
     a = ap.parse_args()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -104,6 +105,7 @@ def main() -> None:
     counts = collections.Counter(r["class"] for r in results.values())
     print(f"\ntried {len(results)}: " + ", ".join(f"{k} {counts.get(k, 0)}" for k in ("clear", "traceback", "hang", "silent")))
     if a.json:
+        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
         with open(a.json, "w") as f:
             json.dump({"root": a.root, "counts": counts, "cases": results}, f, indent=1)
 
