@@ -52,7 +52,7 @@ CORPUS: list[tuple[str, list[str]]] = [
     ("evaluate --hf without config", ["oisd_jax.evaluate", "--hf={tmp}"]),
     ("evaluate --hf not a model", ["oisd_jax.evaluate", "--hf={tmp}", f"--config={TINY}"]),
     ("analyze no flags", ["oisd_jax.analyze"]),
-    ("analyze missing workdir", ["oisd_jax.analyze", "--workdir=/nonexistent"]),
+    ("analyze missing workdir", ["oisd_jax.analyze", "--workdir={tmp}/missing"]),  # old code made its analysis/
     ("plan bad arg", ["oisd_jax.plan", f"--config={TINY}:nosuch", "--devices=1", "--target=cpu"]),
     ("plan missing config", ["oisd_jax.plan", "--config=configs/nope.py", "--devices=1", "--target=cpu"]),
     ("plan unknown target", ["oisd_jax.plan", f"--config={TINY}", "--devices=1", "--target=tpu9"]),

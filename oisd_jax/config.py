@@ -309,6 +309,8 @@ def validate(config: ml_collections.ConfigDict, *, num_layers: int | None = None
         c.path_exists("train.init_from_hf", directory=True, must_contain="config.json")
 
     # mesh and the sampler batch layout
+    if c.get("mesh.shape") is None:  # tuple(None) failed deep in the trainer
+        c.bad(f"mesh.shape is None: give {len(MESH_AXES)} integers {MESH_AXES}, e.g. (1, -1, 1)")
     train_mesh = c.mesh_shape("mesh.shape", num_devices)
     sampler_mesh = train_mesh
     if c.get("mesh.sampler_shape") is not None:
@@ -356,6 +358,8 @@ def validate(config: ml_collections.ConfigDict, *, num_layers: int | None = None
         if not isinstance(ops, str) or not ops or set(ops) - set(SYNTHETIC_OPS):
             c.bad(f"data.synthetic.ops={ops!r} must be a non-empty string of {SYNTHETIC_OPS!r}")
     eval_sets = c.get("data.eval_sets")
+    if eval_sets is None:
+        c.bad("data.eval_sets is None: give a (possibly empty) mapping name -> {path, k}")
     for name in (eval_sets.keys() if isinstance(eval_sets, (Mapping, ml_collections.ConfigDict)) else ()):
         base = f"data.eval_sets.{name}"
         c.number(f"{base}.k", ge=1, integer=True)

@@ -86,6 +86,8 @@ CONFIG_CORPUS = [  # (':arg' of configs/tiny.py, text the one line must contain)
     ("rl.clip_low=1.5", "rl.clip_low"),
     ("rl.micro_batch_tokens=8", "rl.micro_batch_tokens=8 is smaller than one sequence"),
     ("mesh.shape=(3,-1,1)", "mesh.shape"),
+    ("mesh.shape=None", "mesh.shape is None"),
+    ("data.eval_sets=None", "data.eval_sets is None"),
     ("train.steps=0", "train.steps"),
     ("train.prompts_per_step=5", "not divisible by train.mini_batch_prompts"),
     ("train.reward='exact'", "train.reward"),
@@ -455,7 +457,7 @@ def test_trainer_reruns_over_a_corrupt_step_and_reports_truncation_and_skips(tmp
     """Finding 4 end to end, plus the per-step truncation metric and the end-of-run skip count."""
     from oisd_jax.metrics import read_jsonl
     from oisd_jax.train import train
-    config = tiny_config(data__max_prompt_len=10)
+    config = tiny_config(data__max_prompt_len=10, train__sft_warmup_steps=0)
     workdir = tmp_path / "run"
     with caplog.at_level(logging.INFO):
         train(config, str(workdir))
