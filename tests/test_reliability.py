@@ -104,6 +104,28 @@ def test_config_corpus_one_clear_line(arg, needle):
     assert needle in user_error(_validated, arg)
 
 
+def _leaf_fields(d, prefix=""):
+    for k, v in d.items():
+        if hasattr(v, "items") and k != "eval_sets":
+            yield from _leaf_fields(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}"
+
+
+def test_every_field_with_hostile_values_fails_as_config_error_or_passes():
+    """Each field of tiny.py set to values of the wrong kind: ConfigError or accepted, never a
+    crash inside validation. (Reading what it accepted found mesh.shape=None and
+    data.eval_sets=None, which crashed the trainer: in CONFIG_CORPUS now.)"""
+    fields = list(_leaf_fields(load_config_file(TINY)))
+    assert len(fields) > 80
+    for f in fields:
+        for v in ("None", "-1", "1e999", "'x'", "()", "True"):
+            try:
+                _validated(f"{f}={v}")
+            except ConfigError as e:
+                assert "\n" not in cli.one_line(e)
+
+
 def test_context_beyond_model_positions(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": 4, "vocab_size": 64,
                                                       "max_position_embeddings": 40}))
