@@ -468,6 +468,8 @@ def validate(config: ml_collections.ConfigDict, *, num_layers: int | None = None
     c.number("train.sft_lr", gt=0, lt=1)
     if "max_skipped_updates" in config.train:  # older run configs lack it
         c.number("train.max_skipped_updates", ge=0, integer=True)
+    if "allow_config_change" in config.train:
+        c.boolean("train.allow_config_change")
     if check_paths:  # without, the model (hf_path or preset) may be a placeholder
         _check_model_fit(c, config)
     warm, steps, epochs = c.get("optim.warmup_steps"), c.get("train.steps"), c.get("rl.ppo_epochs")

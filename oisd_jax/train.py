@@ -23,6 +23,7 @@ from oisd_jax import distributed, evaluate, metrics, parallel, rollout
 from oisd_jax.checkpoint import Checkpointer, check_writable
 from oisd_jax.config import algorithm_settings, validate
 from oisd_jax.divergence import SkipGuard
+from oisd_jax.resume_check import check_resume
 from oisd_jax.rewards import RewardPool
 from oisd_jax.rl import advantages
 from oisd_jax.rl.step import StepConfig, abstract_train_state, init_train_state, make_logprob_fn, make_train_step
@@ -133,6 +134,7 @@ def train(config, workdir: str) -> dict[str, float]:
     start = 0
     if ckpt.latest_step() is not None:
         restored = ckpt.restore(abstract_state=abstract_train_state(s.model_cfg, s.step_cfg, s.mesh))
+        check_resume(restored.config, config, workdir)  # another model / algorithm / data: refused
         state, start = restored.state, int(restored.step)
         it.set_state(restored.data_state)
         log.info("resumed from %s at step %d", ckpt.directory, start)

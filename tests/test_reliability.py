@@ -476,7 +476,8 @@ def test_export_of_a_corrupt_checkpoint_names_the_step(tmp_path_factory, tmp_pat
 
 # ----------------------------------------------------------------------------- trainer
 def test_trainer_reruns_over_a_corrupt_step_and_reports_truncation_and_skips(tmp_path, caplog):
-    """Finding 4 end to end, plus the per-step truncation metric and the end-of-run skip count."""
+    """Finding 4 end to end, plus the per-step truncation metric, the end-of-run skip count and
+    the resume check of a changed config."""
     from oisd_jax.metrics import read_jsonl
     from oisd_jax.train import train
     config = tiny_config(data__max_prompt_len=10, train__sft_warmup_steps=0)
@@ -493,6 +494,13 @@ def test_trainer_reruns_over_a_corrupt_step_and_reports_truncation_and_skips(tmp
     with Checkpointer(workdir / "checkpoints") as ck:
         assert ck.all_steps() == [1, 2]  # the re-trained step 2 is saved, not discarded
     assert (workdir / "checkpoints" / "2.corrupt-1").is_dir()
+    # resuming with another algorithm or prompt limit is another experiment: refused, with the diff
+    changed = tiny_config(data__max_prompt_len=12, train__sft_warmup_steps=0, rl__algorithm="grpo")
+    line = user_error(train, changed, str(workdir))
+    assert "rl.algorithm: 'oisd' -> 'grpo'" in line and "data.max_prompt_len: 10 -> 12" in line
+    with changed.unlocked():
+        changed.train.allow_config_change = True
+    train(changed, str(workdir))  # resumes (nothing left to train)
 
 
 # ----------------------------------------------------------------------------- the CLIs
