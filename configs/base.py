@@ -147,6 +147,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     t.reward = "math"  # math (math-verify) | strict (normalised string match)
     t.reward_workers = 4  # host processes scoring rewards
     t.reward_timeout_s = 5.0  # per-response reward time bound; a timeout scores 0
+    t.allow_config_change = False  # resume a workdir although model / rl / data settings changed
+    t.max_skipped_updates = 5  # consecutive non-finite (skipped) updates that stop the run; 0 = never
     t.init_from_hf = placeholder(str)  # HF folder whose weights replace hf_path's at init
 
     return apply_arg(c, arg)

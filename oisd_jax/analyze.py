@@ -313,11 +313,16 @@ def analyze(workdirs: Sequence[str], out_dir: str, *, layer: int | None = None, 
     lens picture uses the newest); curves overlay every run's metrics.jsonl.
     """
     from oisd_jax import run_files
+    missing = [wd for wd in workdirs if not os.path.isdir(wd)]
+    if missing:  # before out_dir (inside the first workdir by default) is created
+        raise FileNotFoundError(f"no run folder at {missing[0]}")
     os.makedirs(out_dir, exist_ok=True)
     written, numbers = {}, {}
     if {"lens", "attn"} & set(what):
         wd = workdirs[0]
         saved = run_files.checkpoint_steps(wd)
+        if not saved:
+            raise FileNotFoundError(f"no checkpoints in {run_files.checkpoint_dir(wd)}")
         steps = sorted(steps) if steps else saved
         run = run_files.load_run(wd, step=steps[-1])
         cfg, L = run.model_cfg, run.model_cfg.num_layers
@@ -384,4 +389,5 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    from oisd_jax import cli
+    cli.run_absl(main)

@@ -15,7 +15,11 @@ A thin layer over `orbax.checkpoint.CheckpointManager` (orbax-checkpoint 0.12.8)
 - keep-N: only the newest `max_to_keep` steps are kept;
 - restore reads straight into the shardings of an abstract pytree (ShapeDtypeStructs with
   `.sharding`), so no host ever holds the whole model; a latest step that cannot be read
-  is skipped with a warning and the previous one is used.
+  is skipped with a warning and the previous one is used; the unreadable folder is moved
+  aside to `<step>.corrupt-<n>` (kept for inspection) so the re-trained step can be saved;
+- loud: the folder's writability is checked when the Checkpointer opens it (before any
+  training), a failed save raises CheckpointError naming the step and folder, and waits
+  on async saves are bounded (`wait_timeout_s`) so a stuck writer cannot hang the run.
 
 Every process must call every method (orbax coordinates the processes; process 0 writes
 the JSON items and finalises the step).
@@ -27,12 +31,16 @@ import dataclasses
 import json
 import logging
 import os
+import threading
+import uuid
 import warnings
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from oisd_jax.cli import UserError
 
 _ITEMS = ("state", "data", "rng", "config")
 _BYTES_KEY = "__bytes_b64__"
@@ -100,12 +108,45 @@ def _rng_from_json(d: dict | None) -> jax.Array | None:
     return jax.numpy.asarray(data)
 
 
+class CheckpointError(UserError):
+    """A checkpoint could not be written (or its folder cannot be)."""
+
+
+def check_writable(directory: str) -> None:
+    """Create `directory` and write/remove a probe file in it, or raise CheckpointError."""
+    if "://" in directory:
+        return  # cloud storage: orbax reports its own errors
+    probe = os.path.join(directory, f".write-probe-{uuid.uuid4().hex}")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise CheckpointError(f"checkpoint folder {directory} is not writable ({e.strerror or e}); "
+                              "nothing would be saved") from None
+
+
+def move_aside(step_dir: str) -> str | None:
+    """Rename `<dir>/<step>` to `<dir>/<step>.corrupt-<n>` (first free n); returns the new path."""
+    if "://" in step_dir or not os.path.isdir(step_dir):
+        return None
+    n = 1
+    while os.path.exists(f"{step_dir}.corrupt-{n}"):
+        n += 1
+    os.rename(step_dir, f"{step_dir}.corrupt-{n}")
+    return f"{step_dir}.corrupt-{n}"
+
+
 class Checkpointer:
     """Save / resume a training run in `directory` (created if missing; may be gs://...)."""
 
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3,
-                 async_save: bool = True):
+                 async_save: bool = True, wait_timeout_s: float = 1800.0):
         self.directory = os.fspath(directory)
+        self.wait_timeout_s = float(wait_timeout_s)
+        if jax.process_index() == 0:
+            check_writable(self.directory)
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.LatestN(n=max_to_keep),
             enable_async_checkpointing=async_save,
@@ -126,7 +167,11 @@ class Checkpointer:
             data=ocp.args.JsonSave(_encode_json({"data_state": data_state})),
             rng=ocp.args.JsonSave(_rng_to_json(rng) or {}),
             config=ocp.args.JsonSave(_config_to_dict(config) or {}))
-        return bool(self._manager.save(step, args=args, force=True))
+        try:
+            return bool(self._manager.save(step, args=args, force=True))
+        except Exception as e:  # orbax/tensorstore/OS errors: the run must stop, not go on unsaved
+            raise CheckpointError(f"checkpoint step {step} could not be saved to {self.directory}: "
+                                  f"{type(e).__name__}: {e}") from e
 
     # ------------------------------------------------------------------ query
     def all_steps(self) -> list[int]:
@@ -146,7 +191,7 @@ class Checkpointer:
         fallback: with step=None, a step that fails to read is skipped with a warning and
           the next older one is tried.
         """
-        self._manager.wait_until_finished()  # a save in flight is not readable yet
+        self.wait_until_finished()  # a save in flight is not readable yet
         candidates = [step] if step is not None else sorted(self.all_steps(), reverse=True)
         if not candidates:
             raise FileNotFoundError(f"no checkpoints in {self.directory}")
@@ -160,8 +205,12 @@ class Checkpointer:
                 errors.append(f"step {s}: {type(e).__name__}: {e}")
                 msg = (f"checkpoint step {s} in {self.directory} is unreadable "
                        f"({type(e).__name__}: {str(e)[:300]}); trying an older step")
+                if jax.process_index() == 0:
+                    moved = move_aside(os.path.join(self.directory, str(s)))
+                    msg += f"; moved it to {moved}" if moved else ""
                 logging.warning(msg)
                 warnings.warn(msg, RuntimeWarning, stacklevel=2)
+                self._manager.reload()
         raise RuntimeError(f"no readable checkpoint in {self.directory}:\n" + "\n".join(errors))
 
     def _restore_step(self, step: int, abstract_state: Any) -> Restored:
@@ -178,11 +227,27 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ lifecycle
     def wait_until_finished(self) -> None:
-        """Block until async saves are on disk (and raise their errors, if any)."""
-        self._manager.wait_until_finished()
+        """Block until async saves are on disk, at most `wait_timeout_s`; raise
+        CheckpointError for a failed or stuck save."""
+        box: list[BaseException] = []
+
+        def wait():
+            try:
+                self._manager.wait_until_finished()
+            except BaseException as e:  # noqa: BLE001 -- handed to the caller's thread
+                box.append(e)
+        t = threading.Thread(target=wait, name="checkpoint-wait", daemon=True)
+        t.start()
+        t.join(self.wait_timeout_s)
+        if t.is_alive():
+            raise CheckpointError(f"saving a checkpoint to {self.directory} did not finish within "
+                                  f"{self.wait_timeout_s:g} s (a full or unresponsive disk?)")
+        if box:
+            raise CheckpointError(f"saving a checkpoint to {self.directory} failed: "
+                                  f"{type(box[0]).__name__}: {box[0]}") from box[0]
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
+        self.wait_until_finished()
         self._manager.close()
 
     def __enter__(self) -> "Checkpointer":

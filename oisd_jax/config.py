@@ -58,11 +58,33 @@ _MISSING = object()
 class ConfigError(ValueError):
     """An invalid config; `problems` lists one message per bad field."""
 
-    def __init__(self, problems: Iterable[str]):
+    def __init__(self, problems: Iterable[str] | str):
+        if isinstance(problems, str):
+            # ml_collections' config flag re-raises `type(e)(message + traceback)`: keep only
+            # the original message (iterating the string gave one "problem" per character).
+            problems = [_original_message(problems)]
         self.problems = list(problems)
         n = len(self.problems)
         head = "invalid config: " if n == 1 else f"invalid config ({n} problems):\n  - "
         super().__init__(head + "\n  - ".join(self.problems))
+
+
+def _original_message(text: str) -> str:
+    """The message of the innermost exception in a formatted traceback, else `text`."""
+    lines = text.rstrip().splitlines()
+    starts = [i for i, ln in enumerate(lines) if ln.startswith("Traceback (most recent call last)")]
+    if not starts:
+        return text
+    tail = lines[starts[-1] + 1:]
+    heads = [i for i, ln in enumerate(tail) if ln and not ln[0].isspace()]  # "pkg.Error: message"
+    if not heads:
+        return text
+    first = tail[heads[-1]]
+    name, sep, msg = first.partition(": ")
+    msg = msg if sep else first
+    msg = msg.removeprefix("invalid config: ")
+    rest = [ln.strip().removeprefix("- ") for ln in tail[heads[-1] + 1:] if ln.strip()]
+    return "; ".join([msg.rstrip(":"), *rest]) if rest else msg
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,6 +255,39 @@ def resolve_num_layers(config: ml_collections.ConfigDict) -> int | None:
     return ModelConfig.preset(config.model.preset).num_layers
 
 
+def resolve_model_sizes(config: ml_collections.ConfigDict) -> dict[str, int]:
+    """vocab_size / max_position_embeddings of the configured model ({} when unknown here)."""
+    keys = ("vocab_size", "max_position_embeddings")
+    hf_path = config.model.get("hf_path")
+    try:
+        if hf_path:
+            with open(os.path.join(os.path.expanduser(hf_path), "config.json")) as f:
+                d = json.load(f)
+            d = d.get("text_config", d) if "vocab_size" not in d else d
+        else:
+            from oisd_jax.model import ModelConfig  # lazy: the model is not a dependency of config
+            m = ModelConfig.preset(config.model.preset)
+            d = {k: getattr(m, k) for k in keys}
+    except (OSError, ValueError, KeyError, TypeError, ImportError):
+        return {}
+    return {k: int(d[k]) for k in keys if isinstance(d.get(k), int)}
+
+
+def _check_model_fit(c: "_Checker", config: ml_collections.ConfigDict) -> None:
+    """Settings that only fail against the model's sizes (late, inside the sampler) before."""
+    sizes = resolve_model_sizes(config)
+    top_k, vocab = c.get("sampler.top_k"), sizes.get("vocab_size")
+    if isinstance(top_k, int) and vocab and top_k > vocab:
+        c.bad(f"sampler.top_k={top_k} exceeds the model's vocabulary ({vocab} tokens)")
+    # Hugging Face models only: base.py's paper budgets on the tiny preset (512 positions) are
+    # refused by the Sampler when built, still before anything compiles.
+    pos = sizes.get("max_position_embeddings") if config.model.get("hf_path") else None
+    prompt, new = c.get("data.max_prompt_len"), c.get("sampler.max_new_tokens")
+    if isinstance(prompt, int) and isinstance(new, int) and pos and prompt + new > pos:
+        c.bad(f"data.max_prompt_len + sampler.max_new_tokens = {prompt} + {new} = {prompt + new} tokens exceed "
+              f"the model's max_position_embeddings={pos}")
+
+
 def validate(config: ml_collections.ConfigDict, *, num_layers: int | None = None,
              num_devices: int | None = None, check_paths: bool = True) -> None:
     """Raise ConfigError listing every invalid field of `config`.
@@ -259,6 +314,8 @@ def validate(config: ml_collections.ConfigDict, *, num_layers: int | None = None
         c.path_exists("train.init_from_hf", directory=True, must_contain="config.json")
 
     # mesh and the sampler batch layout
+    if c.get("mesh.shape") is None:  # tuple(None) failed deep in the trainer
+        c.bad(f"mesh.shape is None: give {len(MESH_AXES)} integers {MESH_AXES}, e.g. (1, -1, 1)")
     train_mesh = c.mesh_shape("mesh.shape", num_devices)
     sampler_mesh = train_mesh
     if c.get("mesh.sampler_shape") is not None:
@@ -306,6 +363,8 @@ def validate(config: ml_collections.ConfigDict, *, num_layers: int | None = None
         if not isinstance(ops, str) or not ops or set(ops) - set(SYNTHETIC_OPS):
             c.bad(f"data.synthetic.ops={ops!r} must be a non-empty string of {SYNTHETIC_OPS!r}")
     eval_sets = c.get("data.eval_sets")
+    if eval_sets is None:
+        c.bad("data.eval_sets is None: give a (possibly empty) mapping name -> {path, k}")
     for name in (eval_sets.keys() if isinstance(eval_sets, (Mapping, ml_collections.ConfigDict)) else ()):
         base = f"data.eval_sets.{name}"
         c.number(f"{base}.k", ge=1, integer=True)
@@ -389,8 +448,8 @@ def validate(config: ml_collections.ConfigDict, *, num_layers: int | None = None
         if algo == "bupo" and c.get("rl.bupo_steps") == 0:
             c.bad("rl.bupo_steps must be > 0 for rl.algorithm='bupo' (0 is plain GRPO)")
 
-    # optim
-    c.number("optim.lr", gt=0)
+    # optim: lr >= 1 (AdamW steps of ~lr per weight) destroys any model; 1e30 passed before
+    c.number("optim.lr", gt=0, lt=1)
     c.number("optim.b1", ge=0, lt=1)
     c.number("optim.b2", ge=0, lt=1)
     c.number("optim.eps", gt=0)
@@ -414,7 +473,19 @@ def validate(config: ml_collections.ConfigDict, *, num_layers: int | None = None
         c.number("train.log_samples", ge=0, integer=True)
     for f in ("sft_batch_size", "log_every", "keep_checkpoints", "reward_workers"):
         c.number(f"train.{f}", ge=1, integer=True)
-    c.number("train.sft_lr", gt=0)
+    c.number("train.sft_lr", gt=0, lt=1)
+    if "max_skipped_updates" in config.train:  # older run configs lack it
+        c.number("train.max_skipped_updates", ge=0, integer=True)
+    if "allow_config_change" in config.train:
+        c.boolean("train.allow_config_change")
+    if check_paths:  # without, the model (hf_path or preset) may be a placeholder
+        _check_model_fit(c, config)
+    warm, steps, epochs = c.get("optim.warmup_steps"), c.get("train.steps"), c.get("rl.ppo_epochs")
+    if all(isinstance(v, int) and v > 0 for v in (warm, steps, epochs, pps, mbp)) and pps % mbp == 0:
+        updates = steps * (pps // mbp) * epochs
+        if warm >= updates:
+            c.bad(f"optim.warmup_steps={warm} >= the run's {updates} optimizer updates (train.steps x "
+                  "train.prompts_per_step / train.mini_batch_prompts x rl.ppo_epochs): lr never reaches optim.lr")
     c.number("train.reward_timeout_s", gt=0)
     c.boolean("train.async_checkpoint")
     c.choice("train.reward", REWARDS)

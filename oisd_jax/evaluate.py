@@ -352,4 +352,5 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    from oisd_jax import cli
+    cli.run_absl(main)

@@ -15,6 +15,7 @@ import os
 from absl import app, flags
 
 from oisd_jax import distributed
+from oisd_jax.cli import UserError
 from oisd_jax.model import save_hf
 from oisd_jax.run_files import Run, load_run
 
@@ -22,11 +23,32 @@ log = logging.getLogger("oisd_jax.export")
 
 
 # ----------------------------------------------------------------------------- export
+def prepare_out_dir(out_dir: str, overwrite: bool) -> None:
+    """Refuse a non-empty `out_dir` unless `overwrite`; then drop its old weights.
+
+    Old shards or an old index left beside new weights made our loader read the old
+    model while transformers read the new one.
+    """
+    if not os.path.isdir(out_dir) or not os.listdir(out_dir):
+        return
+    if not overwrite:
+        shown = sorted(os.listdir(out_dir))
+        raise UserError(f"--out={out_dir} is not empty ({', '.join(shown[:4])}{', ...' if len(shown) > 4 else ''}); "
+                        "pass --overwrite to replace the model in it")
+    for fn in os.listdir(out_dir):
+        if fn.endswith((".safetensors", ".safetensors.index.json", ".safetensors.tmp", ".bin", ".bin.index.json")):
+            os.remove(os.path.join(out_dir, fn))
+
+
 def export(workdir: str | os.PathLike, out_dir: str | os.PathLike, *, step: int | None = None,
-           dtype: str = "float32", config=None) -> str:
-    """Write checkpoint `step` (None = newest) of a run as a Hugging Face folder; returns it."""
-    run = load_run(workdir, step=step, config=config)
+           dtype: str = "float32", config=None, overwrite: bool = False) -> str:
+    """Write checkpoint `step` (None = newest) of a run as a Hugging Face folder; returns it.
+
+    A non-empty `out_dir` is refused unless `overwrite` (then its old weight files go)."""
     out_dir = os.fspath(out_dir)
+    if distributed.is_main():
+        prepare_out_dir(out_dir, overwrite)
+    run = load_run(workdir, step=step, config=config)
     cfg = run.model_cfg
     if cfg.bos_token_id is None and run.tokenizer.bos_token_id is not None:
         cfg = cfg.replace(bos_token_id=run.tokenizer.bos_token_id)  # presets leave it unset
@@ -61,6 +83,7 @@ def define_flags() -> None:
     flags.DEFINE_string("out", None, "Output Hugging Face folder.")
     flags.DEFINE_integer("step", None, "Checkpoint step; default the newest.")
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Dtype of the written weights.")
+    flags.DEFINE_bool("overwrite", False, "Replace the model in a non-empty --out (its old weight files are removed).")
 
 
 def main(argv):
@@ -69,9 +92,10 @@ def main(argv):
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every handler at INFO
     if not FLAGS.workdir or not FLAGS.out:
         raise app.UsageError("--workdir and --out are required")
-    print(export(FLAGS.workdir, FLAGS.out, step=FLAGS.step, dtype=FLAGS.dtype))
+    print(export(FLAGS.workdir, FLAGS.out, step=FLAGS.step, dtype=FLAGS.dtype, overwrite=FLAGS.overwrite))
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    from oisd_jax import cli
+    cli.run_absl(main)

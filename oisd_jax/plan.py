@@ -273,4 +273,5 @@ def _phase_bytes(ph: Phase) -> dict[str, int]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from oisd_jax import cli
+    cli.run_main(main)

@@ -299,13 +299,17 @@ class _Worker:
         self.conn.close()
 
 
+START_ATTEMPTS = 3  # consecutive start-up deaths before the pool gives up (a broken install)
+
+
 class RewardPool:
     """Scores batches of rollouts in `workers` subprocesses, each check bounded in time.
 
     `submit(responses, answers)` returns a concurrent.futures.Future of a float32 array
     (jobs run in submission order), so the trainer can overlap rewards with other host
     work; `score(...)` waits for it. Timeouts score 0 and are counted in `num_timeouts`;
-    a worker that dies or hangs past its alarm is replaced.
+    a worker that dies or hangs past its alarm is replaced, one that dies while starting
+    too (up to START_ATTEMPTS in a row).
     """
 
     def __init__(self, kind: RewardKind = "math", workers: int = 2,
@@ -317,6 +321,7 @@ class RewardPool:
         self.kind, self.timeout_s = kind, float(timeout_s)
         self.num_timeouts = 0
         self.num_worker_restarts = 0
+        self.num_start_failures = 0  # in a row; a worker that comes up resets it
         self._workers = [_Worker(kind, self.timeout_s) for _ in range(workers)]
         self._jobs: queue.Queue = queue.Queue()
         self._closed = False
@@ -390,10 +395,12 @@ class RewardPool:
                     try:
                         msg = w.conn.recv()
                     except (EOFError, OSError):  # the worker died: retry its item once, then 0
-                        if not w.ready:  # died while starting: respawning would loop
-                            raise RuntimeError(
-                                f"reward worker failed to start (exit code {w.proc.poll()}); "
-                                "see its stderr above") from None
+                        if not w.ready:  # died while starting: retried, but a broken install would loop
+                            self.num_start_failures += 1
+                            if self.num_start_failures >= START_ATTEMPTS:
+                                raise RuntimeError(
+                                    f"reward workers failed to start {self.num_start_failures} times in a row "
+                                    f"(last exit code {w.proc.poll()}); see their stderr above") from None
                         if w.busy_slot is not None:
                             busy -= 1
                             if w.busy_slot not in retried:  # maybe not its fault: once more
@@ -403,6 +410,7 @@ class RewardPool:
                         continue
                     if msg == "ready":
                         w.ready = True
+                        self.num_start_failures = 0
                         continue
                     slot, reward, timed_out = msg
                     out[slot] = reward

@@ -16,6 +16,7 @@ import orbax.checkpoint as ocp
 from flax import serialization
 
 from oisd_jax import parallel
+from oisd_jax.cli import UserError
 from oisd_jax.model import ModelConfig, Params, abstract
 
 _ITEMS = ("state", "data", "rng", "config")  # oisd_jax.checkpoint's item names (kept equal)
@@ -58,7 +59,11 @@ def read_run_config(workdir: str | os.PathLike, step: int | None = None) -> ml_c
     ckpt = checkpoint_dir(workdir)
     m = manager(ckpt)
     step = pick_step(m, step, ckpt)
-    d = m.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+    try:
+        d = m.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+    except Exception as e:  # a truncated JSON item, a missing folder
+        raise UserError(f"checkpoint step {step} in {ckpt}: its saved config is unreadable "
+                        f"({type(e).__name__}: {str(e)[:300]}); pass --config") from e
     if not d:
         raise ValueError(f"checkpoint step {step} in {ckpt} has no saved config: pass --config")
     return ml_collections.ConfigDict(d)
@@ -77,8 +82,12 @@ def restore_params(workdir: str | os.PathLike, model_cfg: ModelConfig, *, step: 
     item = {"params": serialization.to_state_dict(target)}
     restore_args = jax.tree.map(
         lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape, dtype=s.dtype), item)
-    out = m.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)))
+    try:
+        out = m.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)))
+    except Exception as e:  # orbax/tensorstore raise many types: name the step and folder
+        raise UserError(f"checkpoint step {step} in {ckpt} is unreadable ({type(e).__name__}: "
+                        f"{str(e)[:300]})") from e
     return step, serialization.from_state_dict(target, out.state["params"])
 
 

@@ -20,14 +20,17 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from oisd_jax import distributed, evaluate, metrics, parallel, rollout, startup
-from oisd_jax.checkpoint import Checkpointer
+from oisd_jax.checkpoint import Checkpointer, check_writable
 from oisd_jax.config import algorithm_settings, validate
+from oisd_jax.divergence import SkipGuard
+from oisd_jax.resume_check import check_resume
 from oisd_jax.rewards import RewardPool
 from oisd_jax.rl import advantages
 from oisd_jax.rl.step import StepConfig, abstract_train_state, init_train_state, make_logprob_fn, make_train_step
 from oisd_jax.sampler import SamplingParams
 from oisd_jax.train_setup import (Setup, build_setup, eval_examples, make_minibatches, sft_batches,
                                   train_prompt_iterator)
+from oisd_jax.workdir_lock import WorkdirLock
 
 log = logging.getLogger("oisd_jax.train")
 
@@ -123,8 +126,10 @@ def train(config, workdir: str) -> dict[str, float]:
     """Run (or resume) training in `workdir`; returns the last metrics written."""
     t = config.train
     workdir = os.path.abspath(workdir)  # orbax refuses relative checkpoint paths
+    # before anything compiles: an unwritable folder would lose every step; one owner per folder
+    check_writable(os.path.join(workdir, "checkpoints"))
+    lock = WorkdirLock(workdir).acquire() if distributed.is_main() else None
     s = build_setup(config)
-    os.makedirs(workdir, exist_ok=True)
     writer = metrics.MetricsWriter(workdir, process_index=jax.process_index())
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=int(t.keep_checkpoints),
                         async_save=bool(t.async_checkpoint))
@@ -133,6 +138,7 @@ def train(config, workdir: str) -> dict[str, float]:
     start = 0
     if ckpt.latest_step() is not None:
         restored = ckpt.restore(abstract_state=abstract_train_state(s.model_cfg, s.step_cfg, s.mesh))
+        check_resume(restored.config, config, workdir)  # another model / algorithm / data: refused
         state, start = restored.state, int(restored.step)
         it.set_state(restored.data_state)
         log.info("resumed from %s at step %d", ckpt.directory, start)
@@ -147,9 +153,12 @@ def train(config, workdir: str) -> dict[str, float]:
             last = writer.write(0, run_eval(s, state.params, 0, pool, jax.random.fold_in(rng, 10**9)))
         bar = metrics.ProgressBar(int(t.steps), initial=start, process_index=jax.process_index())
         timer = metrics.Timer()
+        guard = SkipGuard(int(t.get("max_skipped_updates", 5)), int(state.step), int(state.skipped))
         for step in range(start, int(t.steps)):
             t0 = time.perf_counter()
             state, m, samples = rl_step(s, state, step, it, pool, jax.random.fold_in(rng, step), timer)
+            guard.observe(int(state.step), int(state.skipped), step + 1)  # synced already by rl_step's metrics
+            m["prompts_truncated"] = s.prompt_cuts.last  # cut to data.max_prompt_len (warned once)
             dt = time.perf_counter() - t0
             m.update(timer.summary(), step_time_s=dt, tokens_per_s=m["tokens"] / dt)
             if np.isfinite(s.peak_flops):  # accelerators with a known peak (not CPUs)
@@ -168,6 +177,9 @@ def train(config, workdir: str) -> dict[str, float]:
     ckpt.wait_until_finished()
     ckpt.close()
     writer.close()
+    log.info("finished: %s", guard.summary())
+    if lock is not None:
+        lock.release()
     if distributed.is_main() and os.path.exists(os.path.join(workdir, "metrics.jsonl")):
         metrics.plot_curves(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "reward.png"),
                             keys=["reward", "response_len", *sorted(k for k in last if k.startswith("eval/")),
@@ -198,4 +210,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from oisd_jax import cli
+    cli.run_absl(main)

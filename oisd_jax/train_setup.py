@@ -16,7 +16,7 @@ from oisd_jax import data as D
 from oisd_jax import distributed, metrics, parallel
 from oisd_jax.config import AlgorithmSettings, algorithm_settings
 from oisd_jax.run_files import run_model_config, run_tokenizer  # one rule for train, eval and export
-from oisd_jax.model import ModelConfig, init_params, load_hf
+from oisd_jax.model import ModelConfig, init_params, load_hf, shape_mismatch
 from oisd_jax.rl.batch import TrainBatch, build_train_batch, pack_rows
 from oisd_jax.rl.step import StepConfig, make_logprob_fn, make_train_step, row_sharding
 from oisd_jax.sampler import Sampler, SamplingParams
@@ -39,6 +39,7 @@ class Setup:
     records: list[dict]
     eval_sets: dict[str, tuple[list[dict], int]]  # name -> (examples with prompt_ids, k)
     peak_flops: float
+    prompt_cuts: D.CutCounter = dataclasses.field(default_factory=D.CutCounter)  # truncated training prompts
 
     @property
     def row_len(self) -> int:
@@ -50,8 +51,9 @@ class Setup:
         path = self.config.train.init_from_hf or m.hf_path
         if path:
             cfg, params = load_hf(path, dtype=m.param_dtype, mesh=self.mesh)
-            if cfg.num_layers != self.model_cfg.num_layers or cfg.vocab_size != self.model_cfg.vocab_size:
-                raise ValueError(f"train.init_from_hf={path}: its shape differs from model.hf_path's")
+            bad = shape_mismatch(params, self.model_cfg)  # every tensor: a D mismatch trained, then could not resume
+            if bad:
+                raise ValueError(f"train.init_from_hf={path} does not fit the configured model: {bad}")
             return params
         return init_params(self.model_cfg, key, mesh=self.mesh)
 
@@ -60,6 +62,7 @@ class Setup:
         out = D.next_batch(it, n)
         if len(out) < n:
             raise RuntimeError("the training prompt stream ended (it should repeat)")
+        self.prompt_cuts.observe(out)
         return out
 
     def put_batch(self, batch: TrainBatch) -> TrainBatch:

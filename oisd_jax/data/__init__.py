@@ -1,7 +1,8 @@
 """Files -> records -> token ids: parquet/jsonl sources, chat templates, grain streams,
 and the embedded synthetic arithmetic task with its in-code tokenizer."""
 from oisd_jax.data.pipeline import (
-    Example, PromptIterator, load_eval_set, make_prompt_dataset, next_batch, stack_prompts)
+    CutCounter, Example, PromptIterator, encode_example, load_eval_set, make_prompt_dataset, next_batch,
+    stack_prompts)
 from oisd_jax.data.sources import (
     DEFAULT_SYSTEM_PROMPT, QA_FIELDS, VERL_FIELDS, BadRowError, FieldMap, ReadStats, Record,
     read_many, read_records)
@@ -11,7 +12,7 @@ from oisd_jax.data.tokenize import (
     PromptTooLongError, encode_prompt, load_tokenizer, render_prompt)
 
 __all__ = [
-    "ArithmeticTask", "BadRowError", "DEFAULT_SYSTEM_PROMPT", "Example", "FieldMap",
+    "ArithmeticTask", "BadRowError", "CutCounter", "encode_example", "DEFAULT_SYSTEM_PROMPT", "Example", "FieldMap",
     "PromptIterator", "PromptTooLongError", "QA_FIELDS", "ReadStats", "Record", "VERL_FIELDS",
     "encode_prompt", "load_eval_set", "load_tokenizer", "make_problems", "make_prompt_dataset",
     "next_batch", "read_many", "read_records", "reference_response", "render_prompt",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -25,9 +26,38 @@ import grain
 import numpy as np
 
 from oisd_jax.data.sources import VERL_FIELDS, BadRowPolicy, FieldMap, Record, read_records
-from oisd_jax.data.tokenize import Truncation, encode_prompt
+from oisd_jax.data.tokenize import Truncation, encode_full_prompt, fit_prompt
 
-Example = dict[str, Any]  # {"prompt_ids": int32 [T], "answer": str, "index": int}
+Example = dict[str, Any]  # {"prompt_ids": int32 [T], "answer": str, "index": int, "prompt_cut": int}
+log = logging.getLogger(__name__)
+
+
+def encode_example(tokenizer, prompt, *, max_prompt_len: int | None, truncation: Truncation, where: str,
+                   chat_template_kwargs: Mapping[str, Any] | None = None) -> tuple[np.ndarray, int]:
+    """(prompt ids, tokens cut from the left) -- the cut is counted, never silent."""
+    full = encode_full_prompt(tokenizer, prompt, chat_template_kwargs=chat_template_kwargs)
+    ids = fit_prompt(full, max_prompt_len, truncation, where=where)
+    return ids, len(full) - len(ids)
+
+
+class CutCounter:
+    """Prompts cut to data.max_prompt_len: per batch (a metric), in total, warned once."""
+
+    def __init__(self, what: str = "training prompts"):
+        self.what, self.total, self.seen, self.warned = what, 0, 0, False
+        self.last = 0  # prompts cut in the latest batch
+
+    def observe(self, batch: Sequence[Example]) -> int:
+        cut = [e.get("prompt_cut", 0) for e in batch]
+        n = sum(c > 0 for c in cut)
+        self.total, self.seen, self.last = self.total + n, self.seen + len(batch), n
+        if n and not self.warned:
+            self.warned = True
+            log.warning("%d of %d %s were longer than data.max_prompt_len and lost up to %d tokens from the "
+                        "left (the system prompt / question start); counted in the metric prompts_truncated. "
+                        "Raise data.max_prompt_len or set data.truncation='error'", n, len(batch), self.what,
+                        max(cut))
+        return n
 
 
 def _records_digest(records: Sequence[Record]) -> str:
@@ -99,9 +129,9 @@ def make_prompt_dataset(
 
     def to_example(i: int) -> Example:
         rec = records[int(i)]
-        ids = encode_prompt(tokenizer, rec["prompt"], max_prompt_len=max_prompt_len,
-                            truncation=truncation, chat_template_kwargs=chat_template_kwargs)
-        return {"prompt_ids": ids, "answer": rec["answer"], "index": int(i)}
+        ids, cut = encode_example(tokenizer, rec["prompt"], max_prompt_len=max_prompt_len, truncation=truncation,
+                                  where=f"training record {int(i)}", chat_template_kwargs=chat_template_kwargs)
+        return {"prompt_ids": ids, "answer": rec["answer"], "index": int(i), "prompt_cut": cut}
 
     ds = ds.map(to_example)
     options = grain.ReadOptions(num_threads=1 if prefetch > 0 else 0, prefetch_buffer_size=prefetch)
@@ -155,8 +185,9 @@ def load_eval_set(
     for i, rec in enumerate(records):
         ex = {**rec, "index": i}
         if tokenizer is not None:
-            ex["prompt_ids"] = encode_prompt(
+            ex["prompt_ids"], ex["prompt_cut"] = encode_example(
                 tokenizer, rec["prompt"], max_prompt_len=max_prompt_len, truncation=truncation,
-                chat_template_kwargs=chat_template_kwargs)
+                where=f"{path}: problem {i}", chat_template_kwargs=chat_template_kwargs)
         out.append(ex)
+    CutCounter(f"prompts of {path}").observe(out)
     return out

@@ -127,19 +127,31 @@ def row_to_record(row: dict, fields: FieldMap) -> Record:
 
 def _rows(path: Path, field_paths: list[str]) -> Iterable[dict | _Bad]:
     if path.suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        present = pq.read_schema(path).names
+        try:
+            present = pq.read_schema(path).names
+        except (pa.ArrowException, OSError) as e:  # truncated or not parquet: name the file
+            raise ValueError(f"{path}: not a readable parquet file ({type(e).__name__}: {e})") from None
         # read only the columns we need: a whole-column name, else the top of a dotted path
         columns = sorted({p if p in present else p.split(".")[0] for p in field_paths})
         missing = [c for c in columns if c not in present]
         if missing:  # a wrong field mapping, not a bad row: say so at once
             raise ValueError(f"{path}: no column(s) {missing}; columns are {present}")
-        table = pq.read_table(path, columns=columns)
+        try:
+            table = pq.read_table(path, columns=columns)
+        except (pa.ArrowException, OSError) as e:
+            raise ValueError(f"{path}: not a readable parquet file ({type(e).__name__}: {e})") from None
         yield from table.to_pylist()
     elif path.suffix in (".jsonl", ".json"):
-        with path.open(encoding="utf-8") as f:
-            for line in f:
+        with path.open("rb") as f:  # decoded per line: one bad byte is one bad row, not a crash
+            for raw in f:
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    yield _Bad("<utf-8>", f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start})")
+                    continue
                 if not line.strip():
                     continue
                 try:

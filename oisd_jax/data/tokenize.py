@@ -58,18 +58,22 @@ def encode_prompt(
     max_prompt_len: int | None = None,
     truncation: Truncation = "left",
     chat_template_kwargs: Mapping[str, Any] | None = None,
+    where: str = "prompt",
 ) -> np.ndarray:
     """Token ids [T] int32 of a prompt, ending where the assistant's reply starts.
 
     Chat messages go through the chat template with the generation prompt; a plain
     string is encoded as is (the tokenizer's own special tokens, e.g. a BOS, included).
     Over `max_prompt_len`: 'left' keeps the last tokens (the question's end and the
-    assistant header matter most), 'error' raises PromptTooLongError.
+    assistant header matter most), 'error' raises PromptTooLongError naming `where`.
     """
-    if truncation not in ("left", "error"):
-        raise ValueError(f"truncation must be 'left' or 'error', got {truncation!r}")
-    if max_prompt_len is not None and max_prompt_len < 1:
-        raise ValueError(f"max_prompt_len must be >= 1, got {max_prompt_len}")
+    ids = encode_full_prompt(tokenizer, prompt, chat_template_kwargs=chat_template_kwargs)
+    return fit_prompt(ids, max_prompt_len, truncation, where=where)
+
+
+def encode_full_prompt(tokenizer, prompt: Sequence[Mapping[str, str]] | str, *,
+                       chat_template_kwargs: Mapping[str, Any] | None = None) -> np.ndarray:
+    """The prompt's token ids [T] int32, never cut (encode_prompt without a limit)."""
     if isinstance(prompt, str):
         ids = _as_ids(tokenizer(prompt)["input_ids"])
     else:
@@ -80,8 +84,19 @@ def encode_prompt(
         ids = _as_ids(tokenizer.apply_chat_template(
             [dict(m) for m in prompt], add_generation_prompt=True, tokenize=True,
             return_dict=False, **kwargs))
+    return np.asarray(ids, dtype=np.int32)
+
+
+def fit_prompt(ids: np.ndarray, max_prompt_len: int | None, truncation: Truncation = "left", *,
+               where: str = "prompt") -> np.ndarray:
+    """`ids` cut to `max_prompt_len` ('left': keep the end) or PromptTooLongError ('error')."""
+    if truncation not in ("left", "error"):
+        raise ValueError(f"truncation must be 'left' or 'error', got {truncation!r}")
+    if max_prompt_len is not None and max_prompt_len < 1:
+        raise ValueError(f"max_prompt_len must be >= 1, got {max_prompt_len}")
     if max_prompt_len is not None and len(ids) > max_prompt_len:
         if truncation == "error":
-            raise PromptTooLongError(f"prompt has {len(ids)} tokens > max_prompt_len={max_prompt_len}")
+            raise PromptTooLongError(f"{where} has {len(ids)} tokens > data.max_prompt_len={max_prompt_len} "
+                                     "(data.truncation='error')")
         ids = ids[len(ids) - max_prompt_len:]
     return np.asarray(ids, dtype=np.int32)

@@ -74,11 +74,21 @@ class _SafetensorsFile:
     """Minimal memory-mapped reader (numpy cannot open bf16 through safe_open)."""
 
     def __init__(self, path: str):
-        with open(path, "rb") as f:
-            n = _struct.unpack("<Q", f.read(8))[0]
-            header = json.loads(f.read(n))
+        size = os.path.getsize(path)
+        try:
+            with open(path, "rb") as f:
+                n = _struct.unpack("<Q", f.read(8))[0]
+                if not 0 < n <= size - 8:
+                    raise ValueError(f"header length {n}")
+                header = json.loads(f.read(n))
+            meta = {k: v for k, v in header.items() if k != "__metadata__"}
+            end = max((int(v["data_offsets"][1]) for v in meta.values()), default=0)
+        except (_struct.error, ValueError, KeyError, TypeError, AttributeError) as e:  # json errors are ValueErrors
+            raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+        if 8 + n + end > size:
+            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, its header needs {8 + n + end})")
         self.path = path
-        self.meta = {k: v for k, v in header.items() if k != "__metadata__"}
+        self.meta = meta
         self._mm = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if self.meta else None
 
     def get(self, name: str) -> np.ndarray:
@@ -110,6 +120,15 @@ def _open_checkpoint(path: str) -> dict[str, _SafetensorsFile]:
 
 
 # ----------------------------------------------------------------------------- load
+def _finite(a: np.ndarray, name: str, path: str) -> np.ndarray:
+    """`a`, or CheckpointError naming the tensor: NaN/inf weights make every update skip."""
+    if np.issubdtype(a.dtype, np.floating) or a.dtype == ml_dtypes.bfloat16:
+        bad = int(np.size(a) - np.count_nonzero(np.isfinite(a.astype(np.float32, copy=False))))
+        if bad:
+            raise CheckpointError(f"{path}: tensor {name} has {bad} non-finite value(s) (NaN or inf)")
+    return a
+
+
 def load_hf(path: str | os.PathLike, dtype=jnp.float32, mesh: Mesh | None = None, rules=parallel.RULES,
             **cfg_overrides) -> tuple[ModelConfig, Params]:
     """A Hugging Face folder (config.json + safetensors, single or sharded) -> (cfg, params).
@@ -146,7 +165,7 @@ def load_hf(path: str | os.PathLike, dtype=jnp.float32, mesh: Mesh | None = None
 
     def build(leaf: str, spec: ParamSpec) -> jax.Array:
         pattern, to_ours, _ = table[leaf]
-        read = lambda name: to_ours(tensors[name].get(name)).astype(np_dtype)
+        read = lambda name: to_ours(_finite(tensors[name].get(name), name, path)).astype(np_dtype)
         if spec.axes[0] == "layers":
             def cb(idx):
                 layers = range(cfg.num_layers)[idx[0]]

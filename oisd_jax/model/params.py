@@ -129,3 +129,15 @@ def init_params(cfg: ModelConfig, key: jax.Array, mesh: Mesh | None = None, dtyp
 def cast(params: Params, dtype) -> Params:
     """Cast floating leaves (f32 master weights -> bf16 compute copies inside jit)."""
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+
+
+def shape_mismatch(params: Params, cfg: ModelConfig) -> str | None:
+    """The first param whose shape differs from `cfg`'s ("layers.wq: [..] vs [..]"), else None."""
+    want = {".".join(str(getattr(k, "name", k)) for k in p): tuple(s.shape)
+            for p, s in jax.tree_util.tree_flatten_with_path(abstract(cfg))[0]}
+    got = {".".join(str(getattr(k, "name", k)) for k in p): tuple(x.shape)
+           for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    for name in sorted(set(want) | set(got)):
+        if want.get(name) != got.get(name):
+            return f"{name}: shape {got.get(name)} vs {want.get(name)} expected by the model config"
+    return None

@@ -2,9 +2,11 @@
 
 Inside a single jit: global per-token weights from the whole mini-batch, a `lax.scan`
 over micro-batches accumulating f32 gradients of `step_loss.micro_loss`, the global grad
-norm, and AdamW (optax, global-norm clipping) -- skipped, and counted, when the norm is
-not finite. The state is donated; in/out shardings follow `parallel.RULES` (params and
-moments FSDP/tensor-sharded alike, rows of the batch over ("data", "fsdp")).
+norm, and AdamW (optax, global-norm clipping) -- skipped, and counted, when the norm, the
+loss or any updated parameter is not finite (an exploding update, e.g. a huge lr, has a
+finite gradient norm but makes the params inf; the check is one fused reduction inside the
+jit). The state is donated; in/out shardings follow `parallel.RULES` (params and moments
+FSDP/tensor-sharded alike, rows of the batch over ("data", "fsdp")).
 
 A separate jitted pass (`make_logprob_fn`) computes old log-probs with the training
 model before the updates of an RL step (and reference log-probs for the KL term).
@@ -39,7 +41,7 @@ class TrainState:
     params: Params      # f32 master weights
     opt_state: Any      # optax state; moments shaped (and sharded) like params
     step: Array         # int32 optimizer updates attempted
-    skipped: Array      # int32 updates skipped for a non-finite gradient norm
+    skipped: Array      # int32 updates skipped (non-finite gradient norm, loss or new params)
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -169,12 +171,21 @@ def train_step(state: TrainState, batch: TrainBatch, model_cfg: ModelConfig, cfg
     loss, grads, metrics = compute_grads(state.params, batch, model_cfg, cfg)
     tx = make_optimizer(cfg)
     gnorm = optax.tree.norm(grads)
-    ok = jnp.isfinite(gnorm) if cfg.skip_nonfinite else jnp.array(True)
 
     def apply(_):
         updates, opt = tx.update(grads, state.opt_state, state.params)
         return optax.apply_updates(state.params, updates), opt
 
+    ok = jnp.array(True)
+    if cfg.skip_nonfinite:
+        # The params the update would give, reduced to one flag before anything is written:
+        # XLA fuses this into a reduction and the branch recomputes it, so the update stays
+        # in place in the donated buffers. Measured (4-layer D=512 model, 168 MiB of state,
+        # XLA:CPU): temporaries 119.8 MiB as with the grad-norm check alone; selecting
+        # between the updated and the old state after the update instead cost 224.1 MiB.
+        new_params, _ = apply(None)
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(new_params)]))
+        ok = jnp.isfinite(gnorm) & jnp.isfinite(loss) & finite
     params, opt_state = jax.lax.cond(ok, apply, lambda _: (state.params, state.opt_state), None)
     skipped = state.skipped + (1 - ok.astype(jnp.int32))
     metrics.update(loss=loss, grad_norm=gnorm, update_skipped=1 - ok.astype(jnp.int32), skipped=skipped,
