@@ -21,7 +21,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from oisd_jax import cli
+from oisd_jax import cli, run_files
 from oisd_jax.checkpoint import Checkpointer, CheckpointError
 from oisd_jax.config import ConfigError, validate
 from oisd_jax.config_files import load_config_file
@@ -458,7 +458,7 @@ def test_finding2_export_refuses_a_full_folder_and_overwrite_drops_stale_shards(
     export.export(run, out, step=2, overwrite=True)
     assert sorted(p.name for p in out.glob("*.safetensors*")) == ["model.safetensors"]
     _, params = load_hf(out)
-    _, want = export.restore_params(run, export.load_run(run).model_cfg, step=2)
+    _, want = run_files.restore_params(run, run_files.load_run(run).model_cfg, step=2)
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(want)))
 
 
@@ -471,7 +471,7 @@ def test_export_of_a_corrupt_checkpoint_names_the_step(tmp_path_factory, tmp_pat
     line = user_error(export.export, run, tmp_path / "hf")
     assert "checkpoint step 2 in" in line and "is unreadable" in line
     (run / "checkpoints" / "1" / "config" / "metadata").write_text("{trunc")
-    assert "its saved config is unreadable" in user_error(export.read_run_config, run, 1)
+    assert "its saved config is unreadable" in user_error(run_files.read_run_config, run, 1)
 
 
 # ----------------------------------------------------------------------------- trainer
