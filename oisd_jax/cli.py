@@ -126,6 +126,9 @@ def _guarded(call: Callable[[], int | None], argv: Sequence[str]):
         raise
 
 
+HELP_FLAGS = ("--help", "-h", "-?", "--helpfull", "--helpshort", "--helpxml")
+
+
 def run_absl(main: Callable[[list[str]], None]) -> None:
     """`absl.app.run(main)` with flag parsing and `main` guarded; defines --debug."""
     from absl import app, flags
@@ -136,7 +139,13 @@ def run_absl(main: Callable[[list[str]], None]) -> None:
     def parse(args: list[str]) -> list[str]:
         return _guarded(lambda: flags.FLAGS(args), argv)
 
-    app.run(lambda a: _guarded(lambda: main(a), argv), flags_parser=parse)
+    try:
+        app.run(lambda a: _guarded(lambda: main(a), argv), flags_parser=parse)
+    except SystemExit as e:
+        # absl's --help / --helpfull print the usage, then exit 1; asking for help succeeded.
+        if e.code == 1 and any(a in HELP_FLAGS for a in argv[1:]):
+            sys.exit(0)
+        raise
 
 
 def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> None:

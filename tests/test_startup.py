@@ -88,6 +88,6 @@ def test_cli_help_starts_quietly():
     env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", startup.VERBOSE_ENV)}
     r = subprocess.run([sys.executable, "-m", "oisd_jax.train", "--help"], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=300)
-    assert "--workdir" in r.stdout + r.stderr
+    assert r.returncode == 0 and "--workdir" in r.stdout + r.stderr
     for noise in ("cudart_stub", "Jax plugin configuration error", "PyTorch was not found", "Traceback"):
         assert noise not in r.stderr, r.stderr
