@@ -100,7 +100,7 @@ def algorithm_settings(config: ml_collections.ConfigDict) -> AlgorithmSettings:
     if rl.algorithm not in _ALGORITHM_TABLE:
         raise ConfigError([f"rl.algorithm={rl.algorithm!r} is not one of {ALGORITHMS}"])
     adv, think, attn, bupo = _ALGORITHM_TABLE[rl.algorithm]
-    metrics = bool(rl.get("oisd_metrics", False))
+    metrics = bool(rl.oisd_metrics)
     uses_tap = think or attn or bupo or metrics
     return AlgorithmSettings(
         algorithm=rl.algorithm,
@@ -111,6 +111,30 @@ def algorithm_settings(config: ml_collections.ConfigDict) -> AlgorithmSettings:
         lens_norm=bool(rl.bupo_lens_norm if bupo else rl.lens_norm),
         bupo_steps=int(rl.bupo_steps) if bupo else 0, oisd_metrics=metrics,
         loss_agg=rl.loss_agg or _ALGORITHM_LOSS_AGG.get(rl.algorithm, "token-mean"))
+
+
+# ----------------------------------------------------------------------------- older run configs
+# Fields added after runs were first saved, with the value those runs behaved as. Applied
+# once, where a saved run config is read (run_files.read_run_config); nothing else needs
+# defaults for missing fields.
+_ADDED_FIELDS = {
+    "mesh.sampler_shape": None, "sampler.keep_cache": True, "sampler.decode_segments": None,
+    "rl.oisd_metrics": False, "rl.ppo_epochs": 1, "optim.skip_nonfinite": True,
+    "optim.end_lr_factor": 0.0, "train.log_samples": 0,
+}
+
+
+def migrate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of a saved run config with every field added since filled in (see _ADDED_FIELDS)."""
+    out = ml_collections.ConfigDict(config.to_dict())
+    for path, default in _ADDED_FIELDS.items():
+        *parents, leaf = path.split(".")
+        node = out
+        for p in parents:
+            node = node[p]
+        if leaf not in node:
+            node[leaf] = default
+    return out
 
 
 # ----------------------------------------------------------------------------- validation
@@ -327,10 +351,8 @@ def validate(config: ml_collections.ConfigDict, *, num_layers: int | None = None
     c.number("sampler.top_k", ge=0, integer=True)
     c.number("sampler.prompt_bucket", ge=1, integer=True)
     c.choice("sampler.kv_dtype", COMPUTE_DTYPES)
-    if "keep_cache" in config.sampler:  # older run configs lack it
-        c.boolean("sampler.keep_cache")
-    if "decode_segments" in config.sampler:
-        c.number("sampler.decode_segments", ge=1, integer=True, optional=True)
+    c.boolean("sampler.keep_cache")
+    c.number("sampler.decode_segments", ge=1, integer=True, optional=True)
 
     # rl
     algo = c.choice("rl.algorithm", ALGORITHMS)
@@ -363,7 +385,7 @@ def validate(config: ml_collections.ConfigDict, *, num_layers: int | None = None
     if algo in _ALGORITHM_TABLE:
         _, uses_think, uses_attn, uses_bupo = _ALGORITHM_TABLE[algo]
         tap = c.get("rl.tap_layer")
-        metrics = c.boolean("rl.oisd_metrics") if "oisd_metrics" in config.rl else False  # older run configs
+        metrics = c.boolean("rl.oisd_metrics")
         if uses_think or uses_attn or uses_bupo or metrics is True:
             if num_layers is None:
                 try:
@@ -410,8 +432,7 @@ def validate(config: ml_collections.ConfigDict, *, num_layers: int | None = None
     c.number("train.seed", integer=True)
     for f in ("sft_warmup_steps", "eval_every", "eval_prompts", "checkpoint_every"):
         c.number(f"train.{f}", ge=0, integer=True)
-    if "log_samples" in config.train:  # older run configs lack it
-        c.number("train.log_samples", ge=0, integer=True)
+    c.number("train.log_samples", ge=0, integer=True)
     for f in ("sft_batch_size", "log_every", "keep_checkpoints", "reward_workers"):
         c.number(f"train.{f}", ge=1, integer=True)
     c.number("train.sft_lr", gt=0)

@@ -9,7 +9,7 @@ moments FSDP/tensor-sharded alike, rows of the batch over ("data", "fsdp")).
 A separate jitted pass (`make_logprob_fn`) computes old log-probs with the training
 model before the updates of an RL step (and reference log-probs for the KL term).
 
-BuPO: the trainer builds two step functions, `StepConfig.from_config(c, bupo=True)` for
+BuPO: the trainer builds two step functions, `RunSpec.step_config(bupo=True)` for
 the first `rl.bupo_steps` steps and `bupo=False` after, instead of branching in the jit.
 """
 from __future__ import annotations
