@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from oisd_jax.choices import SCHEDULES
 from oisd_jax.rl import losses
 
 
@@ -54,7 +55,7 @@ class StepConfig:
         if (self.loss_agg == "seq-mean-token-sum-norm") != (self.loss_norm_len is not None):
             raise ValueError(f"StepConfig.loss_norm_len={self.loss_norm_len} with loss_agg={self.loss_agg!r}: "
                              "seq-mean-token-sum-norm needs it, the other modes take none")
-        if self.schedule not in ("constant", "cosine"):
+        if self.schedule not in SCHEDULES:
             raise ValueError(f"StepConfig.schedule={self.schedule!r}: constant | cosine")
         needs_tap = self.think_on or self.attn_on or self.bupo or self.oisd_metrics
         if needs_tap and self.tap_layer is None:
