@@ -151,7 +151,7 @@ def make_setup(config, devices, *, preset: str | None = None, micro_batch_tokens
 # ----------------------------------------------------------------------------- train step
 def abstract_batch(setup: PlanSetup):
     from oisd_jax.rl.batch import TrainBatch, num_probe_keys
-    from oisd_jax.rl.step import batch_shardings
+    from oisd_jax.rl.train_state import batch_shardings
     s = setup
     M, R, T = s.num_micro, s.rows_per_micro, s.row_len
     Q = s.probes_per_row  # 0 when L_attn and its metrics are off (PackingSpec.attn_steps)
@@ -167,7 +167,8 @@ def abstract_batch(setup: PlanSetup):
 
 
 def train_phase(setup: PlanSetup) -> Phase:
-    from oisd_jax.rl.step import abstract_train_state, make_train_step
+    from oisd_jax.rl.step import make_train_step
+    from oisd_jax.rl.train_state import abstract_train_state
     state = abstract_train_state(setup.model, setup.step_cfg, setup.mesh)
     batch = abstract_batch(setup)
     step = make_train_step(setup.model, setup.step_cfg, setup.mesh)
@@ -179,7 +180,8 @@ def train_phase(setup: PlanSetup) -> Phase:
 
 def logprob_phase(setup: PlanSetup) -> Phase:
     """Old log-probs before the updates: params are the state's; the moments stay resident."""
-    from oisd_jax.rl.step import abstract_train_state, make_logprob_fn
+    from oisd_jax.rl.step import make_logprob_fn
+    from oisd_jax.rl.train_state import abstract_train_state
     state = abstract_train_state(setup.model, setup.step_cfg, setup.mesh)
     batch = abstract_batch(setup)
     fn = make_logprob_fn(setup.model, setup.step_cfg, setup.mesh)
@@ -218,7 +220,7 @@ def abstract_sampler_inputs(setup: PlanSetup) -> dict:
 def sampler_phase(setup: PlanSetup) -> Phase:
     """The sampler's whole rollout program (prefill + while_loop decode); the train state
     stays resident beside it."""
-    from oisd_jax.rl.step import abstract_train_state
+    from oisd_jax.rl.train_state import abstract_train_state
     from oisd_jax.train_setup import make_sampler
     m, sampling = setup.model, setup.spec.sampler.sampling
     if setup.sampler_batch * sampling.n % setup.sampler_batch_shards or \

@@ -19,14 +19,14 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from oisd_jax import distributed, evaluate, metrics, parallel, rollout, startup
+from oisd_jax import distributed, evaluate, metrics, rollout, startup
 from oisd_jax.checkpoint import Checkpointer
 from oisd_jax.rewards import RewardPool
 from oisd_jax.rl import advantages
-from oisd_jax.rl.step import StepConfig, abstract_train_state, init_train_state, make_logprob_fn, make_train_step
+from oisd_jax.rl.step import StepConfig, make_logprob_fn, make_train_step
+from oisd_jax.rl.train_state import abstract_train_state, init_train_state
 from oisd_jax.run_spec import RunSpec, resolve
-from oisd_jax.sampler import SamplingParams
-from oisd_jax.train_setup import (Setup, build_setup, eval_examples, make_minibatches, sft_batches,
+from oisd_jax.train_setup import (Setup, build_setup, make_minibatches, sft_batches,
                                   train_prompt_iterator)
 
 log = logging.getLogger("oisd_jax.train")

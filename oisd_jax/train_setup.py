@@ -18,7 +18,8 @@ from oisd_jax.config import AlgorithmSettings
 from oisd_jax.run_files import model_config_for, run_tokenizer  # one rule for train, eval and export
 from oisd_jax.model import ModelConfig, init_params, load_hf
 from oisd_jax.rl.batch import TrainBatch, build_train_batch, pack_rows
-from oisd_jax.rl.step import StepConfig, make_logprob_fn, make_train_step, row_sharding
+from oisd_jax.rl.step import StepConfig, make_logprob_fn, make_train_step
+from oisd_jax.rl.train_state import row_sharding
 from oisd_jax.run_spec import DataSpec, EvalSpec, RunSpec, SamplerSpec, resolve
 from oisd_jax.sampler import Sampler, SamplingParams
 

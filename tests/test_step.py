@@ -14,8 +14,8 @@ from oisd_jax import parallel
 from oisd_jax.model import ModelConfig, load_hf
 from oisd_jax.rl.batch import TrainBatch, build_train_batch
 from oisd_jax.run_spec import step_config
-from oisd_jax.rl.step import (StepConfig, abstract_train_state, batch_shardings, compute_grads, init_train_state,
-                              make_logprob_fn, make_train_step)
+from oisd_jax.rl.step import StepConfig, compute_grads, make_logprob_fn, make_train_step
+from oisd_jax.rl.train_state import abstract_train_state, batch_shardings, init_train_state
 from oisd_jax.rl.step_loss import token_weights
 
 L_TAP = 2
