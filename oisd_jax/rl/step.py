@@ -50,19 +50,20 @@ def compute_grads(params: Params, batch: TrainBatch, model_cfg: ModelConfig, cfg
     """
     _check(model_cfg, cfg)
     fused = cfg.fused_head if fused is None else fused
-    w = token_weights(batch, cfg)
+    weights = token_weights(batch, cfg)
     axes = logical_axes(model_cfg)
     zeros = jax.tree.map(lambda p, a: parallel.constrain(jnp.zeros(p.shape, jnp.float32), tuple(a)),
                          params, axes)
 
     def body(acc, xs):
-        mb, pg_w, tok_w = xs
+        mb, pg_weight, tok_weight = xs
         grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
-        (loss, m), g = grad_fn(params, mb, Weights(pg_w, tok_w, w.attn_denom), model_cfg, cfg, fused)
+        mb_weights = Weights(pg_weight, tok_weight, weights.attn_denom)
+        (loss, m), g = grad_fn(params, mb, mb_weights, model_cfg, cfg, fused)
         g = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc, g)
         return g, (loss, m)
 
-    grads, (loss_m, m_m) = jax.lax.scan(body, zeros, (batch, w.pg, w.tok))
+    grads, (loss_m, m_m) = jax.lax.scan(body, zeros, (batch, weights.pg, weights.tok))
     metrics = {k: (jnp.max(v) if k == "ratio_max" else jnp.sum(v)) for k, v in m_m.items()}
     return jnp.sum(loss_m), grads, metrics
 
