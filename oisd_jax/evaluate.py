@@ -203,14 +203,15 @@ def evaluate(run, benchmarks: dict[str, tuple[list[dict], int]], out_dir: str, *
     returns (and writes) the results: per benchmark n, k, avg@k, pass@k'; and their mean."""
     from oisd_jax import distributed, metrics
     from oisd_jax.rewards import RewardPool
+    from oisd_jax.run_spec import resolve
     # Several processes: all sample (one SPMD program) and share the reward checks; process
     # 0 alone touches the files, and the others read them (a shared folder) after a barrier.
     main = distributed.is_main()
-    config = run.config
-    sampler, sampling = make_sampler(config, run.model_cfg)
-    meta = {"source": run.source, "seed": int(seed), "reward": config.train.reward,
+    spec = resolve(run.config, num_devices=None, check_paths=False)
+    sampler, sampling = _sampler(run.model_cfg, spec.mesh.decode_shape, spec.sampler)
+    meta = {"source": run.source, "seed": int(seed), "reward": spec.train.reward,
             "sampling": {k: v for k, v in dataclasses.asdict(sampling).items() if k != "n"},
-            "max_new_tokens": int(config.sampler.max_new_tokens), "max_prompt_len": int(config.data.max_prompt_len),
+            "max_new_tokens": spec.sampler.max_new_tokens, "max_prompt_len": spec.sampler.max_prompt_len,
             "benchmarks": {n: {"k": k} for n, (ex, k) in benchmarks.items()}}
     meta = json.loads(json.dumps(meta, default=list))  # tuples as lists, as they read back
     if main:
@@ -218,7 +219,7 @@ def evaluate(run, benchmarks: dict[str, tuple[list[dict], int]], out_dir: str, *
         _check_meta(out_dir, meta, overwrite)
     distributed.sync("eval_meta")
     dump_path = os.path.join(out_dir, SAMPLES_FILE)
-    batch = int(config.sampler.batch_size)
+    batch = spec.sampler.batch_size
     # Chunks sit at fixed positions of each benchmark's problem list and a chunk's key
     # depends only on its first problem, so a resumed run redraws exactly the samples an
     # uninterrupted one would. A chunk cut short by a crash is redone whole.
@@ -233,8 +234,8 @@ def evaluate(run, benchmarks: dict[str, tuple[list[dict], int]], out_dir: str, *
     bar = metrics.ProgressBar(total, initial=done, process_index=0 if progress and main else 1, fields={},
                               desc="eval")
     own_pool = reward_pool is None
-    pool = reward_pool or RewardPool(config.train.reward, workers=int(config.train.reward_workers),
-                                     timeout_s=float(config.train.reward_timeout_s))
+    pool = reward_pool or RewardPool(spec.train.reward, workers=spec.train.reward_workers,
+                                     timeout_s=spec.train.reward_timeout_s)
     params = sampler.reshard(run.params) if todo else None
     base = jax.random.key(int(seed))
     try:
