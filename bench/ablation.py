@@ -59,7 +59,7 @@ def make_config(algorithm: str, seed: int, args, warm_dir: str | None):
 def warm_start(seed: int, args, root: str) -> str:
     """The supervised warm-up of `seed` (train()'s own init and warm-up), as an HF folder."""
     from oisd_jax.model import save_hf
-    from oisd_jax.rl.step import init_train_state
+    from oisd_jax.rl.train_state import init_train_state
     from oisd_jax.train import supervised_warmup
     from oisd_jax.train_setup import build_setup
     # the held-out set is excluded from the warm-up's data: its size is part of the name

@@ -29,7 +29,8 @@ import transformers
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from oisd_jax.model import load_hf  # noqa: E402
 from oisd_jax.rl.batch import build_train_batch  # noqa: E402
-from oisd_jax.rl.step import StepConfig, init_train_state, make_logprob_fn, make_train_step  # noqa: E402
+from oisd_jax.rl.step import StepConfig, make_logprob_fn, make_train_step  # noqa: E402
+from oisd_jax.rl.train_state import init_train_state  # noqa: E402
 
 SPEC = dict(model_type="qwen3", vocab_size=32768, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
             num_attention_heads=8, num_key_value_heads=4, head_dim=64, tie_word_embeddings=True,

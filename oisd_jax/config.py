@@ -1,40 +1,29 @@
-"""Config validation, algorithm resolution and config-file loading.
+"""Config validation, algorithm resolution and the migration of older run configs.
 
 `validate` runs before anything compiles and reports every problem at once, each naming
-its field path. `algorithm_settings` turns `rl.algorithm` into explicit switches so no
-other module branches on the algorithm's name. The schema itself (every field, its
-default) lives in configs/base.py; reading config files is oisd_jax.config_files.
+its field path; it is one small function per section over the checks of
+oisd_jax.config_checker, with the choice lists of oisd_jax.choices. `algorithm_settings`
+turns `rl.algorithm` into explicit switches so no other module branches on the
+algorithm's name. `migrate` fills the fields an older saved run config lacks. The schema
+itself (every field, its default) lives in configs/base.py; reading config files is
+oisd_jax.config_files; reading a validated config into typed settings is oisd_jax.run_spec.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
-import math
 import os
-from typing import Any, Iterable, Mapping
+from typing import Iterable, Mapping
 
 import ml_collections
 
-ALGORITHMS = ("grpo", "rloo", "reinforce_pp", "dr_grpo", "bupo", "oisd", "oisd_think_only",
-              "oisd_attn_only")
-ADV_ESTIMATORS = ("grpo", "rloo", "reinforce_pp", "dr_grpo")
-# verl's agg_loss names; seq-mean-token-sum-norm is Dr.GRPO's constant-length normaliser.
-LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-KL_TYPES = ("k1", "k2", "k3")
-DATA_FORMATS = ("synthetic", "parquet", "jsonl")
-TRUNCATIONS = ("left", "error")
-BAD_ROW_POLICIES = ("skip", "error")
-COMPUTE_DTYPES = ("bfloat16", "float32", "float16")
-PARAM_DTYPES = ("float32", "bfloat16")
-# Kept equal to oisd_jax.model.config's tuples; not imported so this module stays a leaf.
-REMAT_POLICIES = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
-                  "everything_saveable")
-ATTN_IMPLS = ("xla", "cudnn", "blocked")
-SCHEDULES = ("constant", "cosine")
-REWARDS = ("math", "strict")
-SYNTHETIC_OPS = "+-*"
-MESH_AXES = ("data", "fsdp", "tensor")
+# The choice lists live in oisd_jax.choices (one declaration each); re-exported here.
+from oisd_jax.choices import (  # noqa: F401
+    ADV_ESTIMATORS, ALGORITHMS, ATTN_IMPLS, BAD_ROW_POLICIES, COMPUTE_DTYPES, DATA_FORMATS, KL_TYPES,
+    LOSS_AGGS, MESH_AXES, PARAM_DTYPES, REMAT_POLICIES, REWARDS, SCHEDULES, SYNTHETIC_OPS, TRUNCATIONS)
+from oisd_jax.config_checker import MISSING, Checker
+
 _SUFFIXES = {"parquet": (".parquet",), "jsonl": (".jsonl", ".json")}
 
 # algorithm -> (advantage estimator, L_think on, L_attn on, BuPO internal policy on)
@@ -50,9 +39,6 @@ _ALGORITHM_TABLE = {
 }
 # rl.loss_agg=None -> the aggregation the algorithm's paper uses (token-mean otherwise).
 _ALGORITHM_LOSS_AGG = {"dr_grpo": "seq-mean-token-sum-norm"}
-
-
-_MISSING = object()
 
 
 class ConfigError(ValueError):
@@ -122,7 +108,7 @@ def algorithm_settings(config: ml_collections.ConfigDict) -> AlgorithmSettings:
     if rl.algorithm not in _ALGORITHM_TABLE:
         raise ConfigError([f"rl.algorithm={rl.algorithm!r} is not one of {ALGORITHMS}"])
     adv, think, attn, bupo = _ALGORITHM_TABLE[rl.algorithm]
-    metrics = bool(rl.get("oisd_metrics", False))
+    metrics = bool(rl.oisd_metrics)
     uses_tap = think or attn or bupo or metrics
     return AlgorithmSettings(
         algorithm=rl.algorithm,
@@ -135,105 +121,32 @@ def algorithm_settings(config: ml_collections.ConfigDict) -> AlgorithmSettings:
         loss_agg=rl.loss_agg or _ALGORITHM_LOSS_AGG.get(rl.algorithm, "token-mean"))
 
 
+# ----------------------------------------------------------------------------- older run configs
+# Fields added after runs were first saved, with the value those runs behaved as. Applied
+# once, where a saved run config is read (run_files.read_run_config); nothing else needs
+# defaults for missing fields.
+_ADDED_FIELDS = {
+    "mesh.sampler_shape": None, "sampler.keep_cache": True, "sampler.decode_segments": None,
+    "rl.oisd_metrics": False, "rl.ppo_epochs": 1, "optim.skip_nonfinite": True,
+    "optim.end_lr_factor": 0.0, "train.log_samples": 0,
+    "train.max_skipped_updates": 0, "train.allow_config_change": False,
+}
+
+
+def migrate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of a saved run config with every field added since filled in (see _ADDED_FIELDS)."""
+    out = ml_collections.ConfigDict(config.to_dict())
+    for path, default in _ADDED_FIELDS.items():
+        *parents, leaf = path.split(".")
+        node = out
+        for p in parents:
+            node = node[p]
+        if leaf not in node:
+            node[leaf] = default
+    return out
+
+
 # ----------------------------------------------------------------------------- validation
-class _Checker:
-    """Collects problems; each check reads a dotted field path from the config."""
-
-    def __init__(self, config: ml_collections.ConfigDict):
-        self.config = config
-        self.problems: list[str] = []
-
-    def get(self, path: str) -> Any:
-        """The field's value, or _MISSING (reported once) when the path does not exist."""
-        node = self.config
-        for part in path.split("."):
-            try:
-                node = node[part]
-            except (KeyError, TypeError, AttributeError):
-                msg = f"{path} is missing"
-                if msg not in self.problems:
-                    self.bad(msg)
-                return _MISSING
-        return node
-
-    def bad(self, msg: str) -> None:
-        self.problems.append(msg)
-
-    def choice(self, path: str, choices: Iterable[str]) -> Any:
-        v = self.get(path)
-        if v is _MISSING:
-            return None
-        if v not in tuple(choices):
-            self.bad(f"{path}={v!r} is not one of {tuple(choices)}")
-            return None
-        return v
-
-    def number(self, path: str, *, gt: float | None = None, ge: float | None = None,
-               lt: float | None = None, le: float | None = None, integer: bool = False,
-               optional: bool = False) -> Any:
-        v = self.get(path)
-        if v is _MISSING or (v is None and optional):
-            return None
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not isinstance(v, int)):
-            self.bad(f"{path}={v!r} must be {'an integer' if integer else 'a number'}")
-            return None
-        if not math.isfinite(v):
-            self.bad(f"{path}={v!r} must be finite")
-            return None
-        bounds = [(gt, lambda a, b: a > b, ">"), (ge, lambda a, b: a >= b, ">="),
-                  (lt, lambda a, b: a < b, "<"), (le, lambda a, b: a <= b, "<=")]
-        for bound, ok, sym in bounds:
-            if bound is not None and not ok(v, bound):
-                self.bad(f"{path}={v!r} must be {sym} {bound}")
-                return None
-        return v
-
-    def boolean(self, path: str) -> Any:
-        v = self.get(path)
-        if v is not _MISSING and not isinstance(v, bool):
-            self.bad(f"{path}={v!r} must be True or False")
-        return v
-
-    def mesh_shape(self, path: str, num_devices: int | None) -> tuple[int, ...] | None:
-        shape = self.get(path)
-        if shape is None or shape is _MISSING:
-            return None
-        if (not isinstance(shape, (tuple, list)) or len(shape) != len(MESH_AXES)
-                or not all(isinstance(s, int) and not isinstance(s, bool) for s in shape)):
-            self.bad(f"{path}={shape!r} must be {len(MESH_AXES)} integers {MESH_AXES}")
-            return None
-        if any(s == 0 or s < -1 for s in shape) or list(shape).count(-1) > 1:
-            self.bad(f"{path}={tuple(shape)}: axes must be >= 1, with at most one -1 (= the rest)")
-            return None
-        known = math.prod(s for s in shape if s != -1)
-        if num_devices is None:
-            return None
-        if -1 in shape:
-            if num_devices % known:
-                self.bad(f"{path}={tuple(shape)}: {num_devices} devices are not divisible by "
-                         f"the fixed axes' product {known}")
-                return None
-            return tuple(num_devices // known if s == -1 else s for s in shape)
-        if known != num_devices:
-            self.bad(f"{path}={tuple(shape)} needs {known} devices, but {num_devices} are available")
-            return None
-        return tuple(shape)
-
-    def path_exists(self, path: str, *, directory: bool, must_contain: str | None = None) -> None:
-        v = self.get(path)
-        if v is None or v is _MISSING:
-            return
-        p = os.path.expanduser(str(v))
-        if not os.path.exists(p):
-            self.bad(f"{path}={v!r} does not exist")
-        elif directory and not os.path.isdir(p):
-            self.bad(f"{path}={v!r} is not a folder")
-        elif not directory and os.path.isdir(p):
-            self.bad(f"{path}={v!r} is a folder, expected a file")
-        elif must_contain and not os.path.exists(os.path.join(p, must_contain)):
-            self.bad(f"{path}={v!r} has no {must_contain}")
-
-
 def resolve_num_layers(config: ml_collections.ConfigDict) -> int | None:
     """Blocks of the configured model: from hf_path's config.json, else the built-in preset.
 
@@ -273,7 +186,7 @@ def resolve_model_sizes(config: ml_collections.ConfigDict) -> dict[str, int]:
     return {k: int(d[k]) for k in keys if isinstance(d.get(k), int)}
 
 
-def _check_model_fit(c: "_Checker", config: ml_collections.ConfigDict) -> None:
+def _check_model_fit(c: Checker, config: ml_collections.ConfigDict) -> None:
     """Settings that only fail against the model's sizes (late, inside the sampler) before."""
     sizes = resolve_model_sizes(config)
     top_k, vocab = c.get("sampler.top_k"), sizes.get("vocab_size")
@@ -297,10 +210,28 @@ def validate(config: ml_collections.ConfigDict, *, num_layers: int | None = None
     num_devices: devices of the mesh (mesh-shape product, batch divisibility); None = skip.
     check_paths: whether model/data files and folders must exist (False for shipped paper
       configs, whose paths are placeholders).
-    """
-    c = _Checker(config)
 
-    # model
+    One function per section, in this order; a check across sections reads the fields it
+    needs from `Checker.valid` (set only when a field passed its own check), so a bad
+    field is reported once, by its own section.
+    """
+    c = Checker(config)
+    _check_model(c, check_paths)
+    _check_mesh(c, num_devices)
+    _check_data(c, check_paths)
+    _check_sampler(c)
+    _check_rl(c)
+    _check_micro_batch(c)
+    _check_algorithm(c, num_layers)
+    _check_optim(c)
+    _check_train(c)
+    if check_paths:  # without, the model (hf_path or preset) may be a placeholder
+        _check_model_fit(c, config)
+    if c.problems:
+        raise ConfigError(c.problems)
+
+
+def _check_model(c: Checker, check_paths: bool) -> None:
     if c.get("model.hf_path") is None and not isinstance(c.get("model.preset"), str):
         c.bad("model.preset must name a built-in model when model.hf_path is None")
     c.choice("model.dtype", COMPUTE_DTYPES)
@@ -313,7 +244,9 @@ def validate(config: ml_collections.ConfigDict, *, num_layers: int | None = None
         c.path_exists("model.tokenizer_path", directory=True)
         c.path_exists("train.init_from_hf", directory=True, must_contain="config.json")
 
-    # mesh and the sampler batch layout
+
+def _check_mesh(c: Checker, num_devices: int | None) -> None:
+    """The mesh shapes and the sampler batch layout over the sampler mesh."""
     if c.get("mesh.shape") is None:  # tuple(None) failed deep in the trainer
         c.bad(f"mesh.shape is None: give {len(MESH_AXES)} integers {MESH_AXES}, e.g. (1, -1, 1)")
     train_mesh = c.mesh_shape("mesh.shape", num_devices)
@@ -326,7 +259,8 @@ def validate(config: ml_collections.ConfigDict, *, num_layers: int | None = None
         c.bad(f"sampler.batch_size * sampler.n = {batch * n} rollouts are not divisible by the "
               f"sampler mesh's data x fsdp = {sampler_mesh[0] * sampler_mesh[1]} devices")
 
-    # data
+
+def _check_data(c: Checker, check_paths: bool) -> None:
     fmt = c.choice("data.format", DATA_FORMATS)
     prompt_f, question_f = c.get("data.prompt_field"), c.get("data.question_field")
     if bool(prompt_f) == bool(question_f):
@@ -334,34 +268,46 @@ def validate(config: ml_collections.ConfigDict, *, num_layers: int | None = None
               "exactly one (chat-message prompts, or plain questions)")
     for f in ("answer_field", "system_prompt"):
         v = c.get(f"data.{f}")
-        if v is not _MISSING and not isinstance(v, str) and not (f == "system_prompt" and v is None):
+        if v is not MISSING and not isinstance(v, str) and not (f == "system_prompt" and v is None):
             c.bad(f"data.{f}={v!r} must be a string")
-    max_prompt = c.number("data.max_prompt_len", ge=1, integer=True)
+    c.number("data.max_prompt_len", ge=1, integer=True)
     c.choice("data.truncation", TRUNCATIONS)
     c.choice("data.on_bad_row", BAD_ROW_POLICIES)
     c.number("data.seed", integer=True)
     if fmt in _SUFFIXES:
-        train_path = c.get("data.train_path")
-        if train_path is _MISSING:
-            pass
-        elif not train_path:
-            c.bad(f"data.train_path is required for data.format={fmt!r}")
-        elif not str(train_path).endswith(_SUFFIXES[fmt]):
-            c.bad(f"data.train_path={train_path!r} does not end with {_SUFFIXES[fmt]} "
-                  f"(data.format={fmt!r})")
-        elif check_paths:
-            c.path_exists("data.train_path", directory=False)
-        if c.get("model.hf_path") is None and c.get("model.tokenizer_path") is None:
-            c.bad(f"data.format={fmt!r} needs a real tokenizer: set model.hf_path or "
-                  "model.tokenizer_path (the synthetic tokenizer only covers the synthetic task)")
+        _check_train_file(c, fmt, check_paths)
     if fmt == "synthetic":
-        c.number("data.synthetic.digits", ge=1, integer=True)
-        c.number("data.synthetic.num_terms", ge=2, integer=True)
-        c.number("data.synthetic.num_eval", ge=1, integer=True)
-        c.boolean("data.synthetic.reasoning")
-        ops = c.get("data.synthetic.ops")
-        if not isinstance(ops, str) or not ops or set(ops) - set(SYNTHETIC_OPS):
-            c.bad(f"data.synthetic.ops={ops!r} must be a non-empty string of {SYNTHETIC_OPS!r}")
+        _check_synthetic(c)
+    _check_eval_sets(c, fmt, check_paths)
+
+
+def _check_train_file(c: Checker, fmt: str, check_paths: bool) -> None:
+    train_path = c.get("data.train_path")
+    if train_path is MISSING:
+        pass
+    elif not train_path:
+        c.bad(f"data.train_path is required for data.format={fmt!r}")
+    elif not str(train_path).endswith(_SUFFIXES[fmt]):
+        c.bad(f"data.train_path={train_path!r} does not end with {_SUFFIXES[fmt]} "
+              f"(data.format={fmt!r})")
+    elif check_paths:
+        c.path_exists("data.train_path", directory=False)
+    if c.get("model.hf_path") is None and c.get("model.tokenizer_path") is None:
+        c.bad(f"data.format={fmt!r} needs a real tokenizer: set model.hf_path or "
+              "model.tokenizer_path (the synthetic tokenizer only covers the synthetic task)")
+
+
+def _check_synthetic(c: Checker) -> None:
+    c.number("data.synthetic.digits", ge=1, integer=True)
+    c.number("data.synthetic.num_terms", ge=2, integer=True)
+    c.number("data.synthetic.num_eval", ge=1, integer=True)
+    c.boolean("data.synthetic.reasoning")
+    ops = c.get("data.synthetic.ops")
+    if not isinstance(ops, str) or not ops or set(ops) - set(SYNTHETIC_OPS):
+        c.bad(f"data.synthetic.ops={ops!r} must be a non-empty string of {SYNTHETIC_OPS!r}")
+
+
+def _check_eval_sets(c: Checker, fmt: str | None, check_paths: bool) -> None:
     eval_sets = c.get("data.eval_sets")
     if eval_sets is None:
         c.bad("data.eval_sets is None: give a (possibly empty) mapping name -> {path, k}")
@@ -369,7 +315,7 @@ def validate(config: ml_collections.ConfigDict, *, num_layers: int | None = None
         base = f"data.eval_sets.{name}"
         c.number(f"{base}.k", ge=1, integer=True)
         path = c.get(f"{base}.path")
-        if path is _MISSING:
+        if path is MISSING:
             continue
         if path is None:
             if fmt in _SUFFIXES:
@@ -379,20 +325,21 @@ def validate(config: ml_collections.ConfigDict, *, num_layers: int | None = None
         elif check_paths:
             c.path_exists(f"{base}.path", directory=False)
 
-    # sampler
-    max_new = c.number("sampler.max_new_tokens", ge=1, integer=True)
+
+def _check_sampler(c: Checker) -> None:
+    c.number("sampler.max_new_tokens", ge=1, integer=True)
     c.number("sampler.temperature", gt=0)
     c.number("sampler.top_p", gt=0, le=1)
     c.number("sampler.top_k", ge=0, integer=True)
     c.number("sampler.prompt_bucket", ge=1, integer=True)
     c.choice("sampler.kv_dtype", COMPUTE_DTYPES)
-    if "keep_cache" in config.sampler:  # older run configs lack it
-        c.boolean("sampler.keep_cache")
-    if "decode_segments" in config.sampler:
-        c.number("sampler.decode_segments", ge=1, integer=True, optional=True)
+    c.boolean("sampler.keep_cache")
+    c.number("sampler.decode_segments", ge=1, integer=True, optional=True)
 
-    # rl
-    algo = c.choice("rl.algorithm", ALGORITHMS)
+
+def _check_rl(c: Checker) -> None:
+    """The rl fields one at a time (the algorithm's needs: _check_algorithm)."""
+    c.choice("rl.algorithm", ALGORITHMS)
     if c.get("rl.adv_estimator") is not None:
         c.choice("rl.adv_estimator", ADV_ESTIMATORS)
     c.number("rl.clip_low", ge=0, lt=1)
@@ -402,12 +349,12 @@ def validate(config: ml_collections.ConfigDict, *, num_layers: int | None = None
     if c.get("rl.loss_agg") is not None:
         c.choice("rl.loss_agg", LOSS_AGGS)
     if (c.number("rl.kl_coef", ge=0) or 0) > 0:
-        c.bad(f"rl.kl_coef={config.rl.kl_coef} needs a reference policy, which the trainer does not "
+        c.bad(f"rl.kl_coef={c.config.rl.kl_coef} needs a reference policy, which the trainer does not "
               "build yet: set 0")
     c.choice("rl.kl_type", KL_TYPES)
     c.number("rl.entropy_coef", ge=0)
-    think = c.number("rl.think_weight", ge=0)
-    attn = c.number("rl.attn_weight", ge=0)
+    c.number("rl.think_weight", ge=0)
+    c.number("rl.attn_weight", ge=0)
     c.number("rl.tau", gt=0)
     c.number("rl.adv_clip", gt=0)
     c.boolean("rl.lens_norm")
@@ -415,40 +362,58 @@ def validate(config: ml_collections.ConfigDict, *, num_layers: int | None = None
     for f in ("attn_steps", "attn_window", "attn_stride", "logit_chunk", "ppo_epochs"):
         c.number(f"rl.{f}", ge=1, integer=True)
     c.number("rl.bupo_steps", ge=0, integer=True)
+
+
+def _check_micro_batch(c: Checker) -> None:
+    """A micro-batch holds at least one whole sequence (prompt + response budget)."""
     mbt = c.number("rl.micro_batch_tokens", ge=1, integer=True)
+    max_prompt, max_new = c.valid.get("data.max_prompt_len"), c.valid.get("sampler.max_new_tokens")
     if mbt and max_prompt and max_new and mbt < max_prompt + max_new:
         c.bad(f"rl.micro_batch_tokens={mbt} is smaller than one sequence (data.max_prompt_len + "
               f"sampler.max_new_tokens = {max_prompt + max_new})")
-    if algo in _ALGORITHM_TABLE:
-        _, uses_think, uses_attn, uses_bupo = _ALGORITHM_TABLE[algo]
-        tap = c.get("rl.tap_layer")
-        metrics = c.boolean("rl.oisd_metrics") if "oisd_metrics" in config.rl else False  # older run configs
-        if uses_think or uses_attn or uses_bupo or metrics is True:
-            if num_layers is None:
-                try:
-                    num_layers = resolve_num_layers(config)
-                except (ValueError, KeyError, OSError) as e:
-                    c.bad(f"model: cannot resolve the number of layers ({e})")
-            if tap is None:
-                why = f"rl.algorithm={algo!r}" if uses_think or uses_attn or uses_bupo else "rl.oisd_metrics=True"
-                c.bad(f"rl.tap_layer must be set for {why} (the student layer)")
-            elif isinstance(tap, bool) or not isinstance(tap, int):
-                c.bad(f"rl.tap_layer={tap!r} must be an integer")
-            elif num_layers is not None and not 1 <= tap <= num_layers - 1:
-                c.bad(f"rl.tap_layer={tap} is out of range 1..{num_layers - 1} for a "
-                      f"{num_layers}-layer model")
-            elif tap < 1:
-                c.bad(f"rl.tap_layer={tap} must be >= 1")
-        if algo == "oisd_think_only" and think == 0:
-            c.bad("rl.think_weight must be > 0 for rl.algorithm='oisd_think_only'")
-        if algo == "oisd_attn_only" and attn == 0:
-            c.bad("rl.attn_weight must be > 0 for rl.algorithm='oisd_attn_only'")
-        if algo == "oisd" and think == 0 and attn == 0:
-            logging.warning("rl.algorithm='oisd' with both weights 0 is plain GRPO")
-        if algo == "bupo" and c.get("rl.bupo_steps") == 0:
-            c.bad("rl.bupo_steps must be > 0 for rl.algorithm='bupo' (0 is plain GRPO)")
 
-    # optim: lr >= 1 (AdamW steps of ~lr per weight) destroys any model; 1e30 passed before
+
+def _check_algorithm(c: Checker, num_layers: int | None) -> None:
+    """What rl.algorithm needs: a student layer in range, its weights on."""
+    algo = c.valid.get("rl.algorithm")
+    if algo is None:
+        return
+    _, uses_think, uses_attn, uses_bupo = _ALGORITHM_TABLE[algo]
+    metrics = c.boolean("rl.oisd_metrics")
+    if uses_think or uses_attn or uses_bupo or metrics is True:
+        why = f"rl.algorithm={algo!r}" if uses_think or uses_attn or uses_bupo else "rl.oisd_metrics=True"
+        _check_tap_layer(c, why, num_layers)
+    think, attn = c.valid.get("rl.think_weight"), c.valid.get("rl.attn_weight")
+    if algo == "oisd_think_only" and think == 0:
+        c.bad("rl.think_weight must be > 0 for rl.algorithm='oisd_think_only'")
+    if algo == "oisd_attn_only" and attn == 0:
+        c.bad("rl.attn_weight must be > 0 for rl.algorithm='oisd_attn_only'")
+    if algo == "oisd" and think == 0 and attn == 0:
+        logging.warning("rl.algorithm='oisd' with both weights 0 is plain GRPO")
+    if algo == "bupo" and c.get("rl.bupo_steps") == 0:
+        c.bad("rl.bupo_steps must be > 0 for rl.algorithm='bupo' (0 is plain GRPO)")
+
+
+def _check_tap_layer(c: Checker, why: str, num_layers: int | None) -> None:
+    if num_layers is None:
+        try:
+            num_layers = resolve_num_layers(c.config)
+        except (ValueError, KeyError, OSError) as e:
+            c.bad(f"model: cannot resolve the number of layers ({e})")
+    tap = c.get("rl.tap_layer")
+    if tap is None:
+        c.bad(f"rl.tap_layer must be set for {why} (the student layer)")
+    elif isinstance(tap, bool) or not isinstance(tap, int):
+        c.bad(f"rl.tap_layer={tap!r} must be an integer")
+    elif num_layers is not None and not 1 <= tap <= num_layers - 1:
+        c.bad(f"rl.tap_layer={tap} is out of range 1..{num_layers - 1} for a "
+              f"{num_layers}-layer model")
+    elif tap < 1:
+        c.bad(f"rl.tap_layer={tap} must be >= 1")
+
+
+def _check_optim(c: Checker) -> None:
+    # lr >= 1 (AdamW steps of ~lr per weight) destroys any model; 1e30 passed before
     c.number("optim.lr", gt=0, lt=1)
     c.number("optim.b1", ge=0, lt=1)
     c.number("optim.b2", ge=0, lt=1)
@@ -460,26 +425,21 @@ def validate(config: ml_collections.ConfigDict, *, num_layers: int | None = None
     c.number("optim.warmup_steps", ge=0, integer=True)
     c.number("optim.end_lr_factor", ge=0, le=1)
 
-    # train
+
+def _check_train(c: Checker) -> None:
     c.number("train.steps", ge=1, integer=True)
     pps = c.number("train.prompts_per_step", ge=1, integer=True)
     mbp = c.number("train.mini_batch_prompts", ge=1, integer=True)
     if pps and mbp and pps % mbp:
         c.bad(f"train.prompts_per_step={pps} is not divisible by train.mini_batch_prompts={mbp}")
     c.number("train.seed", integer=True)
-    for f in ("sft_warmup_steps", "eval_every", "eval_prompts", "checkpoint_every"):
+    for f in ("sft_warmup_steps", "eval_every", "eval_prompts", "checkpoint_every", "log_samples"):
         c.number(f"train.{f}", ge=0, integer=True)
-    if "log_samples" in config.train:  # older run configs lack it
-        c.number("train.log_samples", ge=0, integer=True)
     for f in ("sft_batch_size", "log_every", "keep_checkpoints", "reward_workers"):
         c.number(f"train.{f}", ge=1, integer=True)
     c.number("train.sft_lr", gt=0, lt=1)
-    if "max_skipped_updates" in config.train:  # older run configs lack it
-        c.number("train.max_skipped_updates", ge=0, integer=True)
-    if "allow_config_change" in config.train:
-        c.boolean("train.allow_config_change")
-    if check_paths:  # without, the model (hf_path or preset) may be a placeholder
-        _check_model_fit(c, config)
+    c.number("train.max_skipped_updates", ge=0, integer=True)
+    c.boolean("train.allow_config_change")
     warm, steps, epochs = c.get("optim.warmup_steps"), c.get("train.steps"), c.get("rl.ppo_epochs")
     if all(isinstance(v, int) and v > 0 for v in (warm, steps, epochs, pps, mbp)) and pps % mbp == 0:
         updates = steps * (pps // mbp) * epochs
@@ -489,6 +449,3 @@ def validate(config: ml_collections.ConfigDict, *, num_layers: int | None = None
     c.number("train.reward_timeout_s", gt=0)
     c.boolean("train.async_checkpoint")
     c.choice("train.reward", REWARDS)
-
-    if c.problems:
-        raise ConfigError(c.problems)

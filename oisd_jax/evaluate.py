@@ -28,7 +28,6 @@ import zlib
 from typing import TYPE_CHECKING, Any, Sequence
 
 import jax
-import ml_collections
 import numpy as np
 from absl import app, flags
 
@@ -92,41 +91,38 @@ def load_benchmarks(config, tokenizer, names: Sequence[str] | None = None, *, k:
     built exactly as the trainer builds its eval sets (same files, template, truncation and
     held-out synthetic problems). k overrides every set's k; limit keeps the first problems."""
     from oisd_jax import train_setup as TS  # the trainer's own eval-set construction
-    sets = config.data.eval_sets
-    names = list(names or sets.keys())
+    from oisd_jax.run_spec import resolve
+    spec = resolve(config, num_devices=None, check_paths=False)
+    sets = {e.name: e for e in spec.eval.sets}
+    names = list(names or sets)
     unknown = [n for n in names if n not in sets]
     if unknown:
-        raise ValueError(f"unknown benchmark(s) {unknown}; config.data.eval_sets has {sorted(sets.keys())}")
-    sub = ml_collections.ConfigDict(config.to_dict())
-    sub.data.eval_sets = ml_collections.ConfigDict({n: sets[n].to_dict() for n in names})
-    sub.train.eval_prompts = int(limit or 0)
-    if k is not None:
-        for n in names:
-            sub.data.eval_sets[n].k = int(k)
+        raise ValueError(f"unknown benchmark(s) {unknown}; config.data.eval_sets has {sorted(sets)}")
+    chosen = tuple(dataclasses.replace(sets[n], k=sets[n].k if k is None else int(k)) for n in names)
     held = []
-    if any(sets[n].path is None for n in names):
-        if config.data.format != "synthetic":
+    if any(e.path is None for e in chosen):
+        if spec.data.format != "synthetic":
             raise ValueError("an eval set with path None means held-out synthetic problems; "
-                             f"data.format is {config.data.format!r}")
-        held = TS._records(config)[1]
-    return TS._eval_sets(sub, tokenizer, held)
+                             f"data.format is {spec.data.format!r}")
+        held = TS.read_records(spec.data)[1]
+    return TS.build_eval_sets(spec.data, dataclasses.replace(spec.eval, sets=chosen, prompts=int(limit or 0)),
+                              tokenizer, held)
 
 
 def make_sampler(config, model_cfg) -> "tuple[Sampler, SamplingParams]":
     """The trainer's Sampler and sampling settings for a config (see train_setup.build_setup)."""
-    from oisd_jax import train_setup as TS
-    kwargs, sampling = TS.sampler_settings(config, model_cfg)
-    sampler = _sampler(model_cfg, tuple(config.mesh.sampler_shape or config.mesh.shape), tuple(sorted(kwargs.items())))
-    return sampler, sampling
+    from oisd_jax.run_spec import resolve
+    spec = resolve(config, num_devices=None, check_paths=False)
+    return _sampler(model_cfg, spec.mesh.decode_shape, spec.sampler)
 
 
 @functools.lru_cache(maxsize=4)
-def _sampler(model_cfg, mesh_shape, kwargs: tuple):
+def _sampler(model_cfg, mesh_shape, sampler_spec):
     # Cached: a Sampler holds its compiled prefill/decode, so repeated evaluations or analyses
     # of one model shape in a process compile once.
     from oisd_jax import parallel
-    from oisd_jax.sampler import Sampler
-    return Sampler(model_cfg, mesh=parallel.make_mesh(mesh_shape), **dict(kwargs))
+    from oisd_jax.train_setup import make_sampler as build
+    return build(sampler_spec, model_cfg, parallel.make_mesh(mesh_shape))
 
 
 # ----------------------------------------------------------------------------- the dump
@@ -207,14 +203,15 @@ def evaluate(run, benchmarks: dict[str, tuple[list[dict], int]], out_dir: str, *
     returns (and writes) the results: per benchmark n, k, avg@k, pass@k'; and their mean."""
     from oisd_jax import distributed, metrics
     from oisd_jax.rewards import RewardPool
+    from oisd_jax.run_spec import resolve
     # Several processes: all sample (one SPMD program) and share the reward checks; process
     # 0 alone touches the files, and the others read them (a shared folder) after a barrier.
     main = distributed.is_main()
-    config = run.config
-    sampler, sampling = make_sampler(config, run.model_cfg)
-    meta = {"source": run.source, "seed": int(seed), "reward": config.train.reward,
+    spec = resolve(run.config, num_devices=None, check_paths=False)
+    sampler, sampling = _sampler(run.model_cfg, spec.mesh.decode_shape, spec.sampler)
+    meta = {"source": run.source, "seed": int(seed), "reward": spec.train.reward,
             "sampling": {k: v for k, v in dataclasses.asdict(sampling).items() if k != "n"},
-            "max_new_tokens": int(config.sampler.max_new_tokens), "max_prompt_len": int(config.data.max_prompt_len),
+            "max_new_tokens": spec.sampler.max_new_tokens, "max_prompt_len": spec.sampler.max_prompt_len,
             "benchmarks": {n: {"k": k} for n, (ex, k) in benchmarks.items()}}
     meta = json.loads(json.dumps(meta, default=list))  # tuples as lists, as they read back
     if main:
@@ -222,7 +219,7 @@ def evaluate(run, benchmarks: dict[str, tuple[list[dict], int]], out_dir: str, *
         _check_meta(out_dir, meta, overwrite)
     distributed.sync("eval_meta")
     dump_path = os.path.join(out_dir, SAMPLES_FILE)
-    batch = int(config.sampler.batch_size)
+    batch = spec.sampler.batch_size
     # Chunks sit at fixed positions of each benchmark's problem list and a chunk's key
     # depends only on its first problem, so a resumed run redraws exactly the samples an
     # uninterrupted one would. A chunk cut short by a crash is redone whole.
@@ -237,8 +234,8 @@ def evaluate(run, benchmarks: dict[str, tuple[list[dict], int]], out_dir: str, *
     bar = metrics.ProgressBar(total, initial=done, process_index=0 if progress and main else 1, fields={},
                               desc="eval")
     own_pool = reward_pool is None
-    pool = reward_pool or RewardPool(config.train.reward, workers=int(config.train.reward_workers),
-                                     timeout_s=float(config.train.reward_timeout_s))
+    pool = reward_pool or RewardPool(spec.train.reward, workers=spec.train.reward_workers,
+                                     timeout_s=spec.train.reward_timeout_s)
     params = sampler.reshard(run.params) if todo else None
     base = jax.random.key(int(seed))
     try:

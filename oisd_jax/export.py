@@ -64,13 +64,14 @@ def _generation_config(run: Run):
     """EOS/BOS/PAD and the run's sampling settings, so `model.generate` behaves like rollouts."""
     from transformers import GenerationConfig
     eos = list(run.model_cfg.eos_token_ids)
-    sp = run.config.sampler
+    from oisd_jax.run_spec import resolve
+    sp = resolve(run.config, num_devices=None, check_paths=False).sampler
     return GenerationConfig(
         bos_token_id=run.model_cfg.bos_token_id if run.model_cfg.bos_token_id is not None
         else run.tokenizer.bos_token_id,
         eos_token_id=eos[0] if len(eos) == 1 else eos, pad_token_id=run.tokenizer.pad_token_id,
-        do_sample=True, temperature=float(sp.temperature), top_p=float(sp.top_p),
-        top_k=int(sp.top_k) or None, max_new_tokens=int(sp.max_new_tokens))
+        do_sample=True, temperature=sp.sampling.temperature, top_p=sp.sampling.top_p,
+        top_k=sp.sampling.top_k or None, max_new_tokens=sp.max_new_tokens)
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -13,7 +13,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
+from oisd_jax.choices import MESH_AXES
+
 
 # Training layout: params and optimizer state FSDP-sharded on embed, heads and mlp on
 # tensor; activations' batch over (data, fsdp).

@@ -57,16 +57,16 @@ def step_flops(setup: PlanSetup, mean_prompt: float, response_frac: float) -> di
     decode) plus attention over the growing context.
     """
     from oisd_jax.metrics import forward_flops
-    m, c = setup.model, setup.config
+    m, spec = setup.model, setup.spec
     n = float(setup.matmul_params)
     attn_dim = m.num_heads * m.head_dim
     seq = mean_prompt + response_frac * setup.max_new_tokens
-    tokens = int(c.train.prompts_per_step) * int(c.sampler.n) * seq  # the step's rollout tokens
+    tokens = spec.train.prompts_per_step * spec.sampler.sampling.n * seq  # the step's rollout tokens
     fwd = forward_flops(n, tokens, num_layers=m.num_layers, attn_dim=attn_dim, context_len=seq)
     remat = {"none": 0.0, "everything_saveable": 0.0}.get(m.remat_policy, 1.0)
     lens = 2.0 * m.hidden_size * m.vocab_size * tokens if setup.step_cfg.think_weight > 0 else 0.0
     # rl.ppo_epochs passes of updates; the old log-probs and the samples once per step
-    train = int(c.rl.get("ppo_epochs", 1)) * ((3.0 + remat) * fwd + 4.0 * lens)
+    train = spec.train.ppo_epochs * ((3.0 + remat) * fwd + 4.0 * lens)
     return {"train": train, "old_logprob": fwd, "sample": fwd, "tokens": tokens}
 
 
@@ -80,8 +80,7 @@ def sampling_seconds(setup: PlanSetup, sampler: Phase, bandwidth: float, respons
     all devices in parallel.
     """
     from oisd_jax.sampler import cache_read_fraction
-    c = setup.config
-    calls = math.ceil(int(c.train.prompts_per_step) / setup.sampler_batch)
+    calls = math.ceil(setup.spec.train.prompts_per_step / setup.sampler_batch)
     steps = response_frac * setup.max_new_tokens
     gen_bytes = sampler.kv_bytes - sampler.kv_prompt_bytes
     gen_frac = cache_read_fraction(max(setup.max_new_tokens - 1, 1), sampler.decode_segments, steps)
@@ -133,12 +132,12 @@ def _guess_preset(config, config_path: str, preset: str | None) -> str | None:
     """Paper configs point hf_path at a placeholder: fall back to the preset named like the file."""
     if preset is not None:
         return preset
-    hf = config.model.get("hf_path")
+    hf = config.model.hf_path
     if hf and os.path.isfile(os.path.join(os.path.expanduser(hf), "config.json")):
         return None
     from oisd_jax.model.config import PRESETS
     stem = os.path.splitext(os.path.basename(config_path.split(":")[0]))[0]
-    if stem in PRESETS and config.model.get("preset") in (None, "tiny"):
+    if stem in PRESETS and config.model.preset in (None, "tiny"):
         return stem
     return None
 
@@ -182,12 +181,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     preset = _guess_preset(config, a.config, a.preset)
     setup = make_setup(config, target.devices(a.devices), preset=preset, micro_batch_tokens=a.micro_batch_tokens,
                        sampler_batch=a.sampler_batch)
-    kept = bool(config.sampler.get("keep_cache", True)) if a.sampler_cache is None else a.sampler_cache == "kept"
-    setup = setup.replace(sampler_cache_kept=kept)
+    if a.sampler_cache is not None:  # else the config's sampler.keep_cache
+        setup = setup.replace(sampler_cache_kept=a.sampler_cache == "kept")
     budget = Budget(target.memory_bytes, a.mem_fraction, int(a.reserve_gib * GiB))
     m = setup.model
-    from oisd_jax.plan_programs import model_config
-    src = model_config(config, preset)[1]
+    from oisd_jax.plan_programs import planned_model
+    src = planned_model(setup.spec.model, preset)[1]
     from oisd_jax.model import abstract
     n_params = parallel.num_params(abstract(m))
     print(f"model     {m.family} {src}: {_si(n_params)} params, "
@@ -197,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"sampler mesh {dict(setup.sampler_mesh.shape)}")
     print(f"batch     rows of {setup.row_len} tokens; micro-batch {setup.micro_batch_tokens} tokens "
           f"({setup.rows_per_micro} rows, {setup.rows_per_micro // setup.batch_shards}/device) x {setup.num_micro}; "
-          f"logit_chunk={setup.step_cfg.logit_chunk}; sampler {setup.sampler_batch} prompts x {config.sampler.n}")
+          f"logit_chunk={setup.step_cfg.logit_chunk}; sampler {setup.sampler_batch} prompts x {setup.spec.sampler.sampling.n}")
     print(f"budget    {budget.bytes / GiB:.2f} GiB/device = {a.mem_fraction:.2f} x {target.memory_bytes / GiB:.2f} GiB "
           f"- {a.reserve_gib:.1f} GiB reserve")
     if target.kind == "cpu":
@@ -224,8 +223,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     mean_prompt = a.mean_prompt if a.mean_prompt is not None else setup.max_prompt_len / 4
     fl = step_flops(setup, mean_prompt, a.response_frac)
-    print(f"\nFLOPs per RL step (analytic; {fl['tokens'] / 1e6:.2f}M tokens = {config.train.prompts_per_step} x "
-          f"{config.sampler.n} x ({mean_prompt:.0f} + {a.response_frac:.2f} x {setup.max_new_tokens})):")
+    print(f"\nFLOPs per RL step (analytic; {fl['tokens'] / 1e6:.2f}M tokens = {setup.spec.train.prompts_per_step} x "
+          f"{setup.spec.sampler.sampling.n} x ({mean_prompt:.0f} + {a.response_frac:.2f} x {setup.max_new_tokens})):")
     peak = target.peak_flops * a.devices
     for k in ("train", "old_logprob", "sample"):
         t = f", {fl[k] / (peak * a.mfu):8.1f} s at {a.mfu:.0%} MFU" if peak else ""

@@ -25,7 +25,7 @@ from oisd_jax.model import params as mparams
 
 @dataclasses.dataclass
 class PlanSetup:
-    config: Any                 # ml_collections.ConfigDict
+    spec: Any                   # run_spec.RunSpec: the trainer's reading of the config
     model: ModelConfig
     step_cfg: Any               # rl.step.StepConfig
     mesh: Mesh                  # training layout
@@ -59,6 +59,10 @@ class PlanSetup:
         total = parallel.num_params(mparams.abstract(self.model))
         m = self.model
         return total - (0 if m.tie_embeddings else m.vocab_size * m.hidden_size)
+
+    @property
+    def config(self):
+        return self.spec.config
 
     def replace(self, **kw) -> "PlanSetup":
         return dataclasses.replace(self, **kw)
@@ -100,60 +104,58 @@ def make_mesh(shape, devices) -> Mesh:
                 axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
 
 
-def model_config(config, preset: str | None = None) -> tuple[ModelConfig, str]:
+def planned_model(model, preset: str | None = None) -> tuple[ModelConfig, str]:
     """The architecture (hf_path's config.json, else a preset) with the run settings of
-    `config.model`. Returns (cfg, where it came from)."""
-    m = config.model
-    hf = m.get("hf_path")
+    `model` (a run_spec.ModelSpec). Returns (cfg, where it came from)."""
+    hf = model.hf_path
     if hf and os.path.isfile(os.path.join(os.path.expanduser(hf), "config.json")) and preset is None:
         base, src = ModelConfig.from_hf(os.path.expanduser(hf)), f"{hf}/config.json"
     else:
-        name = preset or m.get("preset") or "tiny"
+        name = preset or model.preset or "tiny"
         base, src = ModelConfig.preset(name), f"preset {name!r}"
-    return base.replace(dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy,
-                        attn_impl=m.attn_impl, attn_block_size=int(m.attn_block_size)), src
+    return base.replace(**model.run_settings), src
 
 
 def make_setup(config, devices, *, preset: str | None = None, micro_batch_tokens: int | None = None,
                sampler_batch: int | None = None, model_overrides: dict | None = None) -> PlanSetup:
-    from oisd_jax.rl.step import StepConfig
-    model, _ = model_config(config, preset)
+    """The trainer's programs for `config` on `devices` (validated as the trainer would,
+    paths aside: planning happens away from the data)."""
+    from oisd_jax.run_spec import resolve
+    from oisd_jax.train_setup import max_seqs_per_row, packing_shape
+    spec = resolve(config, num_devices=len(devices), check_paths=False)
+    model, _ = planned_model(spec.model, preset)
     if model_overrides:
         model = model.replace(**model_overrides)
-    mesh = make_mesh(tuple(config.mesh.shape), devices)
-    sshape = config.mesh.get("sampler_shape")
-    sampler_mesh = make_mesh(tuple(sshape), devices) if sshape else mesh
-    P, N = int(config.data.max_prompt_len), int(config.sampler.max_new_tokens)
-    row_len = P + N
-    mbt = int(micro_batch_tokens or config.rl.micro_batch_tokens)
+    mesh = make_mesh(spec.mesh.shape, devices)
+    sampler_mesh = make_mesh(spec.mesh.sampler_shape, devices) if spec.mesh.sampler_shape else mesh
+    pk, sp = spec.packing, spec.sampler
+    row_len = pk.row_len
+    mbt = int(micro_batch_tokens or pk.micro_batch_tokens)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     # Rows of a micro-batch are sharded over (data, fsdp): round down to a multiple.
-    rows = (mbt // row_len) // shards * shards
-    if rows < 1:
+    if (mbt // row_len) // shards < 1:
         raise ValueError(f"rl.micro_batch_tokens={mbt} holds fewer than the {shards} rows of {row_len} tokens "
                          f"one per batch shard (data x fsdp) needs: use k * {row_len * shards}")
     # An update's rollouts, at full length (the worst case the packer can face), packed
     # as the trainer packs them: its shapes, its rollouts per row (Q probes each).
-    from oisd_jax.train_setup import max_seqs_per_row, packing_shape
-    rollouts = int(config.train.mini_batch_prompts) * int(config.sampler.n)
-    rows, num_micro = packing_shape([row_len] * rollouts, row_len=row_len, micro_batch_tokens=mbt,
+    rows, num_micro = packing_shape([row_len] * pk.rollouts_per_update, row_len=row_len, micro_batch_tokens=mbt,
                                     batch_devices=shards)
-    probes = int(config.rl.attn_steps) * max_seqs_per_row(row_len)
-    return PlanSetup(config=config, model=model, step_cfg=StepConfig.from_config(config), mesh=mesh,
+    return PlanSetup(spec=spec, model=model, step_cfg=spec.step, mesh=mesh,
                      sampler_mesh=sampler_mesh, row_len=row_len, micro_batch_tokens=rows * row_len,
-                     num_micro=num_micro, probes_per_row=probes,
-                     sampler_batch=int(sampler_batch or config.sampler.batch_size),
-                     max_prompt_len=P, max_new_tokens=N)
+                     num_micro=num_micro, probes_per_row=pk.attn_steps * max_seqs_per_row(row_len),
+                     sampler_batch=int(sampler_batch or sp.batch_size),
+                     max_prompt_len=sp.max_prompt_len, max_new_tokens=sp.max_new_tokens,
+                     sampler_cache_kept=sp.keep_cache)
 
 
 # ----------------------------------------------------------------------------- train step
 def abstract_batch(setup: PlanSetup):
     from oisd_jax.rl.batch import TrainBatch, num_probe_keys
-    from oisd_jax.rl.step import batch_shardings
+    from oisd_jax.rl.train_state import batch_shardings
     s = setup
     M, R, T = s.num_micro, s.rows_per_micro, s.row_len
-    Q = s.probes_per_row if s.step_cfg.attn_weight > 0 or s.step_cfg.oisd_metrics else 0
-    K = num_probe_keys(T, int(s.config.rl.attn_window), int(s.config.rl.attn_stride)) if Q else 0
+    Q = s.probes_per_row  # 0 when L_attn and its metrics are off (PackingSpec.attn_steps)
+    K = num_probe_keys(T, s.spec.packing.attn_window, s.spec.packing.attn_stride) if Q else 0
     i32, f32 = jnp.int32, jnp.float32
     sds = jax.ShapeDtypeStruct
     b = TrainBatch(tokens=sds((M, R, T), i32), positions=sds((M, R, T), i32), segment_ids=sds((M, R, T), i32),
@@ -165,7 +167,8 @@ def abstract_batch(setup: PlanSetup):
 
 
 def train_phase(setup: PlanSetup) -> Phase:
-    from oisd_jax.rl.step import abstract_train_state, make_train_step
+    from oisd_jax.rl.step import make_train_step
+    from oisd_jax.rl.train_state import abstract_train_state
     state = abstract_train_state(setup.model, setup.step_cfg, setup.mesh)
     batch = abstract_batch(setup)
     step = make_train_step(setup.model, setup.step_cfg, setup.mesh)
@@ -177,7 +180,8 @@ def train_phase(setup: PlanSetup) -> Phase:
 
 def logprob_phase(setup: PlanSetup) -> Phase:
     """Old log-probs before the updates: params are the state's; the moments stay resident."""
-    from oisd_jax.rl.step import abstract_train_state, make_logprob_fn
+    from oisd_jax.rl.step import make_logprob_fn
+    from oisd_jax.rl.train_state import abstract_train_state
     state = abstract_train_state(setup.model, setup.step_cfg, setup.mesh)
     batch = abstract_batch(setup)
     fn = make_logprob_fn(setup.model, setup.step_cfg, setup.mesh)
@@ -196,14 +200,14 @@ def abstract_sampler_inputs(setup: PlanSetup) -> dict:
     `Sampler.reshard(params, cfg.dtype)` returns), the shared-prompt KV cache, prompts."""
     from oisd_jax.model import decode
     from oisd_jax.sampler import num_segments
-    m, mesh, c = setup.model, setup.sampler_mesh, setup.config
-    B, P, n = setup.sampler_batch, setup.max_prompt_len, int(c.sampler.n)
+    m, mesh, sp = setup.model, setup.sampler_mesh, setup.spec.sampler
+    B, P, n = setup.sampler_batch, setup.max_prompt_len, sp.sampling.n
     T = max(setup.max_new_tokens - 1, 1)
     sds = jax.ShapeDtypeStruct
     params = mparams.abstract(m, mesh, dtype=m.dtype, rules=parallel.DECODE_RULES)
     # The generated part in the Sampler's S chunks (what `sampler_phase` builds).
-    S = num_segments(setup.max_new_tokens, c.sampler.get("decode_segments"))
-    cache = decode.abstract_cache(m, mesh, B, P, B * n, T, c.sampler.kv_dtype, S)
+    S = num_segments(setup.max_new_tokens, sp.decode_segments)
+    cache = decode.abstract_cache(m, mesh, B, P, B * n, T, sp.kv_dtype, S)
     row = lambda shape: parallel.sharding_for(("batch",) + (None,) * (len(shape) - 1), mesh, shape,
                                               parallel.DECODE_RULES)
     tokens = sds((B, P), jnp.int32, sharding=row((B, P)))
@@ -216,18 +220,17 @@ def abstract_sampler_inputs(setup: PlanSetup) -> dict:
 def sampler_phase(setup: PlanSetup) -> Phase:
     """The sampler's whole rollout program (prefill + while_loop decode); the train state
     stays resident beside it."""
-    from oisd_jax.rl.step import abstract_train_state
-    from oisd_jax.sampler import Sampler
-    from oisd_jax.train_setup import sampler_settings
-    m, c = setup.model, setup.config
-    if setup.sampler_batch * int(c.sampler.n) % setup.sampler_batch_shards or \
+    from oisd_jax.rl.train_state import abstract_train_state
+    from oisd_jax.train_setup import make_sampler
+    m, sampling = setup.model, setup.spec.sampler.sampling
+    if setup.sampler_batch * sampling.n % setup.sampler_batch_shards or \
             setup.sampler_batch % setup.sampler_batch_shards:
         raise ValueError(f"sampler batch {setup.sampler_batch} prompts must split over the sampler mesh's "
                          f"{setup.sampler_batch_shards} batch shards (data x fsdp)")
-    smp = Sampler(m, mesh=setup.sampler_mesh, **sampler_settings(c, m)[0])  # the trainer's Sampler
+    smp, _ = make_sampler(setup.spec.sampler, m, setup.sampler_mesh)  # the trainer's Sampler
     a = abstract_sampler_inputs(setup)
     eos = np.asarray(m.eos_token_ids or (0,), np.int32)
-    statics = dict(cfg=m, n=int(c.sampler.n), greedy=False, top_k=int(c.sampler.top_k),
+    statics = dict(cfg=m, n=sampling.n, greedy=False, top_k=sampling.top_k,
                    max_new_tokens=setup.max_new_tokens)
 
     def lower():

@@ -46,6 +46,6 @@ def config_changes(saved: Mapping[str, Any] | None, config) -> list[str]:
 def check_resume(saved: Mapping[str, Any] | None, config, where: str) -> None:
     """Raise ConfigChanged listing the differences unless train.allow_config_change."""
     changes = config_changes(saved, config)
-    if changes and not bool(config.train.get("allow_config_change", False)):
+    if changes and not bool(config.train.allow_config_change):
         raise ConfigChanged(f"resuming {where} with a changed config (saved -> now): {'; '.join(changes)}. "
                             "Use another --workdir, or --config.train.allow_config_change=True to resume anyway")

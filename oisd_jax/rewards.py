@@ -29,7 +29,9 @@ from typing import Iterator, Literal, Sequence
 
 import numpy as np
 
-RewardKind = Literal["math", "strict"]
+from oisd_jax.choices import REWARDS
+
+RewardKind = Literal[REWARDS]  # "math" | "strict", declared once in oisd_jax.choices
 DEFAULT_TIMEOUT_S = 5.0
 # Real ground truths are < 150 characters (deepmath, MATH500, AIME, AMC); longer "answers"
 # are degenerate generations and parsing them is where sympy spends minutes.

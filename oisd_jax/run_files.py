@@ -17,7 +17,9 @@ from flax import serialization
 
 from oisd_jax import parallel
 from oisd_jax.cli import UserError
+from oisd_jax.config import migrate
 from oisd_jax.model import ModelConfig, Params, abstract
+from oisd_jax.run_spec import ModelSpec, model_spec
 
 _ITEMS = ("state", "data", "rng", "config")  # oisd_jax.checkpoint's item names (kept equal)
 
@@ -55,7 +57,8 @@ def pick_step(mgr: ocp.CheckpointManager, step: int | None, where: str) -> int:
 
 
 def read_run_config(workdir: str | os.PathLike, step: int | None = None) -> ml_collections.ConfigDict:
-    """The config a run saved with its checkpoint `step` (None = newest)."""
+    """The config a run saved with its checkpoint `step` (None = newest), migrated to the
+    current schema (oisd_jax.config.migrate: the one place older run configs are handled)."""
     ckpt = checkpoint_dir(workdir)
     m = manager(ckpt)
     step = pick_step(m, step, ckpt)
@@ -66,7 +69,7 @@ def read_run_config(workdir: str | os.PathLike, step: int | None = None) -> ml_c
                         f"({type(e).__name__}: {str(e)[:300]}); pass --config") from e
     if not d:
         raise ValueError(f"checkpoint step {step} in {ckpt} has no saved config: pass --config")
-    return ml_collections.ConfigDict(d)
+    return migrate(ml_collections.ConfigDict(d))
 
 
 def restore_params(workdir: str | os.PathLike, model_cfg: ModelConfig, *, step: int | None = None,
@@ -94,21 +97,19 @@ def restore_params(workdir: str | os.PathLike, model_cfg: ModelConfig, *, step: 
 def run_tokenizer(config):
     """The tokenizer a run trains with (train_setup, evaluate and export all use this)."""
     from oisd_jax import data as D
-    m = config.model
+    m = model_spec(config)
     if config.data.format == "synthetic" and not m.tokenizer_path:
         return D.synthetic_tokenizer()
     return D.load_tokenizer(m.tokenizer_path or m.hf_path)
 
 
-def run_model_config(config, tokenizer) -> ModelConfig:
+def model_config_for(model: ModelSpec, tokenizer) -> ModelConfig:
     """The ModelConfig a run trains with: preset or hf_path, run settings, EOS ids merged
     with the tokenizer's (the trainer's rule, so exported folders stop where rollouts did)."""
     # Defined here (not in train_setup) so exporting and evaluating need neither the
     # sampler nor the train step; train_setup imports it.
-    m = config.model
-    run = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy, attn_impl=m.attn_impl,
-               attn_block_size=int(m.attn_block_size))
-    cfg = ModelConfig.from_hf(m.hf_path, **run) if m.hf_path else ModelConfig.preset(m.preset, **run)
+    run = model.run_settings
+    cfg = ModelConfig.from_hf(model.hf_path, **run) if model.hf_path else ModelConfig.preset(model.preset, **run)
     if len(tokenizer) > cfg.vocab_size:
         raise ValueError(f"model.tokenizer_path: {len(tokenizer)} tokens > the model's vocab_size {cfg.vocab_size}")
     tok_eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
@@ -116,6 +117,11 @@ def run_model_config(config, tokenizer) -> ModelConfig:
     if not eos:
         raise ValueError("no EOS id: neither the model's config.json nor the tokenizer defines one")
     return cfg.replace(eos_token_ids=eos)
+
+
+def run_model_config(config, tokenizer) -> ModelConfig:
+    """`model_config_for` of a run config's model section."""
+    return model_config_for(model_spec(config), tokenizer)
 
 
 @dataclasses.dataclass

@@ -19,16 +19,16 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from oisd_jax import distributed, evaluate, metrics, parallel, rollout, startup
+from oisd_jax import distributed, evaluate, metrics, rollout, startup
 from oisd_jax.checkpoint import Checkpointer, check_writable
-from oisd_jax.config import algorithm_settings, validate
 from oisd_jax.divergence import SkipGuard
 from oisd_jax.resume_check import check_resume
 from oisd_jax.rewards import RewardPool
 from oisd_jax.rl import advantages
-from oisd_jax.rl.step import StepConfig, abstract_train_state, init_train_state, make_logprob_fn, make_train_step
-from oisd_jax.sampler import SamplingParams
-from oisd_jax.train_setup import (Setup, build_setup, eval_examples, make_minibatches, sft_batches,
+from oisd_jax.rl.step import StepConfig, make_logprob_fn, make_train_step
+from oisd_jax.rl.train_state import abstract_train_state, init_train_state
+from oisd_jax.run_spec import RunSpec, resolve
+from oisd_jax.train_setup import (Setup, build_setup, make_minibatches, sft_batches,
                                   train_prompt_iterator)
 from oisd_jax.workdir_lock import WorkdirLock
 
@@ -43,11 +43,11 @@ def run_eval(s: Setup, params, step: int, pool: RewardPool, key: jax.Array) -> d
     for name, (examples, k) in s.eval_sets.items():
         rewards, _ = evaluate.score_examples(s.sampler, sampler_params, s.tokenizer, examples, k=k,
                                              sampling=s.sampling, key=jax.random.fold_in(key, zlib.crc32(name.encode()) % 2**31),
-                                             batch_size=s.config.sampler.batch_size, reward_pool=pool)
+                                             batch_size=s.spec.sampler.batch_size, reward_pool=pool)
         out.update({f"eval/{name}/{m}": v for m, v in evaluate.summarize(rewards).items()})
         greedy = dataclasses.replace(s.sampling, greedy=True, n=1)
         g, _ = evaluate.score_examples(s.sampler, sampler_params, s.tokenizer, examples, k=1, sampling=greedy,
-                                       key=key, batch_size=s.config.sampler.batch_size, reward_pool=pool)
+                                       key=key, batch_size=s.spec.sampler.batch_size, reward_pool=pool)
         out[f"eval/{name}/greedy"] = float(g.mean())
     log.info("eval at step %d: %s", step, {k: round(v, 4) for k, v in out.items()})
     return out
@@ -60,13 +60,13 @@ def supervised_warmup(s: Setup, state, workdir: str):
     It is the policy-gradient step with advantage 1 and old log-probs equal to the
     current ones: ratio 1, no clipping, gradient = -grad log p (token-mean NLL).
     """
-    t = s.config.train
-    sft_cfg = StepConfig(temperature=1.0, lr=float(t.sft_lr), weight_decay=0.0, grad_clip=1.0,
+    t = s.spec.train
+    sft_cfg = StepConfig(temperature=1.0, lr=t.sft_lr, weight_decay=0.0, grad_clip=1.0,
                          logit_chunk=s.step_cfg.logit_chunk, dual_clip=None)
     sft_state = init_train_state(state.params, sft_cfg, s.mesh, s.model_cfg)
     step_fn = make_train_step(s.model_cfg, sft_cfg, s.mesh)
     logp_fn = make_logprob_fn(s.model_cfg, sft_cfg, s.mesh)
-    bar = metrics.ProgressBar(int(t.sft_warmup_steps), process_index=jax.process_index(),
+    bar = metrics.ProgressBar(t.sft_warmup_steps, process_index=jax.process_index(),
                               fields={"nll": "sft/nll"}, desc="warm-up")
     for i, batch in enumerate(sft_batches(s)):
         batch = s.put_batch(batch)
@@ -82,14 +82,14 @@ def supervised_warmup(s: Setup, state, workdir: str):
 # ----------------------------------------------------------------------------- RL step
 def rl_step(s: Setup, state, step: int, it, pool: RewardPool, key: jax.Array, timer: metrics.Timer):
     """One RL step; returns (state, metrics, a few rollouts as text for the logs)."""
-    config, algo = s.config, s.algo
+    spec, algo = s.spec, s.algo
     bupo_now = algo.bupo_active(step)
     step_fn, logp_fn = s.step_fns[bupo_now], s.logprob_fns[bupo_now]
     with timer("sample"):
         examples = s.next_prompts(it)
         ro = rollout.generate(s.sampler, s.sampler.reshard(state.params, s.model_cfg.dtype), s.tokenizer,
-                              [e["prompt_ids"] for e in examples], key, s.sampling, config.sampler.batch_size)
-        if not config.sampler.get("keep_cache", True):
+                              [e["prompt_ids"] for e in examples], key, s.sampling, spec.sampler.batch_size)
+        if not spec.sampler.keep_cache:
             s.sampler.release_cache()  # the updates get the cache's memory
     with timer("reward"):
         answers = [e["answer"] for e in examples for _ in range(ro.n)]
@@ -103,7 +103,7 @@ def rl_step(s: Setup, state, step: int, it, pool: RewardPool, key: jax.Array, ti
         # and stay fixed over the rl.ppo_epochs passes (PPO's pi_old)
         batches = [b.replace(old_logp=logp_fn(state.params, b)) for b in batches]
         step_metrics = []
-        for _ in range(int(config.rl.ppo_epochs)):
+        for _ in range(spec.train.ppo_epochs):
             for b in batches:
                 state, m = step_fn(state, b)
                 step_metrics.append(m)
@@ -114,7 +114,7 @@ def rl_step(s: Setup, state, step: int, it, pool: RewardPool, key: jax.Array, ti
                truncated=float(ro.truncated(s.sampling.eos_ids).mean()), tokens=tokens,
                bupo_phase=int(bupo_now), reward_timeouts=pool.num_timeouts, updates=len(step_metrics),
                solve_none=float((rewards.max(1) == 0).mean()), solve_all=float((rewards.min(1) == 1).mean()))
-    shown = range(0, len(ro.texts), max(1, ro.n))[:int(config.train.get("log_samples", 0))]  # one per prompt
+    shown = range(0, len(ro.texts), max(1, ro.n))[:spec.train.log_samples]  # one per prompt
     samples = [f"reward {rewards.flat[i]:g} | answer {answers[i]}\n--- prompt ---\n"
                f"{s.tokenizer.decode(ro.prompt_tokens[i // ro.n].tolist())}\n--- response ---\n{ro.texts[i]}"
                for i in shown]
@@ -122,18 +122,19 @@ def rl_step(s: Setup, state, step: int, it, pool: RewardPool, key: jax.Array, ti
 
 
 # ----------------------------------------------------------------------------- main loop
-def train(config, workdir: str) -> dict[str, float]:
-    """Run (or resume) training in `workdir`; returns the last metrics written."""
-    t = config.train
+def train(config, workdir: str, spec: RunSpec | None = None) -> dict[str, float]:
+    """Run (or resume) training in `workdir`; returns the last metrics written.
+    spec: `config`'s RunSpec when the caller resolved it (else resolved here)."""
     workdir = os.path.abspath(workdir)  # orbax refuses relative checkpoint paths
     # before anything compiles: an unwritable folder would lose every step; one owner per folder
     check_writable(os.path.join(workdir, "checkpoints"))
     lock = WorkdirLock(workdir).acquire() if distributed.is_main() else None
-    s = build_setup(config)
+    s = build_setup(config, spec)
+    t = s.spec.train
     writer = metrics.MetricsWriter(workdir, process_index=jax.process_index())
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=int(t.keep_checkpoints),
-                        async_save=bool(t.async_checkpoint))
-    rng = jax.random.key(int(t.seed))
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=t.keep_checkpoints,
+                        async_save=t.async_checkpoint)
+    rng = jax.random.key(t.seed)
     it = train_prompt_iterator(s)
     start = 0
     if ckpt.latest_step() is not None:
@@ -144,17 +145,18 @@ def train(config, workdir: str) -> dict[str, float]:
         log.info("resumed from %s at step %d", ckpt.directory, start)
     else:
         state = init_train_state(s.init_params(jax.random.fold_in(rng, 2**31 - 1)), s.step_cfg, s.mesh, s.model_cfg)
-        if int(t.sft_warmup_steps) > 0:
+        if t.sft_warmup_steps > 0:
             state = supervised_warmup(s, state, workdir)
     last: dict[str, float] = {}
     flops_per_token = s.train_flops_per_token()
-    with RewardPool(t.reward, workers=int(t.reward_workers), timeout_s=float(t.reward_timeout_s)) as pool:
-        if start == 0 and t.eval_every:
+    every = s.spec.eval.every
+    with RewardPool(t.reward, workers=t.reward_workers, timeout_s=t.reward_timeout_s) as pool:
+        if start == 0 and every:
             last = writer.write(0, run_eval(s, state.params, 0, pool, jax.random.fold_in(rng, 10**9)))
-        bar = metrics.ProgressBar(int(t.steps), initial=start, process_index=jax.process_index())
+        bar = metrics.ProgressBar(t.steps, initial=start, process_index=jax.process_index())
         timer = metrics.Timer()
-        guard = SkipGuard(int(t.get("max_skipped_updates", 5)), int(state.step), int(state.skipped))
-        for step in range(start, int(t.steps)):
+        guard = SkipGuard(t.max_skipped_updates, int(state.step), int(state.skipped))
+        for step in range(start, t.steps):
             t0 = time.perf_counter()
             state, m, samples = rl_step(s, state, step, it, pool, jax.random.fold_in(rng, step), timer)
             guard.observe(int(state.step), int(state.skipped), step + 1)  # synced already by rl_step's metrics
@@ -164,14 +166,14 @@ def train(config, workdir: str) -> dict[str, float]:
             if np.isfinite(s.peak_flops):  # accelerators with a known peak (not CPUs)
                 m["mfu"] = metrics.mfu(flops_per_token * m["tokens"], dt, s.peak_flops)
             done = step + 1
-            if t.eval_every and (done % int(t.eval_every) == 0 or done == int(t.steps)):
+            if every and (done % every == 0 or done == t.steps):
                 m.update(run_eval(s, state.params, done, pool, jax.random.fold_in(rng, 10**9 + done)))
-            if done % int(t.log_every) == 0 or done == int(t.steps):
+            if done % t.log_every == 0 or done == t.steps:
                 last = writer.write(done, m)
                 if samples:
                     writer.write_texts(done, "rollouts", samples)
             bar.update(done, m)
-            if (t.checkpoint_every and done % int(t.checkpoint_every) == 0) or done == int(t.steps):
+            if (t.checkpoint_every and done % t.checkpoint_every == 0) or done == t.steps:
                 ckpt.save(done, state, data_state=it.get_state(), config=config)
         bar.close()
     ckpt.wait_until_finished()
@@ -205,8 +207,8 @@ def main(argv):
     if FLAGS.init_from_hf:
         with config.unlocked():
             config.train.init_from_hf = FLAGS.init_from_hf
-    validate(config, num_devices=jax.device_count())
-    train(config, FLAGS.workdir)
+    spec = resolve(config, num_devices=jax.device_count())  # every bad field named before compiling
+    train(config, FLAGS.workdir, spec)
 
 
 if __name__ == "__main__":

@@ -14,11 +14,13 @@ import numpy as np
 
 from oisd_jax import data as D
 from oisd_jax import distributed, metrics, parallel
-from oisd_jax.config import AlgorithmSettings, algorithm_settings
-from oisd_jax.run_files import run_model_config, run_tokenizer  # one rule for train, eval and export
+from oisd_jax.config import AlgorithmSettings
+from oisd_jax.run_files import model_config_for, run_tokenizer  # one rule for train, eval and export
 from oisd_jax.model import ModelConfig, init_params, load_hf, shape_mismatch
 from oisd_jax.rl.batch import TrainBatch, build_train_batch, pack_rows
-from oisd_jax.rl.step import StepConfig, make_logprob_fn, make_train_step, row_sharding
+from oisd_jax.rl.step import StepConfig, make_logprob_fn, make_train_step
+from oisd_jax.rl.train_state import row_sharding
+from oisd_jax.run_spec import DataSpec, EvalSpec, RunSpec, SamplerSpec, resolve
 from oisd_jax.sampler import Sampler, SamplingParams
 
 _EVAL_SEED_OFFSET = 1_000_003  # held-out synthetic problems come from another seed
@@ -40,15 +42,20 @@ class Setup:
     eval_sets: dict[str, tuple[list[dict], int]]  # name -> (examples with prompt_ids, k)
     peak_flops: float
     prompt_cuts: D.CutCounter = dataclasses.field(default_factory=D.CutCounter)  # truncated training prompts
+    spec: RunSpec | None = None     # None: resolved from `config` (without the device checks)
+
+    def __post_init__(self):
+        if self.spec is None:
+            self.spec = resolve(self.config, num_devices=None, check_paths=False)
 
     @property
     def row_len(self) -> int:
-        return int(self.config.data.max_prompt_len) + int(self.config.sampler.max_new_tokens)
+        return self.spec.packing.row_len
 
     def init_params(self, key: jax.Array):
         """Random init (preset models) or the weights of a Hugging Face folder."""
-        m = self.config.model
-        path = self.config.train.init_from_hf or m.hf_path
+        m = self.spec.model
+        path = m.init_from_hf or m.hf_path
         if path:
             cfg, params = load_hf(path, dtype=m.param_dtype, mesh=self.mesh)
             bad = shape_mismatch(params, self.model_cfg)  # every tensor: a D mismatch trained, then could not resume
@@ -58,7 +65,7 @@ class Setup:
         return init_params(self.model_cfg, key, mesh=self.mesh)
 
     def next_prompts(self, it: Iterator) -> list[dict]:
-        n = int(self.config.train.prompts_per_step)
+        n = self.spec.train.prompts_per_step
         out = D.next_batch(it, n)
         if len(out) < n:
             raise RuntimeError("the training prompt stream ended (it should repeat)")
@@ -80,87 +87,68 @@ class Setup:
 
 
 # ----------------------------------------------------------------------------- building
-def _task(config) -> D.ArithmeticTask:
-    s = config.data.synthetic
-    return D.ArithmeticTask(digits=int(s.digits), ops=tuple(s.ops), num_terms=int(s.num_terms),
-                            reasoning=bool(s.reasoning))
-
-
-def _records(config) -> tuple[list[dict], list[dict]]:
+def read_records(d: DataSpec) -> tuple[list[dict], list[dict]]:
     """(training records, held-out synthetic records) — the latter empty for file data."""
-    d = config.data
     if d.format == "synthetic":
-        held = D.make_problems(int(d.synthetic.num_eval), seed=int(d.seed) + _EVAL_SEED_OFFSET, task=_task(config))
+        held = D.make_problems(d.num_synthetic_eval, seed=d.seed + _EVAL_SEED_OFFSET, task=d.task)
         seen = {r["expression"] for r in held}
-        train = [r for r in D.make_problems(20000, seed=int(d.seed), task=_task(config)) if r["expression"] not in seen]
+        train = [r for r in D.make_problems(20000, seed=d.seed, task=d.task) if r["expression"] not in seen]
         return train, held
-    fields = _field_map(config)
-    records, _ = D.read_many(d.train_path, fields, on_bad_row=d.on_bad_row)
+    records, _ = D.read_many(d.train_path, d.fields, on_bad_row=d.on_bad_row)
     return records, []
 
 
-def _field_map(config) -> D.FieldMap:
-    d = config.data
-    prompt = d.prompt_field or None
-    return D.FieldMap(prompt=prompt, question=None if prompt else d.question_field, answer=d.answer_field,
-                      system_prompt=d.system_prompt)
-
-
-def _eval_sets(config, tokenizer, held_out: list[dict]) -> dict[str, tuple[list[dict], int]]:
-    d, t = config.data, config.train
+def build_eval_sets(d: DataSpec, ev: EvalSpec, tokenizer, held_out: list[dict]) -> dict[str, tuple[list[dict], int]]:
+    """name -> (examples with prompt_ids, k): the trainer's eval sets (evaluate builds the same)."""
     out = {}
-    for name, spec in d.eval_sets.items():
+    for spec in ev.sets:
         if spec.path is None:
             recs = [{**r, "index": i} for i, r in enumerate(held_out)]
-            examples = [{**r, "prompt_ids": D.encode_prompt(tokenizer, r["prompt"], max_prompt_len=int(d.max_prompt_len),
+            examples = [{**r, "prompt_ids": D.encode_prompt(tokenizer, r["prompt"], max_prompt_len=d.max_prompt_len,
                                                               truncation=d.truncation)} for r in recs]
         else:
-            examples = D.load_eval_set(spec.path, _field_map(config), tokenizer=tokenizer,
-                                       max_prompt_len=int(d.max_prompt_len), truncation=d.truncation)
-        if t.eval_prompts:
-            examples = examples[:int(t.eval_prompts)]
-        out[name] = (examples, int(spec.k))
+            examples = D.load_eval_set(spec.path, d.fields, tokenizer=tokenizer, max_prompt_len=d.max_prompt_len,
+                                       truncation=d.truncation)
+        if ev.prompts:
+            examples = examples[:ev.prompts]
+        out[spec.name] = (examples, spec.k)
     return out
 
 
-def sampler_settings(config, model_cfg: ModelConfig) -> tuple[dict[str, Any], SamplingParams]:
-    """The `Sampler` keyword arguments (all but the mesh) and rollout sampling settings a
-    config asks for: one reading for the trainer and the evaluator."""
-    sp = config.sampler
-    kwargs = dict(max_prompt_len=int(config.data.max_prompt_len), max_new_tokens=int(sp.max_new_tokens),
-                  prompt_bucket=int(sp.prompt_bucket), kv_dtype=sp.kv_dtype, truncation=config.data.truncation,
-                  decode_segments=sp.get("decode_segments"))
-    sampling = SamplingParams(temperature=float(sp.temperature), top_p=float(sp.top_p), top_k=int(sp.top_k),
-                              n=int(sp.n), eos_ids=model_cfg.eos_token_ids, greedy=False)
-    return kwargs, sampling
+def make_sampler(sp: SamplerSpec, model_cfg: ModelConfig, mesh) -> tuple[Sampler, SamplingParams]:
+    """The Sampler and rollout sampling settings a run asks for: one construction for the
+    trainer, the evaluator and the planner."""
+    sampling = dataclasses.replace(sp.sampling, eos_ids=model_cfg.eos_token_ids)
+    return Sampler(model_cfg, mesh=mesh, **sp.sampler_kwargs), sampling
 
 
-def build_setup(config) -> Setup:
-    algo = algorithm_settings(config)
+def build_setup(config, spec: RunSpec | None = None) -> Setup:
+    """spec: the config's RunSpec when the caller resolved it (else resolved here, with
+    this process's device count)."""
+    spec = spec or resolve(config, num_devices=jax.device_count())
+    algo = spec.algo
     tokenizer = run_tokenizer(config)
-    model_cfg = run_model_config(config, tokenizer)
-    mesh = parallel.make_mesh(tuple(config.mesh.shape))
-    step_cfg = StepConfig.from_config(config)
+    model_cfg = model_config_for(spec.model, tokenizer)
+    mesh = parallel.make_mesh(spec.mesh.shape)
     phases = (False, True) if algo.use_bupo else (False,)
-    cfgs = {p: StepConfig.from_config(config, bupo=True) if p else step_cfg for p in phases}
-    sampler_mesh = parallel.make_mesh(tuple(config.mesh.sampler_shape)) if config.mesh.sampler_shape else mesh
-    sampler_kwargs, sampling = sampler_settings(config, model_cfg)
-    sampler = Sampler(model_cfg, mesh=sampler_mesh, **sampler_kwargs)
-    train_records, held = _records(config)
+    cfgs = {p: spec.step_config(bupo=p) for p in phases}
+    sampler_mesh = parallel.make_mesh(spec.mesh.sampler_shape) if spec.mesh.sampler_shape else mesh
+    sampler, sampling = make_sampler(spec.sampler, model_cfg, sampler_mesh)
+    train_records, held = read_records(spec.data)
     kind = jax.devices()[0].device_kind
     peak = (metrics.peak_flops_per_device(kind) or float("nan")) * jax.device_count()
-    return Setup(config=config, algo=algo, tokenizer=tokenizer, model_cfg=model_cfg, mesh=mesh, step_cfg=step_cfg,
+    return Setup(config=config, algo=algo, tokenizer=tokenizer, model_cfg=model_cfg, mesh=mesh, step_cfg=spec.step,
                  step_fns={p: make_train_step(model_cfg, c, mesh) for p, c in cfgs.items()},
                  logprob_fns={p: make_logprob_fn(model_cfg, c, mesh) for p, c in cfgs.items()},
                  sampler=sampler, sampling=sampling, records=train_records,
-                 eval_sets=_eval_sets(config, tokenizer, held), peak_flops=peak)
+                 eval_sets=build_eval_sets(spec.data, spec.eval, tokenizer, held), peak_flops=peak, spec=spec)
 
 
 def train_prompt_iterator(s: Setup) -> D.PromptIterator:
     """The global prompt stream. Every process reads all of it (prompts are tiny), so the
     data order does not depend on the process count (see distributed.put_global)."""
-    d = s.config.data
-    return D.make_prompt_dataset(s.records, s.tokenizer, max_prompt_len=int(d.max_prompt_len), seed=int(d.seed),
+    d = s.spec.data
+    return D.make_prompt_dataset(s.records, s.tokenizer, max_prompt_len=d.max_prompt_len, seed=d.seed,
                                  truncation=d.truncation)
 
 
@@ -194,14 +182,13 @@ def packing_shape(seq_lens: Sequence[int], *, row_len: int, micro_batch_tokens: 
 
 def _pack(s: Setup, prompts, responses, lengths, adv, rng) -> TrainBatch:
     """Pack sequences into [M, R, row_len] (shapes from `packing_shape`)."""
-    rl = s.config.rl
+    pk = s.spec.packing
     seq_lens = [len(p) + int(n) for p, n in zip(prompts, lengths) if n > 0]
-    R, M = packing_shape(seq_lens, row_len=s.row_len, micro_batch_tokens=int(rl.micro_batch_tokens),
+    R, M = packing_shape(seq_lens, row_len=pk.row_len, micro_batch_tokens=pk.micro_batch_tokens,
                          batch_devices=_batch_devices(s.mesh))
-    row_len, max_per_row = s.row_len, max_seqs_per_row(s.row_len)
-    steps = int(rl.attn_steps) if (s.algo.use_attn or s.step_cfg.oisd_metrics) else 0
+    row_len, max_per_row = pk.row_len, max_seqs_per_row(pk.row_len)
     b = build_train_batch(prompts, responses, lengths, adv, row_len=row_len, rows_per_micro=R, num_micro=M,
-                          attn_steps=steps, attn_window=int(rl.attn_window), attn_stride=int(rl.attn_stride),
+                          attn_steps=pk.attn_steps, attn_window=pk.attn_window, attn_stride=pk.attn_stride,
                           max_seqs_per_row=max_per_row, rng=rng, head_len=0)
     return with_head_positions(b, row_len)
 
@@ -224,9 +211,9 @@ def with_head_positions(b: TrainBatch, row_len: int) -> TrainBatch:
 
 def make_minibatches(s: Setup, ro, adv: np.ndarray, step: int) -> list[TrainBatch]:
     """The step's rollouts split into mini-batches of `mini_batch_prompts` prompts (x n)."""
-    t = s.config.train
-    per = int(t.mini_batch_prompts) * ro.n
-    rng = np.random.default_rng([int(t.seed), step])
+    t = s.spec.train
+    per = t.mini_batch_prompts * ro.n
+    rng = np.random.default_rng([t.seed, step])
     prompts = [p for p in ro.prompt_tokens for _ in range(ro.n)]
     return [_pack(s, prompts[i:i + per], ro.tokens[i:i + per], ro.lengths[i:i + per], adv[i:i + per], rng)
             for i in range(0, len(prompts), per)]
@@ -234,11 +221,11 @@ def make_minibatches(s: Setup, ro, adv: np.ndarray, step: int) -> list[TrainBatc
 
 def sft_batches(s: Setup) -> Iterator[TrainBatch]:
     """Supervised warm-up batches of reference responses (synthetic task), advantage 1."""
-    t, d = s.config.train, s.config.data
-    examples = D.sft_examples(s.records[:4096], s.tokenizer, reasoning=bool(d.synthetic.reasoning))
-    rng = np.random.default_rng(int(t.seed))
-    n = int(t.sft_batch_size)
-    for _ in range(int(t.sft_warmup_steps)):
+    t = s.spec.train
+    examples = D.sft_examples(s.records[:4096], s.tokenizer, reasoning=s.spec.data.task.reasoning)
+    rng = np.random.default_rng(t.seed)
+    n = t.sft_batch_size
+    for _ in range(t.sft_warmup_steps):
         idx = rng.choice(len(examples), n, replace=False)
         p = [examples[i][0] for i in idx]
         r = [examples[i][1] for i in idx]

@@ -14,7 +14,7 @@ from oisd_jax import export, run_files
 from oisd_jax.checkpoint import Checkpointer
 from oisd_jax.data import synthetic_tokenizer
 from oisd_jax.model import forward, logits
-from oisd_jax.rl.step import abstract_train_state
+from oisd_jax.rl.train_state import abstract_train_state
 from oisd_jax.train_setup import build_setup
 from tiny_run import tiny_config, tiny_run
 

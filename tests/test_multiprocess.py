@@ -62,7 +62,7 @@ def _final(workdir):
     import jax
 
     from oisd_jax.checkpoint import Checkpointer
-    from oisd_jax.rl.step import abstract_train_state
+    from oisd_jax.rl.train_state import abstract_train_state
     from oisd_jax.train_setup import build_setup
     s = build_setup(config(2))
     with Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False) as ck:

@@ -144,14 +144,14 @@ def test_planner_packs_like_the_trainer(name, gpus):
     import numpy as np
     from oisd_jax import parallel
     from oisd_jax.config import algorithm_settings
-    from oisd_jax.rl.step import StepConfig
+    from oisd_jax.run_spec import step_config
     from oisd_jax.rollout import Rollouts
     from oisd_jax.train_setup import Setup, make_minibatches
     file, _, arg = name.partition(":")
     c = load_config_file(os.path.join(ROOT, "configs", f"{file}.py") + (f":{arg}" if arg else ""))
     setup = pp.make_setup(c, plan.get_target("cpu").devices(gpus))
     s = Setup(config=c, algo=algorithm_settings(c), tokenizer=None, model_cfg=None,
-              mesh=parallel.make_mesh(tuple(c.mesh.shape), jax.devices()[:gpus]), step_cfg=StepConfig.from_config(c), step_fns={},
+              mesh=parallel.make_mesh(tuple(c.mesh.shape), jax.devices()[:gpus]), step_cfg=step_config(c), step_fns={},
               logprob_fns={}, sampler=None, sampling=None, records=[], eval_sets={}, peak_flops=float("nan"))
     P, N, n = int(c.data.max_prompt_len), int(c.sampler.max_new_tokens), int(c.sampler.n)
     prompts = int(c.train.mini_batch_prompts)

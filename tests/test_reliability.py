@@ -293,7 +293,8 @@ def test_finding6_exploding_update_is_skipped_inside_the_step():
     (Validation now refuses lr >= 1, such as the issue's 1e30, before anything compiles.)"""
     from oisd_jax.model import ModelConfig, init_params
     from oisd_jax.rl.batch import build_train_batch
-    from oisd_jax.rl.step import StepConfig, init_train_state, make_train_step
+    from oisd_jax.rl.step import StepConfig, make_train_step
+    from oisd_jax.rl.train_state import init_train_state
     cfg = ModelConfig.preset("tiny")
     rng = np.random.default_rng(0)
     batch = build_train_batch([rng.integers(2, 60, 5).tolist() for _ in range(4)],

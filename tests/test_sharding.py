@@ -51,7 +51,8 @@ def worker(out_dir: str) -> None:
     from oisd_jax.model import ModelConfig
     from oisd_jax.model.params import abstract
     from oisd_jax.rl.batch import TrainBatch
-    from oisd_jax.rl.step import StepConfig, abstract_train_state, make_logprob_fn, make_train_step, row_sharding
+    from oisd_jax.rl.step import StepConfig, make_logprob_fn, make_train_step
+    from oisd_jax.rl.train_state import abstract_train_state, row_sharding
 
     cfg = ModelConfig.preset("tiny", vocab_size=V, remat_policy="none")
     assert cfg.hidden_size == D

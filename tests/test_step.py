@@ -13,8 +13,9 @@ from hf_fixtures import save_hf_model
 from oisd_jax import parallel
 from oisd_jax.model import ModelConfig, load_hf
 from oisd_jax.rl.batch import TrainBatch, build_train_batch
-from oisd_jax.rl.step import (StepConfig, abstract_train_state, batch_shardings, compute_grads, init_train_state,
-                              make_logprob_fn, make_train_step)
+from oisd_jax.run_spec import step_config
+from oisd_jax.rl.step import StepConfig, compute_grads, make_logprob_fn, make_train_step
+from oisd_jax.rl.train_state import abstract_train_state, batch_shardings, init_train_state
 from oisd_jax.rl.step_loss import token_weights
 
 L_TAP = 2
@@ -423,19 +424,19 @@ def test_step_config_from_config():
         "base_cfg", os.path.join(os.path.dirname(__file__), "..", "configs", "base.py"))
     base = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(base)
-    g = StepConfig.from_config(base.get_config("grpo"))
+    g = step_config(base.get_config("grpo"))
     assert (g.think_on, g.attn_on, g.bupo, g.tap_layer) == (False, False, False, None)
     assert g.lr == 1e-6 and g.dual_clip == 10.0 and g.grad_clip == 1.0 and g.weight_decay == 0.01
-    o = StepConfig.from_config(base.get_config("oisd,rl.tap_layer=2,rl.think_weight=0.5"))
+    o = step_config(base.get_config("oisd,rl.tap_layer=2,rl.think_weight=0.5"))
     assert (o.tap_layer, o.think_weight, o.attn_weight, o.lens_norm) == (2, 0.5, 0.1, True)
     c = base.get_config("bupo,rl.tap_layer=3")
-    b1, b2 = StepConfig.from_config(c, bupo=True), StepConfig.from_config(c)
+    b1, b2 = step_config(c, bupo=True), step_config(c)
     assert b1.bupo and not b1.bupo_lens_norm and not b2.bupo and not (b2.think_on or b2.attn_on)
     with pytest.raises(ValueError, match="not bupo"):
-        StepConfig.from_config(base.get_config("grpo"), bupo=True)
-    d = StepConfig.from_config(base.get_config("dr_grpo"))  # Dr.GRPO's own aggregation
+        step_config(base.get_config("grpo"), bupo=True)
+    d = step_config(base.get_config("dr_grpo"))  # Dr.GRPO's own aggregation
     assert (d.loss_agg, d.loss_norm_len) == ("seq-mean-token-sum-norm", float(c.sampler.max_new_tokens))
-    d = StepConfig.from_config(base.get_config("dr_grpo,rl.loss_agg=seq-mean-token-sum"))
+    d = step_config(base.get_config("dr_grpo,rl.loss_agg=seq-mean-token-sum"))
     assert (d.loss_agg, d.loss_norm_len) == ("seq-mean-token-sum", None)
     with pytest.raises(ValueError, match="loss_norm_len"):
         StepConfig(loss_agg="seq-mean-token-sum-norm")

@@ -11,7 +11,7 @@ import pytest
 
 from oisd_jax.checkpoint import Checkpointer
 from oisd_jax.config import ConfigError, validate
-from oisd_jax.rl.step import abstract_train_state
+from oisd_jax.rl.train_state import abstract_train_state
 from oisd_jax.train import train
 from oisd_jax.train_setup import build_setup
 from tiny_run import tiny_config
@@ -119,7 +119,7 @@ def test_bad_config_is_named_before_compiling():
 def test_sampler_cache_kept_or_freed_before_updates(keep, segments):
     from oisd_jax import metrics
     from oisd_jax.rewards import RewardPool
-    from oisd_jax.rl.step import init_train_state
+    from oisd_jax.rl.train_state import init_train_state
     from oisd_jax.train import rl_step
     from oisd_jax.train_setup import train_prompt_iterator
     s = build_setup(tiny(sampler__keep_cache=keep, sampler__decode_segments=segments, train__sft_warmup_steps=0))
@@ -137,7 +137,7 @@ def _one_rl_step(s):
     pass receives; returns (state, metrics, updated batches, old-log-prob batches)."""
     from oisd_jax import metrics
     from oisd_jax.rewards import RewardPool
-    from oisd_jax.rl.step import init_train_state
+    from oisd_jax.rl.train_state import init_train_state
     from oisd_jax.train import rl_step
     from oisd_jax.train_setup import train_prompt_iterator
     updated, logp_seen = [], []

@@ -17,8 +17,10 @@ import logging
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
+from oisd_jax.choices import BAD_ROW_POLICIES
+
 DEFAULT_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
-BadRowPolicy = Literal["skip", "error"]
+BadRowPolicy = Literal[BAD_ROW_POLICIES]  # "skip" | "error", declared once in oisd_jax.choices
 Record = dict[str, Any]
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,9 @@ from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 
-Truncation = Literal["left", "error"]
+from oisd_jax.choices import TRUNCATIONS
+
+Truncation = Literal[TRUNCATIONS]  # "left" | "error", declared once in oisd_jax.choices
 DEFAULT_TEMPLATE_KWARGS: Mapping[str, Any] = {"enable_thinking": False}
 
 

@@ -9,10 +9,9 @@ import json
 import os
 from typing import Any
 
+from oisd_jax.choices import ATTN_IMPLS, REMAT_POLICIES  # noqa: F401  (also read from here)
+
 FAMILIES = ("qwen3", "llama")
-REMAT_POLICIES = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
-                  "everything_saveable")
-ATTN_IMPLS = ("xla", "cudnn", "blocked")
 _MODEL_TYPES = {"qwen3": "qwen3", "llama": "llama"}
 _ROPE_TYPES = ("default", "llama3")
 

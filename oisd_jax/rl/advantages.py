@@ -12,6 +12,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from oisd_jax.choices import ADV_ESTIMATORS
+
 Array = jax.Array
 
 
@@ -89,12 +91,8 @@ def reinforce_pp(
     return jnp.where(in_batch & ~degenerate, adv, 0.0)
 
 
-ESTIMATORS: dict[str, Callable[..., Array]] = {
-    "grpo": grpo,
-    "dr_grpo": dr_grpo,
-    "rloo": rloo,
-    "reinforce_pp": reinforce_pp,
-}
+# choices.ADV_ESTIMATORS (what validation accepts) -> the function of that name here.
+ESTIMATORS: dict[str, Callable[..., Array]] = {name: globals()[name] for name in ADV_ESTIMATORS}
 _ALIASES = {"dr.grpo": "dr_grpo", "drgrpo": "dr_grpo", "reinforce++": "reinforce_pp"}
 
 

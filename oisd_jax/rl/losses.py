@@ -18,10 +18,11 @@ import math
 import jax
 import jax.numpy as jnp
 
+from oisd_jax.choices import LOSS_AGGS
+
 Array = jax.Array
 
-# verl's `agg_loss` names (kept equal to oisd_jax.config.LOSS_AGGS).
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+AGG_MODES = LOSS_AGGS  # verl's `agg_loss` names (oisd_jax.choices)
 
 
 def _f32(x: Array) -> Array:

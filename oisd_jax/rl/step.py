@@ -8,130 +8,33 @@ finite gradient norm but makes the params inf; the check is one fused reduction 
 jit). The state is donated; in/out shardings follow `parallel.RULES` (params and moments
 FSDP/tensor-sharded alike, rows of the batch over ("data", "fsdp")).
 
-A separate jitted pass (`make_logprob_fn`) computes old log-probs with the training
+The state, optimizer and shardings are rl/train_state.py. A separate jitted pass
+(`make_logprob_fn`) computes old log-probs with the training
 model before the updates of an RL step (and reference log-probs for the KL term).
 
-BuPO: the trainer builds two step functions, `StepConfig.from_config(c, bupo=True)` for
+BuPO: the trainer builds two step functions, `RunSpec.step_config(bupo=True)` for
 the first `rl.bupo_steps` steps and `bupo=False` after, instead of branching in the jit.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
-from flax import struct
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from oisd_jax import parallel
 from oisd_jax.model import ModelConfig, Taps, final_norm, forward, unembed
-from oisd_jax.model.params import Params, abstract, logical_axes
-from oisd_jax.model.params import shardings as param_shardings
+from oisd_jax.model.params import Params, logical_axes
 from oisd_jax.rl import chunked
 from oisd_jax.rl.batch import TrainBatch, shift_left
 from oisd_jax.rl.step_config import StepConfig
 from oisd_jax.rl.step_loss import Weights, micro_loss, token_weights
+from oisd_jax.rl.train_state import (MeshJit, TrainState, make_optimizer, make_schedule, row_sharding,
+                                     state_shardings)
 
 Array = jax.Array
-
-
-@struct.dataclass
-class TrainState:
-    params: Params      # f32 master weights
-    opt_state: Any      # optax state; moments shaped (and sharded) like params
-    step: Array         # int32 optimizer updates attempted
-    skipped: Array      # int32 updates skipped (non-finite gradient norm, loss or new params)
-
-
-# ----------------------------------------------------------------------------- optimizer
-def make_schedule(cfg: StepConfig) -> optax.Schedule:
-    if cfg.schedule == "cosine":
-        return optax.warmup_cosine_decay_schedule(
-            0.0, cfg.lr, cfg.warmup_steps, max(cfg.decay_steps, cfg.warmup_steps + 1), cfg.lr * cfg.end_lr_factor)
-    if cfg.warmup_steps:
-        return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps),
-                                     optax.constant_schedule(cfg.lr)], [cfg.warmup_steps])
-    return optax.constant_schedule(cfg.lr)
-
-
-def make_optimizer(cfg: StepConfig) -> optax.GradientTransformation:
-    adamw = optax.adamw(make_schedule(cfg), cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay)
-    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw) if cfg.grad_clip > 0 else adamw
-
-
-# ----------------------------------------------------------------------------- shardings
-def state_shardings(model_cfg: ModelConfig, step_cfg: StepConfig, mesh: Mesh) -> TrainState:
-    """NamedShardings of the state: optimizer moments follow their params."""
-    p_sh = param_shardings(model_cfg, mesh)
-    rep = parallel.replicated(mesh)
-    opt_abs = jax.eval_shape(make_optimizer(step_cfg).init, abstract(model_cfg))
-    opt_sh = optax.tree_map_params(make_optimizer(step_cfg), lambda _, s: s, opt_abs, p_sh,
-                                   transform_non_params=lambda _: rep)
-    return TrainState(params=p_sh, opt_state=opt_sh, step=rep, skipped=rep)
-
-
-def row_sharding(mesh: Mesh) -> NamedSharding:
-    """Axis 1 (rows) of every [M, R, ...] batch field over the mesh's batch axes."""
-    return NamedSharding(mesh, parallel.logical_to_spec((None, "batch"), mesh=mesh))
-
-
-def batch_shardings(mesh: Mesh, with_ref: bool = False, with_head: bool = False) -> TrainBatch:
-    """A TrainBatch of shardings (for device_put); every field is split by rows."""
-    sh = row_sharding(mesh)
-    return TrainBatch(tokens=sh, positions=sh, segment_ids=sh, loss_mask=sh, advantages=sh, old_logp=sh,
-                      attn_queries=sh, attn_keys=sh, attn_weight=sh, attn_valid=sh,
-                      ref_logp=sh if with_ref else None, head_positions=sh if with_head else None)
-
-
-def abstract_train_state(model_cfg: ModelConfig, step_cfg: StepConfig, mesh: Mesh | None = None) -> TrainState:
-    """ShapeDtypeStructs (with shardings under a mesh) for AOT lowering / planning."""
-    shapes = jax.eval_shape(lambda p: init_train_state(p, step_cfg), abstract(model_cfg))
-    if mesh is None:
-        return shapes
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
-                        state_shardings(model_cfg, step_cfg, mesh))
-
-
-def init_train_state(params: Params, step_cfg: StepConfig, mesh: Mesh | None = None,
-                     model_cfg: ModelConfig | None = None) -> TrainState:
-    """Fresh optimizer state; with a mesh (and model_cfg) each device makes only its shard."""
-    def make(p):
-        return TrainState(params=p, opt_state=make_optimizer(step_cfg).init(p),
-                          step=jnp.zeros((), jnp.int32), skipped=jnp.zeros((), jnp.int32))
-    if mesh is None:
-        return make(params)
-    if model_cfg is None:
-        raise ValueError("init_train_state with a mesh needs model_cfg")
-    sh = state_shardings(model_cfg, step_cfg, mesh)
-    return jax.jit(make, in_shardings=(sh.params,), out_shardings=sh)(params)
-
-
-class _MeshJit:
-    """A jitted function traced and run inside `jax.set_mesh(mesh)` (activation
-    constraints in the decoder read the ambient mesh); `.lower` for AOT analysis."""
-
-    def __init__(self, fn: Callable, mesh: Mesh | None):
-        self.fn, self.mesh = fn, mesh
-
-    def _ctx(self):
-        return jax.set_mesh(self.mesh) if self.mesh is not None else _Null()
-
-    def __call__(self, *args):
-        with self._ctx():
-            return self.fn(*args)
-
-    def lower(self, *args):
-        with self._ctx():
-            return self.fn.lower(*args)
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 # ----------------------------------------------------------------------------- the step
@@ -149,19 +52,20 @@ def compute_grads(params: Params, batch: TrainBatch, model_cfg: ModelConfig, cfg
     """
     _check(model_cfg, cfg)
     fused = cfg.fused_head if fused is None else fused
-    w = token_weights(batch, cfg)
+    weights = token_weights(batch, cfg)
     axes = logical_axes(model_cfg)
     zeros = jax.tree.map(lambda p, a: parallel.constrain(jnp.zeros(p.shape, jnp.float32), tuple(a)),
                          params, axes)
 
     def body(acc, xs):
-        mb, pg_w, tok_w = xs
+        mb, pg_weight, tok_weight = xs
         grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
-        (loss, m), g = grad_fn(params, mb, Weights(pg_w, tok_w, w.attn_denom), model_cfg, cfg, fused)
+        mb_weights = Weights(pg_weight, tok_weight, weights.attn_denom)
+        (loss, m), g = grad_fn(params, mb, mb_weights, model_cfg, cfg, fused)
         g = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc, g)
         return g, (loss, m)
 
-    grads, (loss_m, m_m) = jax.lax.scan(body, zeros, (batch, w.pg, w.tok))
+    grads, (loss_m, m_m) = jax.lax.scan(body, zeros, (batch, weights.pg, weights.tok))
     metrics = {k: (jnp.max(v) if k == "ratio_max" else jnp.sum(v)) for k, v in m_m.items()}
     return jnp.sum(loss_m), grads, metrics
 
@@ -194,7 +98,7 @@ def train_step(state: TrainState, batch: TrainBatch, model_cfg: ModelConfig, cfg
     return TrainState(params=params, opt_state=opt_state, step=state.step + 1, skipped=skipped), metrics
 
 
-def make_train_step(model_cfg: ModelConfig, step_cfg: StepConfig, mesh: Mesh | None = None) -> _MeshJit:
+def make_train_step(model_cfg: ModelConfig, step_cfg: StepConfig, mesh: Mesh | None = None) -> MeshJit:
     """ONE jitted (state, batch) -> (state, metrics); the state is donated.
 
     With a mesh, in/out shardings come from parallel.RULES; batch rows must divide by
@@ -203,12 +107,12 @@ def make_train_step(model_cfg: ModelConfig, step_cfg: StepConfig, mesh: Mesh | N
     _check(model_cfg, step_cfg)
     fn = lambda s, b: train_step(s, b, model_cfg, step_cfg)  # noqa: E731
     if mesh is None:
-        return _MeshJit(jax.jit(fn, donate_argnums=(0,)), None)
+        return MeshJit(jax.jit(fn, donate_argnums=(0,)), None)
     st = state_shardings(model_cfg, step_cfg, mesh)
     # One sharding as a prefix of the whole batch: optional fields may be present or not.
     jitted = jax.jit(fn, donate_argnums=(0,), in_shardings=(st, row_sharding(mesh)),
                      out_shardings=(st, parallel.replicated(mesh)))
-    return _MeshJit(jitted, mesh)
+    return MeshJit(jitted, mesh)
 
 
 # ----------------------------------------------------------------------------- old log-probs
@@ -247,10 +151,10 @@ def make_logprob_fn(model_cfg: ModelConfig, step_cfg: StepConfig, mesh: Mesh | N
     _check(model_cfg, step_cfg)
     fn = lambda p, *a: policy_logprobs(p, *a, model_cfg, step_cfg)  # noqa: E731
     if mesh is None:
-        jitted = _MeshJit(jax.jit(fn), None)
+        jitted = MeshJit(jax.jit(fn), None)
     else:
         # Params keep whatever layout they come in (training or decode rules).
-        jitted = _MeshJit(jax.jit(fn, in_shardings=(None,) + (row_sharding(mesh),) * 5,
+        jitted = MeshJit(jax.jit(fn, in_shardings=(None,) + (row_sharding(mesh),) * 5,
                                   out_shardings=row_sharding(mesh)), mesh)
 
     def args(batch: TrainBatch):

@@ -1,12 +1,14 @@
 """StepConfig: everything the compiled RL update needs besides the model shape.
 
 Its own module so the step (rl/step.py) and the micro-batch loss (rl/step_loss.py) both
-read it without importing each other.
+read it without importing each other. A run's StepConfig is built from its config once,
+by oisd_jax.run_spec.resolve (RunSpec.step / bupo_step).
 """
 from __future__ import annotations
 
 import dataclasses
 
+from oisd_jax.choices import SCHEDULES
 from oisd_jax.rl import losses
 
 
@@ -53,7 +55,7 @@ class StepConfig:
         if (self.loss_agg == "seq-mean-token-sum-norm") != (self.loss_norm_len is not None):
             raise ValueError(f"StepConfig.loss_norm_len={self.loss_norm_len} with loss_agg={self.loss_agg!r}: "
                              "seq-mean-token-sum-norm needs it, the other modes take none")
-        if self.schedule not in ("constant", "cosine"):
+        if self.schedule not in SCHEDULES:
             raise ValueError(f"StepConfig.schedule={self.schedule!r}: constant | cosine")
         needs_tap = self.think_on or self.attn_on or self.bupo or self.oisd_metrics
         if needs_tap and self.tap_layer is None:
@@ -81,35 +83,3 @@ class StepConfig:
 
     def replace(self, **kw) -> "StepConfig":
         return dataclasses.replace(self, **kw)
-
-    @classmethod
-    def from_config(cls, config, bupo: bool = False) -> "StepConfig":
-        """From the ml_collections config (rl / optim / sampler / train sections).
-
-        `rl.algorithm` decides which terms are on (oisd_jax.config.algorithm_settings);
-        bupo=True gives the internal-policy step of BuPO's first `rl.bupo_steps` steps.
-        """
-        from oisd_jax.config import algorithm_settings  # a leaf module (no jax)
-        s = algorithm_settings(config)
-        if bupo and not s.use_bupo:
-            raise ValueError(f"bupo=True but rl.algorithm={s.algorithm!r} is not bupo")
-        rl, o, t = config.rl, config.optim, config.train
-        updates = int(t.steps) * max(1, int(t.prompts_per_step) // int(t.mini_batch_prompts)) \
-            * int(rl.get("ppo_epochs", 1))
-        return cls(
-            temperature=float(config.sampler.temperature), clip_low=float(rl.clip_low),
-            clip_high=float(rl.clip_high),
-            dual_clip=None if rl.dual_clip is None else float(rl.dual_clip),
-            ratio_log_clamp=float(rl.ratio_log_clamp), loss_agg=s.loss_agg,
-            loss_norm_len=float(config.sampler.max_new_tokens) if s.loss_agg == "seq-mean-token-sum-norm" else None,
-            kl_coef=float(rl.kl_coef), kl_type=rl.kl_type, entropy_coef=float(rl.entropy_coef),
-            tap_layer=s.tap_layer, think_weight=s.think_weight, attn_weight=s.attn_weight,
-            tau=float(rl.tau), adv_clip=float(rl.adv_clip), lens_norm=bool(rl.lens_norm),
-            oisd_metrics=s.oisd_metrics and not bupo,  # BuPO's internal-policy phase has its own lens
-            bupo=bupo, bupo_lens_norm=bool(rl.bupo_lens_norm),
-            logit_chunk=None if not rl.logit_chunk else int(rl.logit_chunk),
-            lr=float(o.lr), b1=float(o.b1), b2=float(o.b2), eps=float(o.eps),
-            weight_decay=float(o.weight_decay), grad_clip=float(o.grad_clip),
-            skip_nonfinite=bool(o.get("skip_nonfinite", True)), schedule=o.schedule,
-            warmup_steps=int(o.warmup_steps), decay_steps=updates,
-            end_lr_factor=float(o.get("end_lr_factor", 0.0)))

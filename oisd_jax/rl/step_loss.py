@@ -44,6 +44,33 @@ class Weights(NamedTuple):
     attn_denom: Array  # number of valid sampled steps (scalar)
 
 
+class HeadInputs(NamedTuple):
+    """What the vocabulary head's objective reads per token ([N, T] each, or [N, Th] at
+    the loss positions): a pytree, split into chunks field by field."""
+    targets: Array
+    old_logp: Array
+    adv: Array
+    pg_weight: Array               # Weights.pg at these tokens
+    tok_weight: Array              # Weights.tok at these tokens
+    ref_logp: Array | None = None  # only with kl_coef
+
+
+class TokenTerms(NamedTuple):
+    """Per-token terms of the head (float32), as `chunked.token_terms` names them."""
+    logp: Array
+    entropy: Array
+    js: Array | None = None            # OISD's JS(lens || final), when the lens is on
+    lens_entropy: Array | None = None
+
+
+class HeadMetrics(NamedTuple):
+    sums: dict[str, Array]   # summed over chunks (and micro-batches)
+    maxes: dict[str, Array]  # max over chunks
+
+    def flat(self) -> dict[str, Array]:
+        return {**self.sums, **self.maxes}
+
+
 def token_weights(batch: "TrainBatch", cfg: "StepConfig") -> Weights:
     """Per-token weights such that sum(loss * w) is the configured aggregation."""
     mask = batch.loss_mask.astype(jnp.float32)
@@ -72,38 +99,36 @@ def token_weights(batch: "TrainBatch", cfg: "StepConfig") -> Weights:
 
 
 # ----------------------------------------------------------------------------- the vocabulary head
-def _objective(t: dict, d: dict, cfg: "StepConfig") -> tuple[Array, dict]:
+def _objective(t: TokenTerms, x: HeadInputs, cfg: "StepConfig") -> tuple[Array, HeadMetrics]:
     """Head loss and metric sums from per-token terms. Any slice of tokens: all sums."""
-    pg, _ = losses.policy_loss(t["logp"], d["old_logp"], d["adv"], d["pg_w"], cfg.clip_low,
+    pg, _ = losses.policy_loss(t.logp, x.old_logp, x.adv, x.pg_weight, cfg.clip_low,
                                cfg.clip_high, cfg.dual_clip, cfg.ratio_log_clamp, "token-mean",
                                denom=1.0)
-    _, pm = losses.policy_loss(jax.lax.stop_gradient(t["logp"]), d["old_logp"], d["adv"], d["tok_w"],
+    _, pm = losses.policy_loss(jax.lax.stop_gradient(t.logp), x.old_logp, x.adv, x.tok_weight,
                                cfg.clip_low, cfg.clip_high, cfg.dual_clip, cfg.ratio_log_clamp,
                                "token-mean", denom=1.0)
-    n = jnp.sum(d["tok_w"])  # the policy metrics are local means; make them global sums
+    n = jnp.sum(x.tok_weight)  # the policy metrics are local means; make them global sums
     sums = {k: pm[k] * n for k in ("clip_frac_low", "clip_frac_high", "clip_frac_dual", "approx_kl")}
     sums["pg_loss"] = pg
-    sums["entropy"] = jnp.sum(jax.lax.stop_gradient(t["entropy"]) * d["tok_w"])
+    sums["entropy"] = jnp.sum(jax.lax.stop_gradient(t.entropy) * x.tok_weight)
     loss = cfg.pg_weight * pg
     if cfg.kl_coef:
-        kl = losses.aggregate(losses.kl_penalty(t["logp"], d["ref_logp"], cfg.kl_type), d["pg_w"],
-                              denom=1.0)
+        kl = losses.aggregate(losses.kl_penalty(t.logp, x.ref_logp, cfg.kl_type), x.pg_weight, denom=1.0)
         sums["kl"] = kl
         loss = loss + cfg.kl_coef * kl
     if cfg.entropy_coef:
-        loss = loss - cfg.entropy_coef * losses.aggregate(t["entropy"], d["pg_w"], denom=1.0)
-    if "js" in t:
-        think = losses.think_loss(t["js"], d["adv"], d["tok_w"], cfg.adv_clip, denom=1.0)
+        loss = loss - cfg.entropy_coef * losses.aggregate(t.entropy, x.pg_weight, denom=1.0)
+    if t.js is not None:
+        think = losses.think_loss(t.js, x.adv, x.tok_weight, cfg.adv_clip, denom=1.0)
         sums["think_loss"] = jax.lax.stop_gradient(think)
-        sums["think_js"] = jnp.sum(jax.lax.stop_gradient(t["js"]) * d["tok_w"])
-        sums["lens_entropy"] = jnp.sum(t["lens_entropy"] * d["tok_w"])
+        sums["think_js"] = jnp.sum(jax.lax.stop_gradient(t.js) * x.tok_weight)
+        sums["lens_entropy"] = jnp.sum(t.lens_entropy * x.tok_weight)
         if cfg.think_weight:
             loss = loss + cfg.think_weight * think
-    maxes = {"ratio_max": pm["ratio_max"]}
-    return loss, {"sums": sums, "maxes": maxes}
+    return loss, HeadMetrics(sums, {"ratio_max": pm["ratio_max"]})
 
 
-def _lean_terms(z: Array, zl: Array | None, tgt: Array, cfg: "StepConfig") -> dict:
+def _lean_terms(z: Array, zl: Array | None, tgt: Array, cfg: "StepConfig") -> TokenTerms:
     """Per-token terms from f32 logits [N, C, V], written for few [N, C, V] passes.
 
     The log-softmaxes are spelled like losses.js_divergence's (x * (1 / temperature)), so
@@ -114,23 +139,24 @@ def _lean_terms(z: Array, zl: Array | None, tgt: Array, cfg: "StepConfig") -> di
     # A compare-and-select, not take_along_axis: its gradient is elementwise instead of
     # a scatter-add into a fresh zero [N, C, V] buffer.
     hit = jax.lax.broadcasted_iota(jnp.int32, ls.shape, ls.ndim - 1) == tgt[..., None]
-    t = {"logp": jnp.sum(jnp.where(hit, ls, 0.0), axis=-1)}
+    logp = jnp.sum(jnp.where(hit, ls, 0.0), axis=-1)
     le = ls if cfg.entropy_coef else jax.lax.stop_gradient(ls)
-    t["entropy"] = -jnp.sum(jnp.exp(le) * le, axis=-1)
-    if zl is not None:
-        t["js"] = losses.js_divergence(zl, z, temperature=cfg.tau, assume_finite=True)
-        lsl = jax.nn.log_softmax(jax.lax.stop_gradient(zl) * inv_t, axis=-1)
-        t["lens_entropy"] = -jnp.sum(jnp.exp(lsl) * lsl, axis=-1)
-    return t
+    entropy = -jnp.sum(jnp.exp(le) * le, axis=-1)
+    if zl is None:
+        return TokenTerms(logp, entropy)
+    js = losses.js_divergence(zl, z, temperature=cfg.tau, assume_finite=True)
+    lsl = jax.nn.log_softmax(jax.lax.stop_gradient(zl) * inv_t, axis=-1)
+    return TokenTerms(logp, entropy, js, -jnp.sum(jnp.exp(lsl) * lsl, axis=-1))
 
 
-def head_reference(h: Array, hl: Array | None, w: Array, d: dict, cfg: "StepConfig",
-                   compute_dtype, chunk: int | None) -> tuple[Array, dict]:
+def head_reference(h: Array, hl: Array | None, w_DV: Array, x: HeadInputs, cfg: "StepConfig",
+                   compute_dtype, chunk: int | None) -> tuple[Array, dict[str, Array]]:
     """The head via `chunked.token_terms` (chunk remat); differentiable term by term."""
-    t = chunked.token_terms(h, w, d["targets"], temperature=cfg.temperature, chunk_size=chunk,
+    t = chunked.token_terms(h, w_DV, x.targets, temperature=cfg.temperature, chunk_size=chunk,
                             h_lens_NTD=hl, tau=cfg.tau, want_entropy=True,
                             entropy_grad=bool(cfg.entropy_coef), compute_dtype=compute_dtype)
-    return _objective(t, d, cfg)
+    loss, metrics = _objective(TokenTerms(**t), x, cfg)
+    return loss, metrics.flat()
 
 
 def _split(x: Array, c: int) -> Array:
@@ -147,62 +173,62 @@ def _unsplit(x: Array, t: int) -> Array:
 
 
 def make_fused_head(cfg: "StepConfig", compute_dtype, chunk: int | None):
-    """head(h [N,T,D], hl [N,T,D] | None, w [D,V] (master dtype), d) -> (loss, metrics)."""
+    """head(h [N,T,D], hl [N,T,D] | None, w_DV [D,V] (master dtype), x: HeadInputs)
+    -> (loss, metrics): the same function as head_reference, with a custom VJP."""
     mm = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
 
-    def run(h, hl, w, d, with_grad: bool):
+    def run(h, hl, w_DV, x, with_grad: bool):
         t_len = h.shape[1]
         c = t_len if chunk is None or chunk >= t_len else int(chunk)
-        wc = w.astype(compute_dtype)  # cast once; chunks share it
+        wc_DV = w_DV.astype(compute_dtype)  # cast once; chunks share it
         lens_grad = hl is not None and bool(cfg.think_on)
-        xs = {"h": _split(h, c), "hl": None if hl is None else _split(hl, c),
-              "d": {k: _split(v, c) for k, v in d.items()}}
+        xs = (_split(h, c), None if hl is None else _split(hl, c), jax.tree.map(lambda v: _split(v, c), x))
 
-        def chunk_fn(carry, x):
+        def chunk_fn(carry, chunk_xs):
             loss_acc, dw_acc, sums_acc, max_acc = carry
-            hc, hlc, dc = x["h"], x["hl"], x["d"]
+            hc, hlc, xc = chunk_xs
 
             def from_logits(z, zl):
-                return _objective(_lean_terms(z, zl, jnp.clip(dc["targets"], 0, w.shape[1] - 1), cfg), dc, cfg)
+                return _objective(_lean_terms(z, zl, jnp.clip(xc.targets, 0, w_DV.shape[1] - 1), cfg), xc, cfg)
 
-            z = mm("ncd,dv->ncv", hc.astype(compute_dtype), wc)
-            zl = None if hlc is None else mm("ncd,dv->ncv", hlc.astype(compute_dtype), wc)
+            z = mm("ncd,dv->ncv", hc.astype(compute_dtype), wc_DV)
+            zl = None if hlc is None else mm("ncd,dv->ncv", hlc.astype(compute_dtype), wc_DV)
             if with_grad:
                 if lens_grad:
                     (loss, aux), (dz, dzl) = jax.value_and_grad(from_logits, (0, 1), has_aux=True)(z, zl)
                 else:  # no lens, or a metric-only lens: no lens gradient to pay for
                     (loss, aux), dz = jax.value_and_grad(from_logits, 0, has_aux=True)(z, zl)
                 dz = dz.astype(compute_dtype)
-                dh = mm("ncv,dv->ncd", dz, wc).astype(h.dtype)
+                dh = mm("ncv,dv->ncd", dz, wc_DV).astype(h.dtype)
                 dw = mm("ncd,ncv->dv", hc.astype(compute_dtype), dz)
                 dhl = None
                 if lens_grad:
                     dzl = dzl.astype(compute_dtype)
-                    dhl = mm("ncv,dv->ncd", dzl, wc).astype(hl.dtype)
+                    dhl = mm("ncv,dv->ncd", dzl, wc_DV).astype(hl.dtype)
                     dw = dw + mm("ncd,ncv->dv", hlc.astype(compute_dtype), dzl)
                 dw_acc = dw_acc + dw
             else:
                 loss, aux = from_logits(z, zl)
                 dh = dhl = None
-            sums = {k: sums_acc[k] + v for k, v in aux["sums"].items()}
-            maxes = {k: jnp.maximum(max_acc[k], v) for k, v in aux["maxes"].items()}
+            sums = {k: sums_acc[k] + v for k, v in aux.sums.items()}
+            maxes = {k: jnp.maximum(max_acc[k], v) for k, v in aux.maxes.items()}
             return (loss_acc + loss, dw_acc, sums, maxes), (dh, dhl)
 
         zero = jnp.zeros((), jnp.float32)
         sums0, maxes0 = _metric_zeros(cfg, hl is not None)
-        dw0 = jnp.zeros(w.shape, jnp.float32) if with_grad else None
+        dw0 = jnp.zeros(w_DV.shape, jnp.float32) if with_grad else None
         (loss, dw, sums, maxes), (dh, dhl) = jax.lax.scan(chunk_fn, (zero, dw0, sums0, maxes0), xs)
         grads = None
         if with_grad:
-            grads = (_unsplit(dh, t_len), _unsplit(dhl, t_len) if lens_grad else None, dw.astype(w.dtype))
-        return (loss, {**sums, **maxes}), grads
+            grads = (_unsplit(dh, t_len), _unsplit(dhl, t_len) if lens_grad else None, dw.astype(w_DV.dtype))
+        return (loss, HeadMetrics(sums, maxes).flat()), grads
 
     @jax.custom_vjp
-    def head(h, hl, w, d):
-        return run(h, hl, w, d, with_grad=False)[0]
+    def head(h, hl, w_DV, x):
+        return run(h, hl, w_DV, x, with_grad=False)[0]
 
-    def fwd(h, hl, w, d):
-        out, grads = run(h, hl, w, d, with_grad=True)
+    def fwd(h, hl, w_DV, x):
+        out, grads = run(h, hl, w_DV, x, with_grad=True)
         return out, grads
 
     def bwd(grads, ct):
@@ -225,7 +251,7 @@ def _metric_zeros(cfg: "StepConfig", lens: bool) -> tuple[dict, dict]:
     return {k: z for k in names}, {"ratio_max": z}
 
 
-def _compact(pos_RH: Array, h, hl, d: dict):
+def _compact(pos_RH: Array, h, hl, x: HeadInputs):
     """Gather the head's inputs at the loss positions [R, Th] (-1 = unused slot, weight 0).
 
     Rows stay rows (a gather along T), so a batch sharded over rows stays local; the
@@ -234,13 +260,13 @@ def _compact(pos_RH: Array, h, hl, d: dict):
     valid = pos_RH >= 0
     idx = jnp.clip(pos_RH, 0)
     take = lambda x: jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)  # noqa: E731
-    d = {k: take(v) for k, v in d.items()}
-    d["pg_w"], d["tok_w"] = (jnp.where(valid, d[k], 0.0) for k in ("pg_w", "tok_w"))
-    return take(h), None if hl is None else take(hl), d
+    x = jax.tree.map(take, x)
+    x = x._replace(pg_weight=jnp.where(valid, x.pg_weight, 0.0), tok_weight=jnp.where(valid, x.tok_weight, 0.0))
+    return take(h), None if hl is None else take(hl), x
 
 
 # ----------------------------------------------------------------------------- the micro-batch loss
-def micro_loss(params: Params, mb: "TrainBatch", w: Weights, model_cfg: "ModelConfig",
+def micro_loss(params: Params, mb: "TrainBatch", weights: Weights, model_cfg: "ModelConfig",
                cfg: "StepConfig", fused: bool = True) -> tuple[Array, dict]:
     """Loss of one micro-batch (fields [R, T], weights [R, T]) and its metric sums."""
     L, l = model_cfg.num_layers, cfg.tap_layer
@@ -264,30 +290,27 @@ def micro_loss(params: Params, mb: "TrainBatch", w: Weights, model_cfg: "ModelCo
         hl = final_norm(params, model_cfg, out.residuals[l]) if cfg.lens_norm else out.residuals[l]
         if not cfg.think_on:  # metric only: the step's gradient stays GRPO's
             hl = jax.lax.stop_gradient(hl)
-    w_unembed = params.embed.T if model_cfg.tie_embeddings else params.lm_head
-    d = {"targets": mb.targets, "old_logp": mb.old_logp, "adv": mb.advantages,
-         "pg_w": w.pg, "tok_w": w.tok}
-    if cfg.kl_coef:
-        d["ref_logp"] = mb.ref_logp
+    unembed_DV = params.embed.T if model_cfg.tie_embeddings else params.lm_head
+    x = HeadInputs(targets=mb.targets, old_logp=mb.old_logp, adv=mb.advantages, pg_weight=weights.pg,
+                   tok_weight=weights.tok, ref_logp=mb.ref_logp if cfg.kl_coef else None)
     if mb.head_positions is not None:
-        h, hl, d = _compact(mb.head_positions, h, hl, d)
+        h, hl, x = _compact(mb.head_positions, h, hl, x)
     cdt = jnp.dtype(model_cfg.dtype)
     if fused:
-        loss, metrics = make_fused_head(cfg, cdt, cfg.logit_chunk)(h, hl, w_unembed, d)
+        loss, metrics = make_fused_head(cfg, cdt, cfg.logit_chunk)(h, hl, unembed_DV, x)
     else:
-        loss, metrics = head_reference(h, hl, w_unembed, d, cfg, cdt, cfg.logit_chunk)
-        metrics = {**metrics["sums"], **metrics["maxes"]}
+        loss, metrics = head_reference(h, hl, unembed_DV, x, cfg, cdt, cfg.logit_chunk)
 
     if attn:
         s_l, s_L = out.attn_logits[l], out.attn_logits[L]
         if not cfg.attn_on:
             s_l = jax.lax.stop_gradient(s_l)
         l_attn = losses.attention_loss(s_l, s_L, mb.attn_weight, mb.attn_valid, cfg.adv_clip,
-                                       denom=w.attn_denom)
+                                       denom=weights.attn_denom)
         # Unweighted JS (weight 1, never clipped) for the metric; shares the JS with l_attn.
         ones = jnp.ones_like(mb.attn_weight)
         metrics["attn_js"] = jax.lax.stop_gradient(losses.attention_loss(
-            s_l, s_L, ones, mb.attn_valid, 1.0, denom=w.attn_denom))
+            s_l, s_L, ones, mb.attn_valid, 1.0, denom=weights.attn_denom))
         metrics["attn_loss"] = jax.lax.stop_gradient(l_attn)
         if cfg.attn_on:
             loss = loss + cfg.attn_weight * l_attn
