@@ -206,9 +206,10 @@ def abstract_sampler_inputs(setup: PlanSetup) -> dict:
                                               parallel.DECODE_RULES)
     tokens = sds((B, P), jnp.int32, sharding=row((B, P)))
     start = sds((B,), jnp.int32, sharding=row((B,)))
+    budget = sds((B * n,), jnp.int32, sharding=row((B * n,)))  # per-rollout token budgets
     key = jax.eval_shape(lambda: jax.random.key(0))
     key = sds(key.shape, key.dtype, sharding=parallel.replicated(mesh))
-    return dict(params=params, cache=cache, tokens=tokens, start=start, key=key)
+    return dict(params=params, cache=cache, tokens=tokens, start=start, budget=budget, key=key)
 
 
 def sampler_phase(setup: PlanSetup) -> Phase:
@@ -230,7 +231,8 @@ def sampler_phase(setup: PlanSetup) -> Phase:
 
     def lower():
         with jax.set_mesh(setup.sampler_mesh):
-            return smp._jit.lower(a["params"], a["cache"], a["tokens"], a["start"], a["key"], np.float32(1.0),
+            return smp._jit.lower(a["params"], a["cache"], a["tokens"], a["start"], a["budget"], a["key"],
+                                  np.float32(1.0),
                                   np.float32(1.0), eos, np.int32(0), **statics)
 
     state = abstract_train_state(m, setup.step_cfg, setup.mesh)
