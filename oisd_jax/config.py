@@ -326,6 +326,11 @@ def validate(config: ml_collections.ConfigDict, *, num_layers: int | None = None
         c.boolean("sampler.keep_cache")
     if "decode_segments" in config.sampler:
         c.number("sampler.decode_segments", ge=1, integer=True, optional=True)
+    if "engine" in config.sampler:  # older run configs lack the engine fields
+        c.choice("sampler.engine", ("static", "continuous"))
+        c.number("sampler.slots", ge=1, integer=True)
+        c.number("sampler.page_size", ge=1, integer=True)
+        c.number("sampler.pool_pages", ge=1, integer=True, optional=True)
 
     # rl
     algo = c.choice("rl.algorithm", ALGORITHMS)

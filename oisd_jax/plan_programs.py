@@ -219,6 +219,9 @@ def sampler_phase(setup: PlanSetup) -> Phase:
     from oisd_jax.sampler import Sampler
     from oisd_jax.train_setup import sampler_settings
     m, c = setup.model, setup.config
+    if c.sampler.get("engine", "static") != "static":
+        raise ValueError(f"oisd_jax.plan models sampler.engine='static' only, got {c.sampler.engine!r} "
+                         "(plan the static engine: its KV cache bounds the continuous engine's default pool)")
     if setup.sampler_batch * int(c.sampler.n) % setup.sampler_batch_shards or \
             setup.sampler_batch % setup.sampler_batch_shards:
         raise ValueError(f"sampler batch {setup.sampler_batch} prompts must split over the sampler mesh's "

@@ -126,7 +126,9 @@ def sampler_settings(config, model_cfg: ModelConfig) -> tuple[dict[str, Any], Sa
     sp = config.sampler
     kwargs = dict(max_prompt_len=int(config.data.max_prompt_len), max_new_tokens=int(sp.max_new_tokens),
                   prompt_bucket=int(sp.prompt_bucket), kv_dtype=sp.kv_dtype, truncation=config.data.truncation,
-                  decode_segments=sp.get("decode_segments"))
+                  decode_segments=sp.get("decode_segments"), engine=sp.get("engine", "static"),
+                  slots=int(sp.get("slots", 64)), page_size=int(sp.get("page_size", 16)),
+                  pool_pages=sp.get("pool_pages"))
     sampling = SamplingParams(temperature=float(sp.temperature), top_p=float(sp.top_p), top_k=int(sp.top_k),
                               n=int(sp.n), eos_ids=model_cfg.eos_token_ids, greedy=False)
     return kwargs, sampling
