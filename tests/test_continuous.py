@@ -162,6 +162,9 @@ def test_paged_attention_matches_dense_reference():
             s = ks[h // G] @ q[m, h] / np.sqrt(Dh)
             w = np.exp(s - s.max())
             np.testing.assert_allclose(out[m, h], w @ vs[h // G] / w.sum(), atol=1e-5)
+    # The Pallas GPU kernel in interpret mode (CPU) reads the same pages.
+    kern = paged.paged_attention(q, k, v, table, lengths, cfg, impl="pallas_gpu", interpret=True)
+    np.testing.assert_allclose(np.asarray(kern), out, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- trainer level

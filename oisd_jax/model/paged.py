@@ -86,17 +86,25 @@ def copy_pages(pages_KNSH: jax.Array, src_M: jax.Array, dst_M: jax.Array) -> jax
     return pages_KNSH.at[:, dst_M].set(pages_KNSH[:, src_M])
 
 
+PALLAS_PAGES_PER_BLOCK = 8  # the kernel's default pages_per_compute_block
+
+
 def paged_attention(q_MNH: jax.Array, k_KNSH: jax.Array, v_KNSH: jax.Array, table_MC: jax.Array,
-                    lengths_M: jax.Array, cfg: ModelConfig, impl: str = "gather") -> jax.Array:
-    """One query per sequence over its first lengths[m] logical slots: [M, N, Dh].
+                    lengths_M: jax.Array, cfg: ModelConfig, impl: str = "gather", interpret: bool = False) -> jax.Array:
+    """One query per sequence over its first lengths[m] (>= 1) logical slots: [M, N, Dh].
 
     k, v: one layer's pages, read in the entries' dtype. `impl`: "gather" (plain JAX: the
     table's pages gathered into a dense [KV, M, C*page_size, Dh] copy, then one softmax;
-    runs on every backend). Scores and softmax in f32; the dots in the wider of the query
-    and entry dtypes, as `decode.cache_attention`.
+    runs on every backend; scores and softmax in f32, the dots in the wider of the query
+    and entry dtypes, as `decode.cache_attention`) or "pallas_gpu" (JAX's Pallas GPU
+    paged-attention kernel, which reads only the pages below each length; `interpret`
+    runs it on CPU for tests). The rollout engine uses "gather": the kernel path is tested
+    against it in interpret mode only, not yet on a GPU.
     """
+    if impl == "pallas_gpu":
+        return _pallas_gpu(q_MNH, k_KNSH, v_KNSH, table_MC, lengths_M, interpret)
     if impl != "gather":
-        raise ValueError(f"paged_attention: impl={impl!r}: supported 'gather'")
+        raise ValueError(f"paged_attention: impl={impl!r}: supported 'gather' | 'pallas_gpu'")
     M, N, Dh = q_MNH.shape
     KV = cfg.num_kv_heads
     C, S = table_MC.shape[1], k_KNSH.shape[2]
@@ -112,3 +120,16 @@ def paged_attention(q_MNH: jax.Array, k_KNSH: jax.Array, v_KNSH: jax.Array, tabl
     o = jnp.einsum("mkqs,kmsh->mkqh", p.astype(dt), v, preferred_element_type=f32)
     o = o / jnp.sum(p, axis=-1)[..., None]
     return o.reshape(M, N, Dh).astype(q_MNH.dtype)
+
+
+def _pallas_gpu(q_MNH, k_KNSH, v_KNSH, table_MC, lengths_M, interpret: bool) -> jax.Array:
+    from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention as kernel
+    M, N, Dh = q_MNH.shape
+    C = table_MC.shape[1]
+    per_block = min(PALLAS_PAGES_PER_BLOCK, C)
+    pad = -C % per_block  # whole compute blocks; the padding names the trash page, past every length
+    table = jnp.pad(table_MC, ((0, 0), (0, pad)), constant_values=k_KNSH.shape[1] - 1)
+    q = (q_MNH * (Dh ** -0.5)).astype(k_KNSH.dtype)  # the kernel does not scale
+    o = kernel(q, k_KNSH, v_KNSH, table.astype(jnp.int32), lengths_M.astype(jnp.int32),
+               pages_per_compute_block=per_block, k_splits=1, interpret=interpret)
+    return o.astype(q_MNH.dtype)
