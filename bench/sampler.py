@@ -203,10 +203,11 @@ def run_skewed(model, cfg, params, reps: int, with_hf: bool, slots: int = 64, pa
                                      page_size=page_size, pool_pages=pool)}
     outs, compile_s, best = {}, {}, {}
     for name, smp in engines.items():
-        COMPILE_S[0] = 0.0
+        COMPILE_S[0], t0 = 0.0, time.perf_counter()
         outs[name] = smp.generate(params, prompts, key, sp, budgets=budgets)
         compile_s[name] = COMPILE_S[0]
         np.testing.assert_array_equal(outs[name].lengths, budgets)
+        print(f"  d) {name}: first call {time.perf_counter() - t0:.1f}s (compile {compile_s[name]:.1f}s)", flush=True)
     same = bool((outs["static"].tokens == outs["continuous"].tokens).all())
     for _ in range(reps):  # interleaved: the machine is shared
         for name, smp in engines.items():

@@ -35,6 +35,14 @@ from oisd_jax.sampling import rollout_keys, sample_logits
 # steps from the host leaves a finished slot idle K/2 steps on average and costs a host
 # round trip per refill.
 SLOT_REFILL = "in_loop"
+# The gather path reads every slot's table up to a width: the step picks (lax.switch) the
+# narrowest of ATTENTION_WIDTHS evenly spaced widths that holds the longest running slot,
+# so steps while every rollout is short read a fraction of the pages.
+ATTENTION_WIDTHS = 3
+# Likewise the step runs on the active slots only, gathered into the smallest of
+# M, M/2, M/4 rows that holds them: on a compute-bound CPU a step's cost follows its rows,
+# and the last long rollouts of a call run with most slots empty.
+SLOT_BUCKETS = 3
 
 
 def pages_for(length: int, page_size: int) -> int:
@@ -97,6 +105,42 @@ def continuous_generate(params: Params, tokens_BP, start_B, budget_R, key, tempe
     m_M, c_C = jnp.arange(M, dtype=i32), jnp.arange(C, dtype=i32)
     ptab_pad_BC = jnp.pad(ptab_BC, ((0, 0), (0, max(C - PP, 0))), constant_values=TRASH)[:, :C]
     drop = dict(mode="drop")  # index R / TRASH: an update that lands nowhere
+    widths = sorted({-(-C * (w + 1) // ATTENTION_WIDTHS) for w in range(ATTENTION_WIDTHS)})
+
+    def attend_to(w):
+        return lambda q, k, v, table, length: paged.paged_attention(q, pool.read(k), pool.read(v), table[:, :w],
+                                                                    length, cfg)
+
+    attend = [attend_to(w) for w in widths]
+    buckets = sorted({-(-M // 2 ** i) for i in range(SLOT_BUCKETS)})
+
+    def decode_rows(ks, vs, width, prev, pos, w_page, table, b, j, t):
+        """One token for each of these rows: (pool k, pool v, tokens, log-probs)."""
+        x = params.embed.astype(cfg.dtype)[prev][:, None]
+        ks, vs = list(ks), list(vs)
+        length = jnp.maximum(pos + 1, 1)
+        for i, lp in enumerate(layers):
+            q, k, v = qkv(lp, cfg, x, pos[:, None])
+            ks[i] = paged.write_tokens(ks[i], pool.store(k[:, 0]), w_page, pos % ps)
+            vs[i] = paged.write_tokens(vs[i], pool.store(v[:, 0]), w_page, pos % ps)
+            args = (q[:, 0], ks[i], vs[i], table, length)
+            o = jax.lax.switch(width, attend, *args) if len(widths) > 1 else attend[0](*args)
+            x = attn_out_and_mlp(lp, cfg, x, o[:, None])
+        h = final_norm(params, cfg, x[:, 0])
+        tok, lp = sample_logits(rollout_keys(key, b, j, t), lm_logits(params, cfg, h[:, None])[:, 0],
+                                temperature, top_p, top_k=top_k, greedy=greedy)
+        return tuple(ks), tuple(vs), tok, lp
+
+    def decode_bucket(kk, sel_M, width, rows):
+        """decode_rows on the first kk selected slots (sel_M: active slots first, then M)."""
+        def run(ks, vs):
+            sel = sel_M[:kk]
+            got = [a[jnp.minimum(sel, M - 1)] for a in rows]
+            got[2] = jnp.where(sel < M, got[2], TRASH)  # padding rows write nowhere
+            ks, vs, tok, lp = decode_rows(ks, vs, width, *got)
+            put = lambda a, dt: jnp.zeros((M,), dt).at[sel].set(a, mode="drop")
+            return ks, vs, put(tok, i32), put(lp, jnp.float32)
+        return run
 
     def body(s):
         pool, free, status, out_tok, out_lp, lengths, req, t, prev, table, pfreed, stats = s
@@ -140,21 +184,16 @@ def continuous_generate(params: Params, tokens_BP, start_B, budget_R, key, tempe
 
         pool = jax.lax.cond(jnp.any(cow), copy, lambda p: p, pool)
 
-        # 3. one decode step for every slot; slots that do not run write to the trash page.
+        # 3. one decode step for the active slots (gathered into the narrowest slot bucket that
+        # holds them); slots that do not run write to the trash page.
         w_page = jnp.where(run, table[m_M, pos // ps], TRASH)
-        x = params.embed.astype(cfg.dtype)[prev][:, None]
-        ks, vs = list(pool.k), list(pool.v)
-        for i, lp in enumerate(layers):
-            q, k, v = qkv(lp, cfg, x, pos[:, None])
-            ks[i] = paged.write_tokens(ks[i], pool.store(k[:, 0]), w_page, pos % ps)
-            vs[i] = paged.write_tokens(vs[i], pool.store(v[:, 0]), w_page, pos % ps)
-            o = paged.paged_attention(q[:, 0], pool.read(ks[i]), pool.read(vs[i]), table,
-                                      jnp.maximum(pos + 1, 1), cfg)
-            x = attn_out_and_mlp(lp, cfg, x, o[:, None])
-        pool = pool.replace(k=tuple(ks), v=tuple(vs))
-        h = final_norm(params, cfg, x[:, 0])
-        tok, lp = sample_logits(rollout_keys(key, b, jnp.maximum(req, 0) % n, t), lm_logits(params, cfg, h[:, None])[:, 0],
-                                temperature, top_p, top_k=top_k, greedy=greedy)
+        width = jnp.searchsorted(jnp.asarray(widths), jnp.max(jnp.where(active, pos // ps + 1, 1)))
+        rows = (prev, pos, w_page, table, b, jnp.maximum(req, 0) % n, t)
+        sel_M = jnp.nonzero(active, size=M, fill_value=M)[0].astype(i32)
+        branches = [decode_bucket(kk, sel_M, width, rows) for kk in buckets]
+        ks, vs, tok, lp = jax.lax.switch(jnp.searchsorted(jnp.asarray(buckets), jnp.sum(active)), branches,
+                                         pool.k, pool.v)
+        pool = pool.replace(k=ks, v=vs)
 
         # 4. record; end rollouts at EOS or budget.
         ridx = jnp.where(run, req, R)
