@@ -11,7 +11,11 @@ are padded up to a multiple of `prompt_bucket`, so a run compiles at most one pr
 (bucket, batch size, static sampling settings): see `Sampler.compiled_shapes`.
 
 Log-probs are of `logits / temperature` over the full vocabulary, before top-k / top-p
-filtering: the quantity the trainer recomputes.
+filtering: the quantity the trainer recomputes (`oisd_jax.sampling`). The token at
+position t of rollout j of prompt b is drawn with a key folded from (b, j, t), and a row
+ends at an EOS or at its own budget (`generate(..., budgets=)`), so engine="continuous"
+(`oisd_jax.sampler_continuous`: slots refilled inside the loop, paged KV) returns the same
+rollouts as this static program.
 """
 from __future__ import annotations
 
