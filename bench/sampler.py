@@ -181,9 +181,87 @@ def run_long(cfg, params, N: int, reps: int) -> list[dict]:
     return rows
 
 
+def skewed_budgets(R: int, N: int, mean_frac: float = 0.2, sigma: float = 1.0, seed: int = 0) -> np.ndarray:
+    """Log-normal rollout lengths with mean ~mean_frac * N, clipped to [1, N]."""
+    mu = np.log(mean_frac * N) - sigma ** 2 / 2
+    return np.clip(np.random.default_rng(seed).lognormal(mu, sigma, R).round(), 1, N).astype(np.int32)
+
+
+def run_skewed(model, cfg, params, reps: int, with_hf: bool, slots: int = 64, page_size: int = 16) -> list[dict]:
+    """Case d): 16 prompts x n=8, 64-token prompts, up to 512 new tokens, per-rollout
+    budgets log-normal (mean ~20% of the max, one seed for every engine), sampling."""
+    from oisd_jax.model import paged
+    B, P, n, N = 16, 64, 8, 512
+    prompts = list(np.random.default_rng(2).integers(2, cfg.vocab_size, (B, P)))
+    budgets = skewed_budgets(B * n, N)
+    sp = SamplingParams(n=n, eos_ids=())
+    key = jax.random.key(0)
+    # Pool sized for the mean, not the budget: prompts plus 2x the mean rollout per slot.
+    pool = B * (-(-P // page_size)) + slots * (-(-int(2 * budgets.mean()) // page_size))
+    engines = {"static": Sampler(cfg, P, N, prompt_bucket=64),
+               "continuous": Sampler(cfg, P, N, prompt_bucket=64, engine="continuous", slots=slots,
+                                     page_size=page_size, pool_pages=pool)}
+    outs, compile_s, best = {}, {}, {}
+    for name, smp in engines.items():
+        COMPILE_S[0], t0 = 0.0, time.perf_counter()
+        outs[name] = smp.generate(params, prompts, key, sp, budgets=budgets)
+        compile_s[name] = COMPILE_S[0]
+        np.testing.assert_array_equal(outs[name].lengths, budgets)
+        print(f"  d) {name}: first call {time.perf_counter() - t0:.1f}s (compile {compile_s[name]:.1f}s)", flush=True)
+    same = bool((outs["static"].tokens == outs["continuous"].tokens).all())
+    for _ in range(reps):  # interleaved: the machine is shared
+        for name, smp in engines.items():
+            best[name] = min(best.get(name, np.inf),
+                             timed(lambda: smp.generate(params, prompts, key, sp, budgets=budgets), 1)[0])
+    useful = int(budgets.sum())
+    st = engines["continuous"].last_stats
+    kv = {"static": engines["static"].cache_bytes(B, n, P),
+          "continuous": paged.pool_bytes(cfg, pool, page_size, engines["continuous"].kv_dtype)}
+    occupancy = {"static": useful / (B * n * budgets.max()), "continuous": st["occupancy"]}
+    if with_hf:
+        ids = torch.tensor(np.stack(prompts))
+        lim = torch.tensor(budgets)
+
+        class Budget(transformers.StoppingCriteria):  # per-row stop at its budget
+            def __call__(self, input_ids, scores, **kw):
+                return (input_ids.shape[1] - P) >= lim
+
+        def hf():
+            with torch.no_grad():
+                model.generate(ids, do_sample=True, top_k=0, top_p=1.0, max_new_tokens=int(budgets.max()),
+                               num_return_sequences=n, pad_token_id=0, eos_token_id=None,
+                               attention_mask=torch.ones_like(ids),
+                               stopping_criteria=transformers.StoppingCriteriaList([Budget()]))
+        best["transformers"] = min(timed(hf, 1))
+    rows = []
+    for name, t in best.items():
+        row = dict(case=f"d/skewed {name}", B=B, prompt=P, new=N, n=n, useful_tokens=useful, oisd_s=t,
+                   useful_tok_s=useful / t, speedup_vs_static=best["static"] / t, compile_s=compile_s.get(name),
+                   kv_reserved_bytes=kv.get(name), kv_reserved_per_token=kv[name] / useful if name in kv else None,
+                   occupancy=occupancy.get(name), tokens_equal_static=same if name == "continuous" else None,
+                   load_average=os.getloadavg()[0])
+        if name == "continuous":
+            row.update(slots=slots, page_size=page_size, pool_pages=pool, steps=st["steps"],
+                       kv_in_use_over_held=st["reserved_over_held"],
+                       kv_in_use_per_token=st["mean_pages"] * paged.page_bytes(cfg, page_size, engines['continuous'].kv_dtype) / useful,
+                       waits=st["waits"], preemptions=st["preemptions"])
+        rows.append(row)
+        kvs = "" if row["kv_reserved_per_token"] is None else f"{row['kv_reserved_per_token'] / 1024:8.1f} KiB/tok"
+        occ = "" if row["occupancy"] is None else f"occupancy {row['occupancy']:.2f}"
+        print(f"{row['case']:<24} {t:7.2f}s {row['useful_tok_s']:8.0f} tok/s {row['speedup_vs_static']:5.2f}x vs static "
+              f"compile {compile_s.get(name) or 0:5.1f}s {kvs} {occ}  load {row['load_average']:.1f}", flush=True)
+    c = rows[1]
+    print(f"continuous: {c['steps']} steps, KV in use {c['kv_in_use_over_held']:.2f}x the tokens held "
+          f"({c['kv_in_use_per_token'] / 1024:.1f} KiB/useful token mean), waits {c['waits']}, preemptions "
+          f"{c['preemptions']}, tokens equal static: {same}")
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer new tokens and repetitions")
+    ap.add_argument("--case", default="all", choices=["all", "d"], help="d: only the skewed-length case")
+    ap.add_argument("--hf_d", action="store_true", help="also time transformers generate in case d (slow)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "sampler.json"))
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count())
@@ -199,11 +277,21 @@ def main():
         model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**SPEC)).float().eval()
         model.save_pretrained(d)
         cfg, params = load_hf(d, dtype=jnp.float32)
+        if args.case == "d":
+            rows = run_skewed(model, cfg, params, reps, args.hf_d)
+            args.out = args.out.replace("sampler.json", "sampler_d.json")
+            return write(args, peaks, rows)
         rows = [run_case("a/greedy", model, cfg, params, 16, 64, N, 1, True, reps, hf_reps, peaks),
                 run_case("a/sample", model, cfg, params, 16, 64, N, 1, False, reps, hf_reps, peaks),
                 run_case("b/rl n=8", model, cfg, params, 8, 256, N, 8, False, reps, hf_reps, peaks)]
         print("long responses, oisd_jax only (best of 2, S=1 and the default interleaved):")
         rows += run_long(cfg, params, 256 if args.quick else 512, 2)
+        print("skewed lengths (per-rollout budgets), static vs continuous:")
+        rows += run_skewed(model, cfg, params, reps, args.hf_d)
+    write(args, peaks, rows)
+
+
+def write(args, peaks: list, rows: list) -> None:
     peak = {k: max(p[k] for p in peaks) for k in ("jax_gflops", "torch_gflops", "jax_gflop_per_cpu_s")}
     peak.update(measurements=peaks, load_average=os.getloadavg()[0], cores=os.cpu_count(), quick=args.quick)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

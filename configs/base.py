@@ -86,6 +86,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # the chunks filled so far ((S+1)/2S of the reads; compile time grows with S).
     # None = ~128-slot chunks, at most 8 (`sampler.default_segments`); 1 = one loop.
     sp.decode_segments = placeholder(int)
+    # "static": one call decodes every row to the end; "continuous": `slots` rollouts in
+    # flight over a paged KV pool of `pool_pages` pages of `page_size` tokens (None = enough
+    # for every prompt plus slots x the budget), a finished slot refilled with the next one.
+    sp.engine = "static"
+    sp.slots = 64
+    sp.page_size = 16
+    sp.pool_pages = placeholder(int)
 
     c.rl = r = ml_collections.ConfigDict()
     r.algorithm = "grpo"  # grpo|rloo|reinforce_pp|dr_grpo|bupo|oisd|oisd_think_only|oisd_attn_only

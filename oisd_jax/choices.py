@@ -23,3 +23,4 @@ REMAT_POLICIES = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_bat
                   "everything_saveable")
 ATTN_IMPLS = ("xla", "cudnn", "blocked")
 MESH_AXES = ("data", "fsdp", "tensor")
+SAMPLER_ENGINES = ("static", "continuous")  # oisd_jax.sampler: Sampler(engine=...)

@@ -21,7 +21,8 @@ import ml_collections
 # The choice lists live in oisd_jax.choices (one declaration each); re-exported here.
 from oisd_jax.choices import (  # noqa: F401
     ADV_ESTIMATORS, ALGORITHMS, ATTN_IMPLS, BAD_ROW_POLICIES, COMPUTE_DTYPES, DATA_FORMATS, KL_TYPES,
-    LOSS_AGGS, MESH_AXES, PARAM_DTYPES, REMAT_POLICIES, REWARDS, SCHEDULES, SYNTHETIC_OPS, TRUNCATIONS)
+    LOSS_AGGS, MESH_AXES, PARAM_DTYPES, REMAT_POLICIES, REWARDS, SAMPLER_ENGINES, SCHEDULES, SYNTHETIC_OPS,
+    TRUNCATIONS)
 from oisd_jax.config_checker import MISSING, Checker
 
 _SUFFIXES = {"parquet": (".parquet",), "jsonl": (".jsonl", ".json")}
@@ -130,6 +131,7 @@ _ADDED_FIELDS = {
     "rl.oisd_metrics": False, "rl.ppo_epochs": 1, "optim.skip_nonfinite": True,
     "optim.end_lr_factor": 0.0, "train.log_samples": 0,
     "train.max_skipped_updates": 0, "train.allow_config_change": False,
+    "sampler.engine": "static", "sampler.slots": 64, "sampler.page_size": 16, "sampler.pool_pages": None,
 }
 
 
@@ -335,6 +337,10 @@ def _check_sampler(c: Checker) -> None:
     c.choice("sampler.kv_dtype", COMPUTE_DTYPES)
     c.boolean("sampler.keep_cache")
     c.number("sampler.decode_segments", ge=1, integer=True, optional=True)
+    c.choice("sampler.engine", SAMPLER_ENGINES)
+    c.number("sampler.slots", ge=1, integer=True)
+    c.number("sampler.page_size", ge=1, integer=True)
+    c.number("sampler.pool_pages", ge=1, integer=True, optional=True)
 
 
 def _check_rl(c: Checker) -> None:

@@ -212,9 +212,10 @@ def abstract_sampler_inputs(setup: PlanSetup) -> dict:
                                               parallel.DECODE_RULES)
     tokens = sds((B, P), jnp.int32, sharding=row((B, P)))
     start = sds((B,), jnp.int32, sharding=row((B,)))
+    budget = sds((B * n,), jnp.int32, sharding=row((B * n,)))  # per-rollout token budgets
     key = jax.eval_shape(lambda: jax.random.key(0))
     key = sds(key.shape, key.dtype, sharding=parallel.replicated(mesh))
-    return dict(params=params, cache=cache, tokens=tokens, start=start, key=key)
+    return dict(params=params, cache=cache, tokens=tokens, start=start, budget=budget, key=key)
 
 
 def sampler_phase(setup: PlanSetup) -> Phase:
@@ -223,6 +224,9 @@ def sampler_phase(setup: PlanSetup) -> Phase:
     from oisd_jax.rl.train_state import abstract_train_state
     from oisd_jax.train_setup import make_sampler
     m, sampling = setup.model, setup.spec.sampler.sampling
+    if setup.spec.sampler.engine != "static":
+        raise ValueError(f"oisd_jax.plan models sampler.engine='static' only, got {setup.spec.sampler.engine!r} "
+                         "(plan the static engine: its KV cache bounds the continuous engine's default pool)")
     if setup.sampler_batch * sampling.n % setup.sampler_batch_shards or \
             setup.sampler_batch % setup.sampler_batch_shards:
         raise ValueError(f"sampler batch {setup.sampler_batch} prompts must split over the sampler mesh's "
@@ -235,7 +239,8 @@ def sampler_phase(setup: PlanSetup) -> Phase:
 
     def lower():
         with jax.set_mesh(setup.sampler_mesh):
-            return smp._jit.lower(a["params"], a["cache"], a["tokens"], a["start"], a["key"], np.float32(1.0),
+            return smp._jit.lower(a["params"], a["cache"], a["tokens"], a["start"], a["budget"], a["key"],
+                                  np.float32(1.0),
                                   np.float32(1.0), eos, np.int32(0), **statics)
 
     state = abstract_train_state(m, setup.step_cfg, setup.mesh)

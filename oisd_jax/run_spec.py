@@ -65,6 +65,10 @@ class SamplerSpec:
     truncation: str
     decode_segments: int | None
     keep_cache: bool                  # keep the KV cache between steps (else freed before updates)
+    engine: str                       # static | continuous (slots over a paged KV pool)
+    slots: int                        # continuous: rollouts in flight
+    page_size: int                    # continuous: tokens per KV page
+    pool_pages: int | None            # continuous: pages in the pool; None = never runs dry
     sampling: SamplingParams          # eos_ids None: the model's (filled once the tokenizer is known)
 
     @property
@@ -72,7 +76,8 @@ class SamplerSpec:
         """`Sampler(model_cfg, mesh=..., **sampler_kwargs)`."""
         return dict(max_prompt_len=self.max_prompt_len, max_new_tokens=self.max_new_tokens,
                     prompt_bucket=self.prompt_bucket, kv_dtype=self.kv_dtype, truncation=self.truncation,
-                    decode_segments=self.decode_segments)
+                    decode_segments=self.decode_segments, engine=self.engine, slots=self.slots,
+                    page_size=self.page_size, pool_pages=self.pool_pages)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,7 +185,8 @@ def _sampler(config, temperature: float) -> SamplerSpec:
                        max_new_tokens=int(sp.max_new_tokens), prompt_bucket=int(sp.prompt_bucket),
                        kv_dtype=sp.kv_dtype, truncation=config.data.truncation,
                        decode_segments=_opt(sp.decode_segments, int), keep_cache=bool(sp.keep_cache),
-                       sampling=sampling)
+                       engine=sp.engine, slots=int(sp.slots), page_size=int(sp.page_size),
+                       pool_pages=_opt(sp.pool_pages, int), sampling=sampling)
 
 
 def _data(config) -> DataSpec:

@@ -11,7 +11,11 @@ are padded up to a multiple of `prompt_bucket`, so a run compiles at most one pr
 (bucket, batch size, static sampling settings): see `Sampler.compiled_shapes`.
 
 Log-probs are of `logits / temperature` over the full vocabulary, before top-k / top-p
-filtering: the quantity the trainer recomputes.
+filtering: the quantity the trainer recomputes (`oisd_jax.sampling`). The token at
+position t of rollout j of prompt b is drawn with a key folded from (b, j, t), and a row
+ends at an EOS or at its own budget (`generate(..., budgets=)`), so engine="continuous"
+(`oisd_jax.sampler_continuous`: slots refilled inside the loop, paged KV) returns the same
+rollouts as this static program.
 """
 from __future__ import annotations
 
@@ -26,12 +30,15 @@ import numpy as np
 from jax.sharding import Mesh
 
 from oisd_jax import distributed, parallel
+from oisd_jax.choices import SAMPLER_ENGINES
 from oisd_jax.model import decode
 from oisd_jax.model.config import ModelConfig
 from oisd_jax.model.decoder import logits as lm_logits
 from oisd_jax.model.params import Params, abstract, cast
+from oisd_jax.sampler_continuous import continuous_generate, own_pages, pages_for
+from oisd_jax.sampling import (categorical, check_budgets, first_argmax, rollout_keys, sample_logits,  # noqa: F401
+                               top_p_threshold)
 
-TOP_P_CANDIDATES = 64  # top-p looks for its cut among the top 64 first (exact fallback after)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,103 +77,6 @@ class SampleOutput:
     n: int
 
 
-# ----------------------------------------------------------------------------- sampling
-def first_argmax(x_RV: jax.Array) -> jax.Array:
-    """Index of the first maximum (torch.argmax's tie rule). Two plain reductions: XLA:CPU's
-    variadic argmax reduction is ~3x slower over a large vocabulary."""
-    V = x_RV.shape[-1]
-    m = jnp.max(x_RV, axis=-1, keepdims=True)
-    return jnp.min(jnp.where(x_RV == m, jnp.arange(V, dtype=jnp.int32), V), axis=-1).astype(jnp.int32)
-
-
-def _mass_at_least(z_RV, lse_R, thr_R):
-    return jnp.sum(jnp.where(z_RV >= thr_R[:, None], jnp.exp(z_RV - lse_R[:, None]), 0.0), axis=-1)
-
-
-def top_p_threshold(z_RV: jax.Array, top_p: jax.Array) -> jax.Array:
-    """Per row, the smallest logit kept by nucleus filtering: the largest t such that the
-    tokens with z >= t hold at least `top_p` of the mass (z may hold -inf for removed
-    tokens). Same set as transformers' TopPLogitsWarper up to ties at the cut.
-
-    The cut is usually among the top few tokens, so it is looked up in a top-64 (a full
-    vocabulary sort costs ~0.4 s per step on CPU); rows whose top 64 hold less than top_p
-    fall back to 40 rounds of bisection on the threshold.
-    """
-    R, V = z_RV.shape
-    m = jnp.max(z_RV, axis=-1)
-    lse = m + jnp.log(jnp.sum(jnp.exp(z_RV - m[:, None]), axis=-1))
-    K = min(TOP_P_CANDIDATES, V)
-    vals, _ = jax.lax.top_k(z_RV, K)                               # descending
-    cum = jnp.cumsum(jnp.exp(vals - lse[:, None]), axis=-1)
-    idx = jnp.sum(cum < top_p, axis=-1)                             # first index reaching top_p
-    found = (idx < K) | (K == V)
-    thr = jnp.take_along_axis(vals, jnp.minimum(idx, K - 1)[:, None], axis=-1)[:, 0]
-
-    def bisect(_):
-        lo = jnp.min(jnp.where(jnp.isfinite(z_RV), z_RV, jnp.inf), axis=-1)  # keeps everything
-        hi = m
-
-        def body(_, lohi):
-            lo, hi = lohi
-            mid = 0.5 * (lo + hi)
-            ok = _mass_at_least(z_RV, lse, mid) >= top_p
-            return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
-
-        lo, _ = jax.lax.fori_loop(0, 40, body, (lo, hi))
-        return jnp.where(found, thr, lo)
-
-    return jax.lax.cond(jnp.all(found), lambda _: thr, bisect, None)
-
-
-def categorical(key: jax.Array, weights_RV: jax.Array) -> jax.Array:
-    """Sample index i with probability weights[i] / sum(weights) (weights >= 0, not all 0).
-
-    Exact two-level inverse-CDF sampling with 2 uniforms per row: pick a vocabulary chunk by
-    its mass, then a token inside it. Gumbel-max (jax.random.categorical) draws V random
-    numbers per row, ~35 ms per step for 64 x 32k on CPU; this is ~1 ms.
-    """
-    R, V = weights_RV.shape
-    W = min(256, V)
-    C = -(-V // W)
-    w = jnp.pad(weights_RV, ((0, 0), (0, C * W - V))).reshape(R, C, W)
-    u = jax.random.uniform(key, (2, R), jnp.float32)
-    cum_c = jnp.cumsum(jnp.sum(w, axis=-1), axis=-1)                   # [R, C]
-    c = jnp.minimum(jnp.sum(cum_c <= u[0][:, None] * cum_c[:, -1:], axis=-1), C - 1)
-    row = jnp.take_along_axis(w, c[:, None, None], axis=1)[:, 0]       # [R, W]
-    cum_w = jnp.cumsum(row, axis=-1)
-    j = jnp.minimum(jnp.sum(cum_w <= u[1][:, None] * cum_w[:, -1:], axis=-1), W - 1)
-    tok = (c * W + j).astype(jnp.int32)
-    # Rounding can land on a zero-weight token with probability ~2^-24: take the mode then.
-    hit = jnp.take_along_axis(weights_RV, jnp.minimum(tok, V - 1)[:, None], axis=-1)[:, 0] > 0
-    return jax.lax.cond(jnp.all(hit), lambda: tok, lambda: jnp.where(hit, tok, first_argmax(weights_RV)))
-
-
-def sample_logits(key: jax.Array, logits_RV: jax.Array, temperature: jax.Array, top_p: jax.Array, *,
-                  top_k: int = 0, greedy: bool = False) -> tuple[jax.Array, jax.Array]:
-    """(tokens [R] int32, log-probs [R] f32 of the tokens under softmax(logits / T)).
-
-    Order as in transformers: temperature, then top-k, then top-p on what is left.
-    """
-    z = logits_RV.astype(jnp.float32) / temperature
-    V = z.shape[-1]
-    m = jnp.max(z, axis=-1, keepdims=True)
-    lse_R = m[:, 0] + jnp.log(jnp.sum(jnp.exp(z - m), axis=-1))
-    if greedy:
-        tok = first_argmax(z)
-    else:
-        zf = z
-        if 0 < top_k < V:
-            kth = jax.lax.top_k(z, top_k)[0][:, -1:]
-            zf = jnp.where(z >= kth, z, -jnp.inf)
-        # top_p is traced: the cond skips the top-p work at runtime when it is off.
-        thr = jax.lax.cond(top_p < 1.0, lambda zf: top_p_threshold(zf, top_p),
-                           lambda zf: jnp.full(zf.shape[:1], -jnp.inf, zf.dtype), zf)
-        w = jnp.where((zf >= thr[:, None]) & (zf > -jnp.inf), jnp.exp(z - m), 0.0)
-        tok = categorical(key, w)
-    lp = jnp.take_along_axis(z, tok[:, None], axis=-1)[:, 0] - lse_R
-    return tok, lp
-
-
 # ----------------------------------------------------------------------------- the program
 # Decode segments: each is one while_loop (a copy of the decode step in the program), so
 # compile time grows ~linearly with S while cache reads shrink as (S+1)/2S; see
@@ -199,7 +109,7 @@ def cache_read_fraction(gen_len: int, segments: int, steps: float | None = None)
     return slots / (max(steps, 1) * gen_len)
 
 
-def _generate(params: Params, cache: decode.KVCache, tokens_BP, start_B, key, temperature, top_p, eos_E,
+def _generate(params: Params, cache: decode.KVCache, tokens_BP, start_B, budget_R, key, temperature, top_p, eos_E,
               pad_id, *, cfg: ModelConfig, n: int, greedy: bool, top_k: int, max_new_tokens: int):
     """The whole rollout program (jitted by Sampler; cache donated)."""
     N = max_new_tokens
@@ -213,9 +123,10 @@ def _generate(params: Params, cache: decode.KVCache, tokens_BP, start_B, key, te
     rows = lambda x: parallel.constrain(x, ("batch",) + (None,) * (x.ndim - 1), parallel.DECODE_RULES)
     start_R = jnp.repeat(start_B, n)
     plen_R = P - start_R
+    row = jnp.arange(R, dtype=jnp.int32)
 
     def pick(step, logits_RV, done_R):
-        tok, lp = sample_logits(jax.random.fold_in(key, step), logits_RV, temperature, top_p,
+        tok, lp = sample_logits(rollout_keys(key, row // n, row % n, step), logits_RV, temperature, top_p,
                                 top_k=top_k, greedy=greedy)
         tok = jnp.where(done_R, pad_id, tok)
         lp = jnp.where(done_R, 0.0, lp)
@@ -225,13 +136,14 @@ def _generate(params: Params, cache: decode.KVCache, tokens_BP, start_B, key, te
         return jnp.any(tok_R[:, None] == eos_E[None, :], axis=-1)
 
     done0 = jnp.zeros((R,), bool)
-    tok, lp = pick(0, logits_RV, done0)
+    tok, lp = pick(0, logits_RV, done0)  # a row ends at an EOS or at its budget
+    ends = lambda t, tok: is_eos(tok) | (t + 1 >= budget_R)
     out_tok = rows(jnp.full((R, N), pad_id, jnp.int32).at[:, 0].set(tok))
     out_lp = rows(jnp.zeros((R, N), jnp.float32).at[:, 0].set(lp))
     # Only the generated part is carried; the shared prompt part is read in the attention
     # dtype once, outside the loop.
     loop_cache = cache.widen_prompt(jnp.promote_types(cfg.dtype, cache.dtype))
-    state = (jnp.int32(1), (cache.gen_k, cache.gen_v), tok, is_eos(tok), jnp.ones((R,), jnp.int32), out_tok,
+    state = (jnp.int32(1), (cache.gen_k, cache.gen_v), tok, ends(0, tok), jnp.ones((R,), jnp.int32), out_tok,
              out_lp)
 
     def segment(seg, end):
@@ -251,7 +163,7 @@ def _generate(params: Params, cache: decode.KVCache, tokens_BP, start_B, key, te
             out_tok = jax.lax.dynamic_update_slice(out_tok, tok[:, None], (0, t))
             out_lp = jax.lax.dynamic_update_slice(out_lp, lp[:, None], (0, t))
             lengths = jnp.where(done, lengths, t + 1)
-            return t + 1, (c.gen_k, c.gen_v), tok, done | is_eos(tok), lengths, out_tok, out_lp
+            return t + 1, (c.gen_k, c.gen_v), tok, done | ends(t, tok), lengths, out_tok, out_lp
 
         return cond, body
 
@@ -287,11 +199,24 @@ class Sampler:
         each filled by its own decode loop whose steps read only the chunks up to theirs;
         None = `default_segments`; 1 = one loop reading the whole part every step. Fixed
         per sampler (it is in the cache's structure), so it adds no compiled programs.
+      engine: "static" (the program above) or "continuous" (`sampler_continuous`: `slots`
+        rollouts in flight over a paged KV pool, a finished slot refilled with the next
+        request inside the loop). Both draw the same rollouts from one key.
+      slots, page_size, pool_pages: the continuous engine's concurrent rollouts, tokens per
+        KV page, and pages in the pool (None = enough for every prompt plus `slots` rollouts
+        at the full budget: it never waits for pages).
     """
 
     def __init__(self, cfg: ModelConfig, max_prompt_len: int, max_new_tokens: int, mesh: Mesh | None = None,
                  prompt_bucket: int = 64, kv_dtype=jnp.bfloat16, truncation: str = "left", keep_cache: bool = True,
-                 decode_segments: int | None = None):
+                 decode_segments: int | None = None, engine: str = "static", slots: int = 64,
+                 page_size: int = 16, pool_pages: int | None = None):
+        if engine not in SAMPLER_ENGINES:
+            raise ValueError(f"Sampler: engine={engine!r}: supported {SAMPLER_ENGINES}")
+        for name, v in (("slots", slots), ("page_size", page_size)) + ((("pool_pages", pool_pages),) if pool_pages
+                                                                       is not None else ()):
+            if not (isinstance(v, (int, np.integer)) and v >= 1):
+                raise ValueError(f"Sampler: {name}={v!r} must be an integer >= 1")
         if max_prompt_len < 1 or max_new_tokens < 1 or prompt_bucket < 1:
             raise ValueError(f"Sampler: max_prompt_len={max_prompt_len}, max_new_tokens={max_new_tokens} and "
                              f"prompt_bucket={prompt_bucket} must all be >= 1")
@@ -310,13 +235,23 @@ class Sampler:
         self.decode_segments = num_segments(self.max_new_tokens, decode_segments)
         self._jit = jax.jit(self._trace, donate_argnames=("cache",),
                             static_argnames=("cfg", "n", "greedy", "top_k", "max_new_tokens"))
+        self.engine, self.slots, self.page_size = engine, int(slots), int(page_size)
+        self.pool_pages = None if pool_pages is None else int(pool_pages)
+        self._cjit = jax.jit(self._trace_continuous, static_argnames=(
+            "cfg", "n", "greedy", "top_k", "max_new_tokens", "slots", "page_size", "pool_pages", "kv_dtype"))
+        self.last_stats: dict | None = None  # the continuous engine's last call (steps, occupancy, pages)
         self._cache: decode.KVCache | None = None
         self.compiled_shapes: set[tuple] = set()  # (prompts, prompt slots, n, greedy, top_k, #eos)
         self.num_compiles = 0  # programs traced (and so compiled) by this sampler
 
-    def _trace(self, params, cache, tokens_BP, start_B, key, temperature, top_p, eos_E, pad_id, **statics):
+    def _trace(self, params, cache, tokens_BP, start_B, budget_R, key, temperature, top_p, eos_E, pad_id, **statics):
         self.num_compiles += 1  # runs once per trace, not per call
-        return _generate(params, cache, tokens_BP, start_B, key, temperature, top_p, eos_E, pad_id, **statics)
+        return _generate(params, cache, tokens_BP, start_B, budget_R, key, temperature, top_p, eos_E, pad_id,
+                         **statics)
+
+    def _trace_continuous(self, *args, **statics):
+        self.num_compiles += 1
+        return continuous_generate(*args, **statics)
 
     # ------------------------------------------------------------------ helpers
     def bucket(self, length: int) -> int:
@@ -376,37 +311,78 @@ class Sampler:
             start[b] = P - a.size
         return tokens, start, kept, np.asarray(truncated, bool)
 
+    def _static(self, params, B, P, n, args, rest, statics):
+        shape = (B, P, B * n, max(self.max_new_tokens - 1, 1))
+        cache = self._cache
+        if cache is None or (cache.num_prompts, cache.prompt_len, cache.rows, cache.gen_len) != shape:
+            self._cache = cache = None  # free the old buffer before allocating the new one
+            cache = decode.init_cache(self.cfg, *shape, dtype=self.kv_dtype, mesh=self.mesh,
+                                      segments=self.decode_segments)
+        self._cache = None
+        cache, out_tok, out_lp, lengths = self._jit(params, cache, *args, *rest, **statics)
+        if self.keep_cache:
+            self._cache = cache
+        return out_tok, out_lp, lengths
+
+    def check_pool(self, P: int, prompt_lens, budgets, n: int) -> int:
+        """Pages of the continuous engine's pool for a call, checked before compiling: every
+        prompt's pages (all are prefilled up front) plus one rollout's own pages must fit,
+        so the oldest running rollout can always finish."""
+        ps = self.page_size
+        prompt_pages = sum(pages_for(int(p), ps) for p in prompt_lens)
+        plen_R = np.repeat(np.asarray(prompt_lens), n)
+        one = max(own_pages(int(p), int(b), ps) for p, b in zip(plen_R, budgets))
+        if self.pool_pages is None:  # from the call's shape only, so no recompiles per call
+            N = self.max_new_tokens
+            per_rollout = max(own_pages(p, N, ps) for p in range(max(1, P - ps), P + 1))
+            return len(prompt_lens) * pages_for(P, ps) + min(self.slots, len(plen_R)) * max(per_rollout, 1)
+        if self.pool_pages < prompt_pages + one:
+            raise ValueError(f"Sampler: pool_pages={self.pool_pages} cannot hold this call: its {len(prompt_lens)} "
+                             f"prompts take {prompt_pages} pages of {ps} tokens and one rollout up to {one} more "
+                             f"(need pool_pages >= {prompt_pages + one})")
+        return self.pool_pages
+
     # ------------------------------------------------------------------ generate
     def generate(self, params: Params, prompts: Sequence, key: jax.Array,
-                 sp: SamplingParams = SamplingParams()) -> SampleOutput:
-        """Rollouts for every prompt: row b*n + j of the outputs is rollout j of prompt b."""
+                 sp: SamplingParams = SamplingParams(), budgets=None) -> SampleOutput:
+        """Rollouts for every prompt: row b*n + j of the outputs is rollout j of prompt b.
+        `budgets`: optional [B*n] ints in [1, max_new_tokens]; a row ends at its budget as
+        at an EOS (tokens after it are pad_id)."""
         cfg, n = self.cfg, sp.n
         tokens_BP, start_B, kept, truncated = self.prepare(prompts)
         B, P = tokens_BP.shape
         eos = cfg.eos_token_ids if sp.eos_ids is None else sp.eos_ids
         if sp.top_k > cfg.vocab_size:
             raise ValueError(f"SamplingParams.top_k={sp.top_k} exceeds the vocabulary ({cfg.vocab_size})")
-        T = max(self.max_new_tokens - 1, 1)
-        shape = (B, P, B * n, T)
-        cache = self._cache
-        if cache is None or (cache.num_prompts, cache.prompt_len, cache.rows, cache.gen_len) != shape:
-            self._cache = cache = None  # free the old buffer before allocating the new one
-            cache = decode.init_cache(cfg, *shape, dtype=self.kv_dtype, mesh=self.mesh, segments=self.decode_segments)
-        self._cache = None
-        args = (tokens_BP, start_B)
+        budget_R = check_budgets(budgets, B * n, self.max_new_tokens)
+        args = (tokens_BP, start_B, budget_R)
         if self.mesh is not None:  # every process passes the same prompts (see distributed.put_global)
             sh = lambda x: parallel.sharding_for(("batch",) + (None,) * (x.ndim - 1), self.mesh, x.shape,
                                                  parallel.DECODE_RULES)
             args = tuple(distributed.put_global(x, sh(x)) for x in args)
         statics = dict(cfg=cfg, n=n, greedy=bool(sp.greedy), top_k=int(sp.top_k),
                        max_new_tokens=self.max_new_tokens)
+        rest = (key, np.float32(sp.temperature), np.float32(sp.top_p), np.asarray(eos, np.int32).reshape(-1),
+                np.int32(sp.pad_id))
+        if self.engine == "continuous":
+            statics.update(slots=self.slots, page_size=self.page_size, kv_dtype=self.kv_dtype.name,
+                           pool_pages=self.check_pool(P, P - start_B, budget_R, n))
         self.compiled_shapes.add((B, P, n, statics["greedy"], statics["top_k"], len(eos)))
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
-            cache, out_tok, out_lp, lengths = self._jit(
-                params, cache, *args, key, np.float32(sp.temperature), np.float32(sp.top_p),
-                np.asarray(eos, np.int32).reshape(-1), np.int32(sp.pad_id), **statics)
-        if self.keep_cache:
-            self._cache = cache
+            if self.engine == "continuous":
+                out_tok, out_lp, lengths, all_done, stats = self._cjit(params, *args, *rest, **statics)
+            else:
+                out_tok, out_lp, lengths = self._static(params, B, P, n, args, rest, statics)
+        if self.engine == "continuous":
+            all_done, stats = distributed.to_host((all_done, stats))
+            if not all_done:  # a scheduling bug, never a silently cut rollout
+                raise RuntimeError(f"Sampler(engine='continuous'): the loop stopped with requests pending "
+                                   f"(stats {stats.tolist()})")
+            steps, slot_steps, page_steps, held, waits, preempted = (float(x) for x in stats)
+            self.last_stats = dict(steps=int(steps), occupancy=slot_steps / max(steps * self.slots, 1),
+                                   reserved_over_held=page_steps * self.page_size / max(held, 1),
+                                   mean_pages=page_steps / max(steps, 1), pool_pages=statics["pool_pages"],
+                                   waits=int(waits), preemptions=int(preempted))
         out_tok, out_lp, lengths = distributed.to_host((out_tok, out_lp, lengths))
         return SampleOutput(tokens=out_tok, lengths=lengths, logprobs=out_lp, prompt_tokens=kept,
                             prompt_lengths=np.asarray([a.size for a in kept], np.int32), truncated=truncated, n=n)

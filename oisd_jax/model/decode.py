@@ -172,6 +172,27 @@ def write_seq(stored_BKSH: jax.Array, new_BKTH: jax.Array, slot, dtype) -> jax.A
 
 
 # ----------------------------------------------------------------------------- prefill
+def prefill_kv(params: Params, cfg: ModelConfig, tokens_BP: jax.Array,
+               start_B: jax.Array, dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Run left-padded prompts once: (k, v [L, B, KV, P, Dh] in `dtype`, hidden_BD), the
+    final-normed hidden state of each last token. Row b is valid from slot start_B[b]."""
+    B, P = tokens_BP.shape
+    slot_P = jnp.arange(P, dtype=jnp.int32)
+    positions_BP = jnp.maximum(slot_P[None, :] - start_B[:, None], 0)
+    segment_BP = (slot_P[None, :] >= start_B[:, None]).astype(jnp.int32)  # 0 = padding, masked
+    x = constrain(params.embed.astype(cfg.dtype)[tokens_BP], ("batch", "seq", "act_embed"))
+
+    def body(x, lp):
+        lp = jax.tree.map(lambda a: a.astype(cfg.dtype), lp)
+        q, k, v = qkv(lp, cfg, x, positions_BP)
+        x = attn_out_and_mlp(lp, cfg, x, attention(q, k, v, segment_BP, cfg))
+        return x, (jnp.swapaxes(k, 1, 2).astype(dtype), jnp.swapaxes(v, 1, 2).astype(dtype))
+
+    # A scan keeps compile time flat in depth; prefill runs once per call.
+    x, (k_LBKPH, v_LBKPH) = jax.lax.scan(body, x, params.layers)
+    return k_LBKPH, v_LBKPH, final_norm(params, cfg, x[:, -1])
+
+
 def prefill(params: Params, cfg: ModelConfig, cache: KVCache, tokens_BP: jax.Array,
             start_B: jax.Array) -> tuple[KVCache, jax.Array]:
     """Run left-padded prompts once and write their K/V into the prompt part of the cache.
@@ -182,23 +203,11 @@ def prefill(params: Params, cfg: ModelConfig, cache: KVCache, tokens_BP: jax.Arr
     B, P = tokens_BP.shape
     if (cache.num_prompts, cache.prompt_len) != (B, P):
         raise ValueError(f"cache holds {cache.num_prompts} prompts x {cache.prompt_len} slots, got {B} x {P}")
-    slot_P = jnp.arange(P, dtype=jnp.int32)
-    positions_BP = jnp.maximum(slot_P[None, :] - start_B[:, None], 0)
-    segment_BP = (slot_P[None, :] >= start_B[:, None]).astype(jnp.int32)  # 0 = padding, masked
-    x = constrain(params.embed.astype(cfg.dtype)[tokens_BP], ("batch", "seq", "act_embed"))
-
-    def body(x, lp):
-        lp = jax.tree.map(lambda a: a.astype(cfg.dtype), lp)
-        q, k, v = qkv(lp, cfg, x, positions_BP)
-        x = attn_out_and_mlp(lp, cfg, x, attention(q, k, v, segment_BP, cfg))
-        return x, (jnp.swapaxes(k, 1, 2).astype(cache.dtype), jnp.swapaxes(v, 1, 2).astype(cache.dtype))
-
-    # A scan keeps compile time flat in depth; prefill runs once per call.
-    x, (k_LBKPH, v_LBKPH) = jax.lax.scan(body, x, params.layers)
+    k_LBKPH, v_LBKPH, h_BD = prefill_kv(params, cfg, tokens_BP, start_B, cache.dtype)
     put = lambda stored, new: write_seq(stored, new, 0, cache.dtype)
     cache = cache.replace(prompt_k=tuple(put(c, k_LBKPH[i]) for i, c in enumerate(cache.prompt_k)),
                           prompt_v=tuple(put(c, v_LBKPH[i]) for i, c in enumerate(cache.prompt_v)))
-    return cache, final_norm(params, cfg, x[:, -1])
+    return cache, h_BD
 
 
 # ----------------------------------------------------------------------------- decode

@@ -1,0 +1,135 @@
+"""Paged KV: a pool of fixed-size pages per layer and a page table per sequence.
+
+Each layer's K (and V) is one array [KV, pages + 1, page_size, Dh] (the layout of the
+Pallas paged-attention kernels). A sequence's tokens live in the pages its table row
+names, in order: logical slot s of a sequence is page table[s // page_size], offset
+s % page_size. Pages are handed out and taken back by the caller (the continuous
+rollout engine); several sequences may name the same page (a shared prompt). The last
+page, index `pages`, is the trash page: writes that must not land anywhere go there, and
+table entries that name no page point at it (they are masked by the sequence length).
+
+16-bit entries are stored as their uint16 bit pattern, as in `decode` (XLA:CPU widens a
+bf16 scatter and rewrites the whole buffer).
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from oisd_jax.model.config import ModelConfig
+from oisd_jax.model.decode import storage_dtype
+
+
+@struct.dataclass
+class PagePool:
+    k: tuple[jax.Array, ...]  # L x [KV, pages + 1, page_size, Dh] (storage dtype); last = trash
+    v: tuple[jax.Array, ...]
+    dtype: str = struct.field(pytree_node=False, default="bfloat16")
+
+    @property
+    def num_pages(self) -> int:
+        """Usable pages (the trash page not counted); also the trash page's index."""
+        return self.k[0].shape[1] - 1
+
+    @property
+    def page_size(self) -> int:
+        return self.k[0].shape[2]
+
+    def read(self, a: jax.Array) -> jax.Array:
+        dt = jnp.dtype(self.dtype)
+        return jax.lax.bitcast_convert_type(a, dt) if a.dtype != dt else a
+
+    def store(self, x: jax.Array) -> jax.Array:
+        """x cast to the entries' dtype, in the storage view."""
+        x = x.astype(self.dtype)
+        st = storage_dtype(self.dtype)
+        return jax.lax.bitcast_convert_type(x, st) if st != x.dtype else x
+
+
+def pool_shape(cfg: ModelConfig, num_pages: int, page_size: int) -> tuple[int, int, int, int]:
+    return cfg.num_kv_heads, num_pages + 1, page_size, cfg.head_dim
+
+
+def pool_bytes(cfg: ModelConfig, num_pages: int, page_size: int, dtype=jnp.bfloat16) -> int:
+    """K and V of every layer, trash page included."""
+    return 2 * cfg.num_layers * math.prod(pool_shape(cfg, num_pages, page_size)) * jnp.dtype(dtype).itemsize
+
+
+def page_bytes(cfg: ModelConfig, page_size: int, dtype=jnp.bfloat16) -> int:
+    """K and V of one page in every layer."""
+    return 2 * cfg.num_layers * cfg.num_kv_heads * page_size * cfg.head_dim * jnp.dtype(dtype).itemsize
+
+
+def zeros_pool(cfg: ModelConfig, num_pages: int, page_size: int, dtype=jnp.bfloat16) -> PagePool:
+    """A zero pool (traceable: built inside the rollout program)."""
+    shape, st = pool_shape(cfg, num_pages, page_size), storage_dtype(dtype)
+    layers = lambda: tuple(jnp.zeros(shape, st) for _ in range(cfg.num_layers))
+    return PagePool(layers(), layers(), jnp.dtype(dtype).name)
+
+
+def write_tokens(pages_KNSH: jax.Array, new_MKH: jax.Array, page_M: jax.Array, offset_M: jax.Array) -> jax.Array:
+    """pages[:, page[m], offset[m]] = new[m] (already in the storage view); m's naming the
+    trash page may collide, the others must name distinct (page, offset)s."""
+    return pages_KNSH.at[:, page_M, offset_M].set(jnp.swapaxes(new_MKH, 0, 1))
+
+
+def write_pages(pages_KNSH: jax.Array, new_BKCSH: jax.Array, table_BC: jax.Array) -> jax.Array:
+    """Whole pages: pages[:, table[b, c]] = new[b, :, c] (trash entries may repeat)."""
+    return pages_KNSH.at[:, table_BC].set(jnp.moveaxis(new_BKCSH, 1, 0))
+
+
+def copy_pages(pages_KNSH: jax.Array, src_M: jax.Array, dst_M: jax.Array) -> jax.Array:
+    """pages[:, dst[m]] = pages[:, src[m]] (copy-on-write of a shared, partly filled page)."""
+    return pages_KNSH.at[:, dst_M].set(pages_KNSH[:, src_M])
+
+
+PALLAS_PAGES_PER_BLOCK = 8  # the kernel's default pages_per_compute_block
+
+
+def paged_attention(q_MNH: jax.Array, k_KNSH: jax.Array, v_KNSH: jax.Array, table_MC: jax.Array,
+                    lengths_M: jax.Array, cfg: ModelConfig, impl: str = "gather", interpret: bool = False) -> jax.Array:
+    """One query per sequence over its first lengths[m] (>= 1) logical slots: [M, N, Dh].
+
+    k, v: one layer's pages, read in the entries' dtype. `impl`: "gather" (plain JAX: the
+    table's pages gathered into a dense [KV, M, C*page_size, Dh] copy, then one softmax;
+    runs on every backend; scores and softmax in f32, the dots in the wider of the query
+    and entry dtypes, as `decode.cache_attention`) or "pallas_gpu" (JAX's Pallas GPU
+    paged-attention kernel, which reads only the pages below each length; `interpret`
+    runs it on CPU for tests). The rollout engine uses "gather": the kernel path is tested
+    against it in interpret mode only, not yet on a GPU.
+    """
+    if impl == "pallas_gpu":
+        return _pallas_gpu(q_MNH, k_KNSH, v_KNSH, table_MC, lengths_M, interpret)
+    if impl != "gather":
+        raise ValueError(f"paged_attention: impl={impl!r}: supported 'gather' | 'pallas_gpu'")
+    M, N, Dh = q_MNH.shape
+    KV = cfg.num_kv_heads
+    C, S = table_MC.shape[1], k_KNSH.shape[2]
+    dt = jnp.promote_types(q_MNH.dtype, k_KNSH.dtype)
+    f32 = jnp.float32
+    q = (q_MNH * (Dh ** -0.5)).astype(dt).reshape(M, KV, N // KV, Dh)
+    k = k_KNSH[:, table_MC].reshape(KV, M, C * S, Dh).astype(dt)
+    v = v_KNSH[:, table_MC].reshape(KV, M, C * S, Dh).astype(dt)
+    s = jnp.einsum("mkqh,kmsh->mkqs", q, k, preferred_element_type=f32)
+    valid = jnp.arange(C * S, dtype=jnp.int32)[None, :] < lengths_M[:, None]
+    s = jnp.where(valid[:, None, None, :], s, -jnp.inf)
+    p = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
+    o = jnp.einsum("mkqs,kmsh->mkqh", p.astype(dt), v, preferred_element_type=f32)
+    o = o / jnp.sum(p, axis=-1)[..., None]
+    return o.reshape(M, N, Dh).astype(q_MNH.dtype)
+
+
+def _pallas_gpu(q_MNH, k_KNSH, v_KNSH, table_MC, lengths_M, interpret: bool) -> jax.Array:
+    from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention as kernel
+    M, N, Dh = q_MNH.shape
+    C = table_MC.shape[1]
+    per_block = min(PALLAS_PAGES_PER_BLOCK, C)
+    pad = -C % per_block  # whole compute blocks; the padding names the trash page, past every length
+    table = jnp.pad(table_MC, ((0, 0), (0, pad)), constant_values=k_KNSH.shape[1] - 1)
+    q = (q_MNH * (Dh ** -0.5)).astype(k_KNSH.dtype)  # the kernel does not scale
+    o = kernel(q, k_KNSH, v_KNSH, table.astype(jnp.int32), lengths_M.astype(jnp.int32),
+               pages_per_compute_block=per_block, k_splits=1, interpret=interpret)
+    return o.astype(q_MNH.dtype)

@@ -1,0 +1,240 @@
+"""Continuous-batching rollout program over paged KV (the Sampler's engine="continuous").
+
+Every (prompt b, rollout j) of a call is a request r = b*n + j, queued in that order. A
+fixed number of slots decode one token each per step of one `lax.while_loop`; a slot whose
+rollout ends (EOS or its budget) takes the next pending request in the same step, so a long
+rollout no longer holds finished rows busy. Refill is inside the compiled loop, not every
+K steps from the host: see `SLOT_REFILL` for the measurement.
+
+KV lives in a `paged.PagePool`. All prompts are prefilled once up front into pages that
+their n rollouts share (kept until all n are done, then freed). A rollout owns the pages of
+its own tokens; the prompt's last, partly filled page is copied into the rollout's first
+own page (copy-on-write), so each sequence is a plain run of slots [0, length). Pages are
+taken when a token crosses into a new page and given back when its rollout ends, so KV
+memory follows the tokens held. When no page is free the slot waits (its step is
+discarded); when every running slot waits, the latest-admitted one is preempted and
+requeued: rollouts are keyed by (prompt, rollout, position) (`sampling.rollout_keys`), so
+the recomputed rollout is the same. Requests are admitted only while free pages cover one
+more page for every running slot, which keeps preemption rare.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from oisd_jax.model import decode, paged
+from oisd_jax.model.config import ModelConfig
+from oisd_jax.model.decoder import attn_out_and_mlp, final_norm, qkv
+from oisd_jax.model.decoder import logits as lm_logits
+from oisd_jax.model.params import Params, cast
+from oisd_jax.sampling import rollout_keys, sample_logits
+
+# Why refill inside the loop: the scheduling (admission, page hand-out, release) costs at
+# most 1.5 ms a step, measured on a 1-layer 16-wide model whose step is nearly all
+# scheduling (64 slots, 16 prompts x n=8, 64-token prompts; the static program's step
+# there: 0.56 ms for 128 rows), under 1% of a step of bench/sampler.py's 42M model (~0.2 s
+# for 64 slots on this CPU). Refilling every K steps from the host instead leaves a finished
+# slot idle K/2 steps on average: ~8% of the slot-steps at K=16 and 100-token rollouts.
+SLOT_REFILL = "in_loop"
+# The gather path reads every slot's table up to a width: the step picks (lax.switch) the
+# narrowest of ATTENTION_WIDTHS evenly spaced widths that holds the longest running slot,
+# so steps while every rollout is short read a fraction of the pages.
+ATTENTION_WIDTHS = 3
+# Likewise the step runs on the active slots only, gathered into the smallest of
+# M, M/2, M/4 rows that holds them: on a compute-bound CPU a step's cost follows its rows,
+# and the last long rollouts of a call run with most slots empty.
+SLOT_BUCKETS = 3
+
+
+def pages_for(length: int, page_size: int) -> int:
+    return -(-length // page_size)
+
+
+def own_pages(prompt_len: int, max_new_tokens: int, page_size: int) -> int:
+    """Most pages one rollout owns: the slots of its fed tokens, positions prompt_len ..
+    prompt_len + N - 2, from the page holding position prompt_len on."""
+    if max_new_tokens <= 1:
+        return 0
+    return (prompt_len + max_new_tokens - 2) // page_size - prompt_len // page_size + 1
+
+
+def _first_free(free_N: jax.Array, k: int, trash: int) -> jax.Array:
+    return jnp.nonzero(free_N, size=k, fill_value=trash)[0].astype(jnp.int32)
+
+
+def continuous_generate(params: Params, tokens_BP, start_B, budget_R, key, temperature, top_p, eos_E, pad_id, *,
+                        cfg: ModelConfig, n: int, greedy: bool, top_k: int, max_new_tokens: int, slots: int,
+                        page_size: int, pool_pages: int, kv_dtype: str):
+    """The whole continuous rollout program (jitted by Sampler). Returns (tokens [R, N],
+    log-probs [R, N], lengths [R], all_done, stats [6]: steps, slot-steps decoding, page-steps
+    in use, token-steps held, slot-steps waiting for a page, preemptions)."""
+    N, M, ps, NP = max_new_tokens, slots, page_size, pool_pages
+    B, P = tokens_BP.shape
+    R, TRASH = B * n, pool_pages
+    PP = pages_for(P, ps)                    # prompt pages per prompt, at most
+    C = pages_for(P + max(N - 1, 0), ps)     # logical pages per sequence, at most
+    i32 = jnp.int32
+    params = cast(params, cfg.dtype)
+    layers = decode.unstack_layers(params.layers, cfg.num_layers)
+    pool = paged.zeros_pool(cfg, NP, ps, kv_dtype)
+
+    # ---- prefill every prompt once into its shared pages (unpadded: slot 0 = first token)
+    k_L, v_L, h_BD = decode.prefill_kv(params, cfg, tokens_BP, start_B, kv_dtype)
+    plen_B = (P - start_B).astype(i32)
+    npp_B = (plen_B + ps - 1) // ps
+    first_B = jnp.cumsum(npp_B) - npp_B
+    c_P = jnp.arange(PP, dtype=i32)
+    ptab_BC = jnp.where(c_P[None] < npp_B[:, None], first_B[:, None] + c_P[None], TRASH)
+    src_BS = jnp.minimum(jnp.arange(PP * ps, dtype=i32)[None] + start_B[:, None], P - 1)
+    shift = lambda a_BKPH: jax.vmap(lambda a, s: a[:, s], in_axes=(0, 0))(a_BKPH, src_BS)
+    as_pages = lambda a: pool.store(shift(a).reshape(B, cfg.num_kv_heads, PP, ps, cfg.head_dim))
+    pool = pool.replace(k=tuple(paged.write_pages(pk, as_pages(k_L[i]), ptab_BC) for i, pk in enumerate(pool.k)),
+                        v=tuple(paged.write_pages(pv, as_pages(v_L[i]), ptab_BC) for i, pv in enumerate(pool.v)))
+    free0 = jnp.arange(NP, dtype=i32) >= jnp.sum(npp_B)
+
+    def is_eos(tok):
+        return jnp.any(tok[:, None] == eos_E[None, :], axis=-1)
+
+    # ---- every request's first token, from its prompt's last logits
+    r_R = jnp.arange(R, dtype=i32)
+    logits_RV = jnp.repeat(lm_logits(params, cfg, h_BD[:, None])[:, 0], n, axis=0)
+    tok0, lp0 = sample_logits(rollout_keys(key, r_R // n, r_R % n, 0), logits_RV, temperature, top_p,
+                              top_k=top_k, greedy=greedy)
+    out_tok = jnp.full((R, N), pad_id, i32).at[:, 0].set(tok0)
+    out_lp = jnp.zeros((R, N), jnp.float32).at[:, 0].set(lp0)
+    status = jnp.where(is_eos(tok0) | (budget_R <= 1), 2, 0).astype(i32)  # 0 pending, 1 running, 2 done
+    m_M, c_C = jnp.arange(M, dtype=i32), jnp.arange(C, dtype=i32)
+    ptab_pad_BC = jnp.pad(ptab_BC, ((0, 0), (0, max(C - PP, 0))), constant_values=TRASH)[:, :C]
+    drop = dict(mode="drop")  # index R / TRASH: an update that lands nowhere
+    widths = sorted({-(-C * (w + 1) // ATTENTION_WIDTHS) for w in range(ATTENTION_WIDTHS)})
+
+    def attend_to(w):
+        return lambda q, k, v, table, length: paged.paged_attention(q, pool.read(k), pool.read(v), table[:, :w],
+                                                                    length, cfg)
+
+    attend = [attend_to(w) for w in widths]
+    buckets = sorted({-(-M // 2 ** i) for i in range(SLOT_BUCKETS)})
+
+    def decode_rows(ks, vs, width, prev, pos, w_page, table, b, j, t):
+        """One token for each of these rows: (pool k, pool v, tokens, log-probs)."""
+        x = params.embed.astype(cfg.dtype)[prev][:, None]
+        ks, vs = list(ks), list(vs)
+        length = jnp.maximum(pos + 1, 1)
+        for i, lp in enumerate(layers):
+            q, k, v = qkv(lp, cfg, x, pos[:, None])
+            ks[i] = paged.write_tokens(ks[i], pool.store(k[:, 0]), w_page, pos % ps)
+            vs[i] = paged.write_tokens(vs[i], pool.store(v[:, 0]), w_page, pos % ps)
+            args = (q[:, 0], ks[i], vs[i], table, length)
+            o = jax.lax.switch(width, attend, *args) if len(widths) > 1 else attend[0](*args)
+            x = attn_out_and_mlp(lp, cfg, x, o[:, None])
+        h = final_norm(params, cfg, x[:, 0])
+        tok, lp = sample_logits(rollout_keys(key, b, j, t), lm_logits(params, cfg, h[:, None])[:, 0],
+                                temperature, top_p, top_k=top_k, greedy=greedy)
+        return tuple(ks), tuple(vs), tok, lp
+
+    def decode_bucket(kk, sel_M, width, rows):
+        """decode_rows on the first kk selected slots (sel_M: active slots first, then M)."""
+        def run(ks, vs):
+            sel = sel_M[:kk]
+            got = [a[jnp.minimum(sel, M - 1)] for a in rows]
+            got[2] = jnp.where(sel < M, got[2], TRASH)  # padding rows write nowhere
+            ks, vs, tok, lp = decode_rows(ks, vs, width, *got)
+            put = lambda a, dt: jnp.zeros((M,), dt).at[sel].set(a, mode="drop")
+            return ks, vs, put(tok, i32), put(lp, jnp.float32)
+        return run
+
+    def body(s):
+        pool, free, status, out_tok, out_lp, lengths, req, t, prev, table, pfreed, stats = s
+        # 1. admit pending requests into empty slots, lowest request first.
+        empty, pending = req < 0, status == 0
+        n_active = jnp.sum(~empty)
+        allowed = jnp.sum(free) - n_active  # keep one page per running slot in hand
+        k_e = jnp.cumsum(empty) - 1
+        queue = jnp.nonzero(pending, size=M, fill_value=R)[0].astype(i32)
+        cand = queue[jnp.clip(k_e, 0, M - 1)]
+        admit = empty & (cand < R) & (k_e < allowed)
+        b_new = jnp.minimum(cand, R - 1) // n
+        req = jnp.where(admit, cand, req)
+        t = jnp.where(admit, 1, t)
+        prev = jnp.where(admit, tok0[jnp.minimum(cand, R - 1)], prev)
+        shared = c_C[None] < (plen_B[b_new] // ps)[:, None]  # the prompt's full pages
+        table = jnp.where(admit[:, None], jnp.where(shared, ptab_pad_BC[b_new], TRASH), table)
+        status = status.at[jnp.where(admit, cand, R)].set(1, **drop)
+
+        # 2. a page for each slot whose fed token starts a page (or is its first own token).
+        active = req >= 0
+        b = jnp.maximum(req, 0) // n
+        plen = plen_B[b]
+        pos = plen + t - 1
+        need = active & ((pos % ps == 0) | (t == 1))
+        before = need[None, :] & (req[None, :] < req[:, None])  # older requests get pages first
+        rank = jnp.sum(before, axis=1)
+        got = need & (rank < jnp.sum(free))
+        page = jnp.where(got, _first_free(free, M, TRASH)[jnp.minimum(rank, M - 1)], TRASH)
+        free = free.at[page].set(False, **drop)
+        row_page = table[m_M, pos // ps]
+        table = table.at[m_M, pos // ps].set(jnp.where(got, page, row_page))
+        run = active & ~(need & ~got)
+        cow = got & (t == 1) & (plen % ps != 0)
+        src = jnp.where(cow, ptab_BC[b, jnp.minimum(plen // ps, PP - 1)], TRASH)
+        dst = jnp.where(cow, page, TRASH)
+
+        def copy(pool):
+            return pool.replace(k=tuple(paged.copy_pages(a, src, dst) for a in pool.k),
+                                v=tuple(paged.copy_pages(a, src, dst) for a in pool.v))
+
+        pool = jax.lax.cond(jnp.any(cow), copy, lambda p: p, pool)
+
+        # 3. one decode step for the active slots (gathered into the narrowest slot bucket that
+        # holds them); slots that do not run write to the trash page.
+        w_page = jnp.where(run, table[m_M, pos // ps], TRASH)
+        width = jnp.searchsorted(jnp.asarray(widths), jnp.max(jnp.where(active, pos // ps + 1, 1)))
+        rows = (prev, pos, w_page, table, b, jnp.maximum(req, 0) % n, t)
+        sel_M = jnp.nonzero(active, size=M, fill_value=M)[0].astype(i32)
+        branches = [decode_bucket(kk, sel_M, width, rows) for kk in buckets]
+        ks, vs, tok, lp = jax.lax.switch(jnp.searchsorted(jnp.asarray(buckets), jnp.sum(active)), branches,
+                                         pool.k, pool.v)
+        pool = pool.replace(k=ks, v=vs)
+
+        # 4. record; end rollouts at EOS or budget.
+        ridx = jnp.where(run, req, R)
+        out_tok = out_tok.at[ridx, t].set(tok, **drop)
+        out_lp = out_lp.at[ridx, t].set(lp, **drop)
+        lengths = lengths.at[ridx].set(t + 1, **drop)
+        fin = run & (is_eos(tok) | (t + 1 >= budget_R[jnp.maximum(req, 0)]))
+        status = status.at[jnp.where(fin, req, R)].set(2, **drop)
+        t, prev = jnp.where(run, t + 1, t), jnp.where(run, tok, prev)
+        # Every running slot waits for a page: requeue the latest-admitted one.
+        stuck = jnp.any(active) & ~jnp.any(run)
+        victim = jnp.argmax(jnp.where(active, req, -1))
+        pre = stuck & (m_M == victim)
+        status = status.at[jnp.where(pre, req, R)].set(0, **drop)
+
+        # 5. give back the pages of ended / preempted rollouts, then of finished prompts.
+        rel = fin | pre
+        owned = rel[:, None] & (c_C[None] >= (plen // ps)[:, None])
+        free = free.at[jnp.where(owned, table, TRASH)].set(True, **drop)
+        table = jnp.where(rel[:, None], TRASH, table)
+        req, t = jnp.where(rel, -1, req), jnp.where(rel, 0, t)
+        pdone = jnp.all(status.reshape(B, n) == 2, axis=1) & ~pfreed
+        free = free.at[jnp.where(pdone[:, None], ptab_BC, TRASH)].set(True, **drop)
+        live_prompt = ~(pfreed | pdone)
+        pfreed = pfreed | pdone
+        held = jnp.sum(jnp.where(live_prompt, plen_B, 0)) + jnp.sum(jnp.where(req >= 0, t - 1, 0))
+        stats = stats + jnp.stack([1, jnp.sum(run), NP - jnp.sum(free), held, jnp.sum(active & ~run),
+                                   jnp.sum(pre)]).astype(stats.dtype)
+        return pool, free, status, out_tok, out_lp, lengths, req, t, prev, table, pfreed, stats
+
+    # A bound that no schedule reaches (every request restarted R times): the host checks
+    # all_done, so a scheduling bug is an error, never a silently cut rollout.
+    max_steps = (R + 1) * R * N + 1
+
+    def cond(s):
+        return jnp.any(s[2] != 2) & (s[-1][0] < max_steps)
+
+    state = (pool, free0, status, out_tok, out_lp, jnp.ones((R,), i32), jnp.full((M,), -1, i32),
+             jnp.zeros((M,), i32), jnp.zeros((M,), i32), jnp.full((M, C), TRASH, i32), jnp.zeros((B,), bool),
+             jnp.zeros((6,), jnp.float32))
+    state = jax.lax.while_loop(cond, body, state)
+    _, _, status, out_tok, out_lp, lengths, *_, stats = state
+    return out_tok, out_lp, lengths, jnp.all(status == 2), stats

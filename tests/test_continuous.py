@@ -1,0 +1,206 @@
+"""Per-rollout budgets, scheduling-independent keys, and the continuous engine over paged KV
+against the static engine (token for token), pool exhaustion, mesh, paged attention."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hf_fixtures import save_hf_model
+from oisd_jax import parallel
+from oisd_jax.model import ModelConfig, load_hf, paged
+from oisd_jax.sampler import Sampler, SamplingParams
+
+
+@pytest.fixture(scope="module", params=["qwen3", "llama"])
+def pair(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param + "_c")
+    save_hf_model(request.param, path, seed=7)
+    cfg, params = load_hf(path, dtype=jnp.float32)
+    return request.param, cfg, params
+
+
+def case(cfg, seed=0, n=3, N=20):
+    """Prompts of uneven lengths, uneven budgets, and EOS ids frequent enough to end some rows first."""
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(3, cfg.vocab_size, k) for k in (3, 10, 6, 1)]
+    budgets = rng.integers(1, N + 1, len(prompts) * n)
+    budgets[0] = N
+    eos = tuple(range(3, 3 + cfg.vocab_size // 12))
+    return prompts, budgets, eos
+
+
+def assert_same(out, ref, atol=1e-5):
+    np.testing.assert_array_equal(out.tokens, ref.tokens)
+    np.testing.assert_array_equal(out.lengths, ref.lengths)
+    np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=atol)
+
+
+# ----------------------------------------------------------------------------- static engine
+def test_budgets_end_rows_like_eos(pair):
+    _, cfg, params = pair
+    N, n = 20, 3
+    prompts, budgets, eos = case(cfg, 1, n, N)
+    s = Sampler(cfg, 12, N, prompt_bucket=8, kv_dtype=jnp.float32)
+    sp = SamplingParams(temperature=1.1, n=n, eos_ids=eos)
+    full = s.generate(params, prompts, jax.random.key(3), sp)
+    out = s.generate(params, prompts, jax.random.key(3), sp, budgets=budgets)
+    assert s.num_compiles == 1  # budgets are an argument, not a static
+    # Keys are per position: a budget cuts the unbudgeted rollout, it changes no token.
+    np.testing.assert_array_equal(out.lengths, np.minimum(full.lengths, budgets))
+    cut = out.lengths < full.lengths
+    assert cut.sum() >= 2 and (~cut).sum() >= 2 and (out.lengths == 1).any()
+    for r in range(len(budgets)):
+        L = out.lengths[r]
+        np.testing.assert_array_equal(out.tokens[r, :L], full.tokens[r, :L])
+        np.testing.assert_allclose(out.logprobs[r, :L], full.logprobs[r, :L], atol=1e-6)
+        assert (out.tokens[r, L:] == 0).all() and (out.logprobs[r, L:] == 0).all()
+    with pytest.raises(ValueError, match="budgets must lie in"):
+        s.generate(params, prompts, jax.random.key(3), sp, budgets=budgets * 0)
+    with pytest.raises(ValueError, match="shape"):
+        s.generate(params, prompts, jax.random.key(3), sp, budgets=budgets[:-1])
+
+
+def test_rollouts_keyed_by_prompt_rollout_position(pair):
+    """Rollout j of prompt b is the same whatever n and whatever prompts follow it."""
+    _, cfg, params = pair
+    prompts, _, eos = case(cfg, 2)
+    s = Sampler(cfg, 12, 8, prompt_bucket=16, kv_dtype=jnp.float32)
+    a = s.generate(params, prompts, jax.random.key(5), SamplingParams(n=4, eos_ids=eos))
+    b = s.generate(params, prompts[:2], jax.random.key(5), SamplingParams(n=2, eos_ids=eos))
+    keep = np.array([r for r in range(4 * 4) if r // 4 < 2 and r % 4 < 2])
+    np.testing.assert_array_equal(b.tokens, a.tokens[keep])
+    np.testing.assert_allclose(b.logprobs, a.logprobs[keep], atol=1e-5)
+    assert len({tuple(t) for t in a.tokens[:4]}) > 1  # rollouts of one prompt still differ
+
+
+# ----------------------------------------------------------------------------- continuous engine
+@pytest.mark.parametrize("greedy", [True, False])
+def test_continuous_equals_static(pair, greedy):
+    kind, cfg, params = pair
+    N, n = 20, 3
+    prompts, budgets, eos = case(cfg, 4, n, N)
+    key = jax.random.key(9)
+    static = Sampler(cfg, 12, N, prompt_bucket=8, kv_dtype=jnp.float32)
+    if greedy:  # greedy rows avoid a fixed EOS set: take tokens they emit mid-way instead
+        free = static.generate(params, prompts, key, SamplingParams(n=n, eos_ids=(), greedy=True))
+        eos = tuple(sorted({int(free.tokens[r, 6]) for r in (0, 4, 10)}))
+    sp = SamplingParams(temperature=1.1, n=n, eos_ids=eos, greedy=greedy)
+    ref = static.generate(params, prompts, key, sp, budgets=budgets)
+    ended_eos = np.isin(ref.tokens[np.arange(len(budgets)), ref.lengths - 1], eos)
+    assert ended_eos.any() and (ref.lengths == budgets).any() and len(set(ref.lengths)) >= 4
+    # Page sizes that split prompts mid-page (copy-on-write) and at page ends; fewer slots
+    # than requests, so slots are refilled.
+    configs = [(4, 4), (3, 8)] if kind == "qwen3" else [(5, 2), (12, 1)]
+    for slots, page_size in configs:
+        s = Sampler(cfg, 12, N, prompt_bucket=8, kv_dtype=jnp.float32, engine="continuous", slots=slots,
+                    page_size=page_size)
+        for _ in range(2):  # one program per shape
+            assert_same(s.generate(params, prompts, key, sp, budgets=budgets), ref)
+        assert s.num_compiles == 1
+        st = s.last_stats
+        assert st["preemptions"] == 0 and st["waits"] == 0  # the default pool never runs out
+        # Slots are refilled: fewer steps than rows x longest rollout would need in turn.
+        assert st["steps"] < ref.lengths.sum() and 0 < st["occupancy"] <= 1
+
+
+def test_pool_exhaustion_waits_and_requeues(pair):
+    _, cfg, params = pair
+    N, n = 20, 3
+    prompts, budgets, eos = case(cfg, 6, n, N)
+    budgets[:] = N  # long rollouts, so the pool runs dry
+    sp = SamplingParams(temperature=1.0, n=n, eos_ids=eos[:2])
+    key = jax.random.key(1)
+    ref = Sampler(cfg, 12, N, prompt_bucket=8, kv_dtype=jnp.float32).generate(params, prompts, key, sp,
+                                                                               budgets=budgets)
+    # Prompts (3, 10, 6, 1 tokens) take 1+3+2+1 = 7 pages of 4; one rollout up to 6 more.
+    tight = Sampler(cfg, 12, N, prompt_bucket=8, kv_dtype=jnp.float32, engine="continuous", slots=6, page_size=4,
+                    pool_pages=13)
+    assert_same(tight.generate(params, prompts, key, sp, budgets=budgets), ref)
+    st = tight.last_stats
+    assert st["waits"] > 0 and st["preemptions"] > 0, st
+    small = Sampler(cfg, 12, N, prompt_bucket=8, engine="continuous", slots=6, page_size=4, pool_pages=12)
+    with pytest.raises(ValueError, match="pool_pages=12 cannot hold this call.*need pool_pages >= 13"):
+        small.generate(params, prompts, key, sp, budgets=budgets)
+    assert small.num_compiles == 0  # refused before compiling
+    with pytest.raises(ValueError, match="engine"):
+        Sampler(cfg, 12, N, engine="paged")
+    with pytest.raises(ValueError, match="page_size=0"):
+        Sampler(cfg, 12, N, engine="continuous", page_size=0)
+
+
+def test_continuous_on_mesh_equals_one_device(pair):
+    kind, cfg, params = pair
+    if kind != "qwen3":
+        pytest.skip("one model is enough for the layout")
+    N, n = 14, 4
+    prompts, budgets, eos = case(cfg, 8, n, N)
+    sp = SamplingParams(temperature=0.9, n=n, eos_ids=eos)
+    key = jax.random.key(2)
+    kw = dict(prompt_bucket=8, kv_dtype=jnp.float32, engine="continuous", slots=8, page_size=4)
+    single = Sampler(cfg, 12, N, **kw).generate(params, prompts, key, sp, budgets=budgets)
+    s = Sampler(cfg, 12, N, mesh=parallel.make_mesh((2, 2, 2)), **kw)
+    assert_same(s.generate(s.reshard(params), prompts, key, sp, budgets=budgets), single)
+
+
+# ----------------------------------------------------------------------------- paged attention
+def test_paged_attention_matches_dense_reference():
+    cfg = ModelConfig.preset("tiny")
+    KV, Dh, Nh = cfg.num_kv_heads, cfg.head_dim, cfg.num_heads
+    rng = np.random.default_rng(0)
+    pages, ps, M, C = 11, 4, 3, 5
+    k = rng.standard_normal((KV, pages + 1, ps, Dh)).astype(np.float32)
+    v = rng.standard_normal((KV, pages + 1, ps, Dh)).astype(np.float32)
+    q = rng.standard_normal((M, Nh, Dh)).astype(np.float32)
+    table = np.array([[3, 0, 7, 11, 11], [5, 5, 2, 1, 9], [10, 11, 11, 11, 11]], np.int32)  # shared page 5
+    lengths = np.array([10, 20, 1], np.int32)
+    out = np.asarray(jax.jit(lambda *a: paged.paged_attention(*a, cfg))(q, k, v, table, lengths))
+    G = Nh // KV
+    for m in range(M):
+        ks = np.concatenate([k[:, p] for p in table[m]], axis=1)[:, :lengths[m]]  # [KV, L, Dh]
+        vs = np.concatenate([v[:, p] for p in table[m]], axis=1)[:, :lengths[m]]
+        for h in range(Nh):
+            s = ks[h // G] @ q[m, h] / np.sqrt(Dh)
+            w = np.exp(s - s.max())
+            np.testing.assert_allclose(out[m, h], w @ vs[h // G] / w.sum(), atol=1e-5)
+    # The Pallas GPU kernel in interpret mode (CPU) reads the same pages.
+    kern = paged.paged_attention(q, k, v, table, lengths, cfg, impl="pallas_gpu", interpret=True)
+    np.testing.assert_allclose(np.asarray(kern), out, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- trainer level
+def test_trainer_step_with_continuous_engine_equals_static():
+    """sampler.engine='continuous' through the config, the trainer's Sampler and one RL
+    step: the same rollouts (texts) and step metrics as the static engine."""
+    from oisd_jax import metrics
+    from oisd_jax.rewards import RewardPool
+    from oisd_jax.rl.train_state import init_train_state
+    from oisd_jax.train import rl_step
+    from oisd_jax.train_setup import build_setup, train_prompt_iterator
+    from tiny_run import tiny_config
+    runs = {}
+    for engine in ("static", "continuous"):
+        s = build_setup(tiny_config(train__steps=1, train__sft_warmup_steps=0, sampler__engine=engine,
+                                    sampler__slots=3, sampler__page_size=4, sampler__kv_dtype="float32"))
+        assert s.sampler.engine == engine
+        state = init_train_state(s.init_params(jax.random.key(0)), s.step_cfg, s.mesh, s.model_cfg)
+        with RewardPool("strict", workers=1) as pool:
+            _, m, texts = rl_step(s, state, 0, train_prompt_iterator(s), pool, jax.random.key(1), metrics.Timer())
+        runs[engine] = m, texts
+        if engine == "continuous":
+            assert s.sampler.last_stats["steps"] > 0
+    (ms, ts), (mc, tc) = runs["static"], runs["continuous"]
+    assert ts and ts == tc
+    for k in ms:
+        if "time" not in k and not k.startswith("t_"):
+            np.testing.assert_allclose(mc[k], ms[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+def test_config_validates_engine_fields():
+    from oisd_jax.config import ConfigError, validate
+    from tiny_run import tiny_config
+    for field, bad in (("engine", "paged"), ("slots", 0), ("page_size", 0), ("pool_pages", 0)):
+        c = tiny_config()
+        with c.unlocked():
+            c.sampler[field] = bad
+        with pytest.raises(ConfigError, match=f"sampler.{field}"):
+            validate(c, num_devices=jax.device_count())
