@@ -30,7 +30,7 @@ PARAM_DTYPES = ("float32", "bfloat16")
 # Kept equal to oisd_jax.model.config's tuples; not imported so this module stays a leaf.
 REMAT_POLICIES = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
                   "everything_saveable")
-ATTN_IMPLS = ("xla", "cudnn", "blocked")
+ATTN_IMPLS = ("xla", "cudnn", "blocked", "splash")
 SCHEDULES = ("constant", "cosine")
 REWARDS = ("math", "strict")
 SYNTHETIC_OPS = "+-*"

@@ -12,7 +12,7 @@ from typing import Any
 FAMILIES = ("qwen3", "llama")
 REMAT_POLICIES = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
                   "everything_saveable")
-ATTN_IMPLS = ("xla", "cudnn", "blocked")
+ATTN_IMPLS = ("xla", "cudnn", "blocked", "splash")
 _MODEL_TYPES = {"qwen3": "qwen3", "llama": "llama"}
 _ROPE_TYPES = ("default", "llama3")
 
