@@ -102,6 +102,9 @@ def quiet_libtpu_env(target: TpuTarget, num_chips: int) -> None:
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{target.key}-{num_chips * target.cores_per_chip}")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    # libtpu also takes /tmp/libtpu_lockfile, which guards real chips: a second planner (or
+    # test) on the same machine would abort. Compile-only clients share no chips.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
 def compile_only_devices(name: str, num_chips: int) -> list:
