@@ -22,7 +22,7 @@ def get_config(*, hf_path: str, tap_layer: int, max_new_tokens: int,
     c.model.dtype = "bfloat16"  # bf16 compute, f32 master weights and moments
     c.model.param_dtype = "float32"
     c.model.remat_policy = "nothing_saveable"
-    c.model.attn_impl = "cudnn"  # GPU; use 'blocked' on TPU (xla's T x T scores do not fit 8k)
+    c.model.attn_impl = "cudnn"  # GPU; 'splash' on TPU (the planner swaps it; xla's T x T scores do not fit 8k)
 
     c.data.format = "parquet"
     c.data.train_path = f"{data_dir}/deepmath-5k.parquet"

@@ -42,8 +42,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.dtype = "bfloat16"  # compute dtype of matmuls/activations
     m.param_dtype = "float32"  # master weights and optimizer moments
     m.remat_policy = "nothing_saveable"  # per-block remat: none|nothing_saveable|dots_saveable|...
-    m.attn_impl = "xla"  # xla (T x T scores) | cudnn (GPU flash) | blocked (portable, O(T*block))
-    m.attn_block_size = 512  # query/key block for attn_impl='blocked'
+    m.attn_impl = "xla"  # xla (T x T scores) | cudnn (GPU flash) | blocked (portable, O(T*block)) | splash (TPU Pallas)
+    m.attn_block_size = 512  # query/key block for attn_impl='blocked' | 'splash' (rounded to 128s)
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = (1, -1, 1)  # (data, fsdp, tensor) for training; -1 = all remaining devices

@@ -21,6 +21,6 @@ COMPUTE_DTYPES = ("bfloat16", "float32", "float16")
 PARAM_DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
                   "everything_saveable")
-ATTN_IMPLS = ("xla", "cudnn", "blocked")
+ATTN_IMPLS = ("xla", "cudnn", "blocked", "splash")
 MESH_AXES = ("data", "fsdp", "tensor")
 SAMPLER_ENGINES = ("static", "continuous")  # oisd_jax.sampler: Sampler(engine=...)

@@ -5,7 +5,9 @@ Where the settings come from, first match wins:
   1. explicit arguments (`--coordinator=host:port --num_processes=N --process_id=i`),
   2. `JAX_COORDINATOR_ADDRESS` + `JAX_NUM_PROCESSES` + `JAX_PROCESS_ID`,
   3. SLURM (`srun`: one task per node owning all its GPUs, or one task per GPU),
-  4. Cloud TPU VM slices (every worker runs the same command; jax reads the metadata),
+  4. Cloud TPU slices (every worker runs the same command): from TPU_WORKER_HOSTNAMES /
+     TPU_PROCESS_ADDRESSES + TPU_WORKER_ID (+ MEGASCALE_* for multislice) where set
+     (GKE), else jax reads the GCE TPU VM metadata,
   5. Open MPI (`mpirun`),
 otherwise one process: `initialize()` does nothing, so the same entry point runs on a
 laptop and on a cluster. Call it before anything touches a jax backend.
@@ -67,6 +69,27 @@ def _slurm_local_devices() -> list[int] | None:
     return None
 
 
+def tpu_env_settings() -> tuple[str, int, int] | None:
+    """(coordinator host:port, processes, this process) from a TPU slice's environment,
+    computed as jax's GKE TPU cluster does; None where the variables are absent (GCE TPU
+    VMs, whose metadata jax reads itself).
+
+    Done here rather than left to jax because jax only looks at these variables once
+    libtpu has found local TPU chips; the same numbers computed here are what a test with
+    a faked environment can check. The port is jax's default 8476 (OISD_COORDINATOR_PORT
+    overrides it).
+    """
+    hosts = os.environ.get("TPU_PROCESS_ADDRESSES") or os.environ.get("TPU_WORKER_HOSTNAMES")
+    worker = _int_env("TPU_WORKER_ID")
+    if not hosts or worker is None:
+        return None
+    workers = [h.split(":")[0] for h in hosts.split(",") if h]
+    slices, slice_id = _int_env("MEGASCALE_NUM_SLICES", 1), _int_env("MEGASCALE_SLICE_ID", 0)
+    host = (os.environ.get("MEGASCALE_COORDINATOR_ADDRESS") or workers[0]).split(":")[0]
+    port = _int_env("OISD_COORDINATOR_PORT", 8476)
+    return f"{host}:{port}", len(workers) * slices, worker + slice_id * len(workers)
+
+
 _INFO: DistInfo | None = None
 
 
@@ -90,6 +113,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
             coordinator = os.environ["JAX_COORDINATOR_ADDRESS"]
             num_processes = _int_env("JAX_NUM_PROCESSES", num_processes)
             process_id = _int_env("JAX_PROCESS_ID", process_id)
+        if source == "tpu" and coordinator is None and (tpu := tpu_env_settings()) is not None:
+            coordinator, num_processes, process_id = tpu
         if source == "slurm" and local_device_ids is None:
             local_device_ids = _slurm_local_devices()
         jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)

@@ -11,14 +11,19 @@ micro-batch tokens, remat policy and loss chunking.
 
 Targets: `h100`, `a100`, `h200` (or a GpuTargetConfig .txtpb) compile *deviceless* for
 that GPU on a CPU-only machine (requirements-gpu-plan.txt): XLA's real GPU buffer
-assignment, cuDNN attention included. `cpu` compiles for fake CPU devices; its numbers
+assignment, cuDNN attention included. `v5e`, `v5p`, `v6e` (or a topology such as
+`v5p:2x2x2`) compile deviceless for a TPU slice of `--devices` chips
+(requirements-tpu-plan.txt): the TPU compiler's buffer assignment and its own HBM check,
+with `attn_impl=cudnn` planned as `splash` (the TPU flash kernel). `cpu` compiles for fake CPU devices; its numbers
 are indicative only (XLA:CPU upcasts bf16 matmuls, 1.1-3.8x the GPU temporaries here, and
 its peak ignores temporaries).
 
 The budget is XLA's pool (`--mem_fraction` of device memory: the launchers set
 XLA_PYTHON_CLIENT_MEM_FRACTION to it; JAX's default is 0.75) minus `--reserve_gib` for
 what memory_analysis does not see (cuDNN/cuBLAS workspaces, fragmentation). The CUDA
-context and NCCL buffers live outside the pool, in the remaining fraction.
+context and NCCL buffers live outside the pool, in the remaining fraction. On TPU the
+runtime hands XLA all of the HBM the compiler reports (no pool fraction: defaults 1.0 and
+a 0.5 GiB reserve for fragmentation between programs).
 """
 from __future__ import annotations
 
@@ -147,17 +152,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="config file, optionally 'file.py:arg'")
     p.add_argument("--devices", type=int, required=True, help="devices of the mesh (all hosts)")
-    p.add_argument("--target", default="h100", help="h100 | a100 | h200 | path.txtpb | cpu")
+    p.add_argument("--target", default="h100",
+                   help="h100 | a100 | h200 | path.txtpb | v5e | v5p | v6e | v5p:AxBxC (a TPU topology) | cpu")
     p.add_argument("--preset", default=None, help="model preset when the config's hf_path is not on disk")
     p.add_argument("--micro_batch_tokens", type=int, default=None, help="override rl.micro_batch_tokens")
     p.add_argument("--sampler_batch", type=int, default=None, help="override sampler.batch_size (prompts)")
     p.add_argument("--sampler_cache", choices=("kept", "released"), default=None,
                    help="whether the sampler's KV cache stays allocated through the updates "
                         "(default: the config's sampler.keep_cache)")
-    p.add_argument("--mem_fraction", type=float, default=0.92,
-                   help="XLA's pool as a fraction of device memory (XLA_PYTHON_CLIENT_MEM_FRACTION; JAX's default 0.75)")
-    p.add_argument("--reserve_gib", type=float, default=1.5,
-                   help="kept free inside the pool for what memory_analysis misses (workspaces, fragmentation)")
+    p.add_argument("--mem_fraction", type=float, default=None,
+                   help="XLA's pool as a fraction of device memory (GPU: XLA_PYTHON_CLIENT_MEM_FRACTION, "
+                        "default 0.92, JAX's own 0.75; TPU: 1.0)")
+    p.add_argument("--reserve_gib", type=float, default=None,
+                   help="kept free inside the pool for what memory_analysis misses (workspaces, fragmentation; "
+                        "default 1.5 GPU, 0.5 TPU)")
     p.add_argument("--mfu", type=float, default=0.35, help="assumed MFU for the step-time estimate")
     p.add_argument("--mean_prompt", type=float, default=None, help="mean prompt tokens (default max_prompt_len/4)")
     p.add_argument("--response_frac", type=float, default=1.0, help="mean response / max_new_tokens for FLOPs")
@@ -178,9 +186,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     from oisd_jax.config_files import load_config_file
     config = load_config_file(a.config)
     target = get_target(a.target)
+    tpu = target.kind == "tpu"
+    a.mem_fraction = a.mem_fraction if a.mem_fraction is not None else 1.0 if tpu else 0.92
+    a.reserve_gib = a.reserve_gib if a.reserve_gib is not None else 0.5 if tpu else 1.5
     preset = _guess_preset(config, a.config, a.preset)
+    overrides = None
+    if tpu and config.model.attn_impl == "cudnn":
+        # cuDNN is GPU-only: a TPU run uses the splash kernel (launch/tpu_pod.sh sets it).
+        overrides = dict(attn_impl="splash")
+        print("NOTE      model.attn_impl=cudnn is GPU-only: planned with splash (TPU flash attention); "
+              "run with --config.model.attn_impl=splash")
     setup = make_setup(config, target.devices(a.devices), preset=preset, micro_batch_tokens=a.micro_batch_tokens,
-                       sampler_batch=a.sampler_batch)
+                       sampler_batch=a.sampler_batch, model_overrides=overrides)
     if a.sampler_cache is not None:  # else the config's sampler.keep_cache
         setup = setup.replace(sampler_cache_kept=a.sampler_cache == "kept")
     budget = Budget(target.memory_bytes, a.mem_fraction, int(a.reserve_gib * GiB))
@@ -192,7 +209,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"model     {m.family} {src}: {_si(n_params)} params, "
           f"L={m.num_layers} D={m.hidden_size} V={m.vocab_size}; {m.dtype} compute, {m.param_dtype} master, "
           f"remat={m.remat_policy}, attn={m.attn_impl}")
-    print(f"target    {a.devices} x {target.name}; train mesh {dict(setup.mesh.shape)}, "
+    topo = ""
+    if tpu:
+        from oisd_jax import tpu_targets
+        t = target.topology
+        topo = f" (topology {t if ':' in t else tpu_targets.topology_name(tpu_targets.resolve(t), a.devices)})"
+    print(f"target    {a.devices} x {target.name}{topo}; train mesh {dict(setup.mesh.shape)}, "
           f"sampler mesh {dict(setup.sampler_mesh.shape)}")
     print(f"batch     rows of {setup.row_len} tokens; micro-batch {setup.micro_batch_tokens} tokens "
           f"({setup.rows_per_micro} rows, {setup.rows_per_micro // setup.batch_shards}/device) x {setup.num_micro}; "
@@ -205,11 +227,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = run_phases(setup, target)
     print()
     print(format_table(results, budget))
+    if tpu:
+        print("Mosaic kernels (splash attention calls) per program: "
+              + ", ".join(f"{r.phase.name} {r.compiled.tpu_kernels}" for r in results))
     warns = [w for r in results for w in r.compiled.warnings]
     if warns:
         print(f"\nXLA rematerialisation warnings ({len(warns)}):")
         for w in dict.fromkeys(warns):
             print("  " + w[-200:])
+    for r in results:
+        if r.compiled.oom:
+            print(f"\n{r.phase.name}: the TPU compiler refused it: {r.compiled.oom[:300]}")
     ok = all(r.total <= budget.bytes for r in results)
     kv = sampler_cache_bytes(setup)
     tr = next(r for r in results if r.phase.name == "train step")
@@ -250,8 +278,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\ntrain step, per device   temporaries   program total   (GiB)")
         for label, c in sw:
             print(f"  {label:<38}{c.temporaries / GiB:10.2f}{c.total / GiB:14.2f}")
+    over = [f"{r.phase.name} ({r.total / GiB:.2f} GiB)" for r in results if r.total > budget.bytes]
     print(f"\n{'PASS' if ok else 'FAIL'}: largest phase {max(r.total for r in results) / GiB:.2f} GiB of "
-          f"{budget.bytes / GiB:.2f} GiB per device")
+          f"{budget.bytes / GiB:.2f} GiB per device" + (f"; over budget: {', '.join(over)}" if over else ""))
     if a.json:
         import json
         rec = dict(config=a.config, devices=a.devices, target=target.name, budget=budget.bytes, ok=ok,

@@ -239,7 +239,7 @@ def sampler_phase(setup: PlanSetup) -> Phase:
 
     def lower():
         with jax.set_mesh(setup.sampler_mesh):
-            return smp._jit.lower(a["params"], a["cache"], a["tokens"], a["start"], a["budget"], a["key"],
+            return smp.static_program.lower(a["params"], a["cache"], a["tokens"], a["start"], a["budget"], a["key"],
                                   np.float32(1.0),
                                   np.float32(1.0), eos, np.int32(0), **statics)
 

@@ -65,8 +65,10 @@ def sweep(setup: PlanSetup, target: Target) -> list[tuple[str, Compiled]]:
     if setup.step_cfg.logit_chunk:
         variants.append(("unchunked loss (logit_chunk=None)",
                          one.replace(step_cfg=setup.step_cfg.replace(logit_chunk=None))))
-    for impl in ("blocked", "xla", "cudnn"):
-        if impl != m.attn_impl and not (impl == "cudnn" and target.kind != "gpu"):
+    # cuDNN only compiles for GPUs; splash is a TPU kernel (interpreted, and meaningless, elsewhere).
+    native = {"cudnn": "gpu", "splash": "tpu"}
+    for impl in ("blocked", "xla", "cudnn", "splash"):
+        if impl != m.attn_impl and native.get(impl, target.kind) == target.kind:
             variants.append((f"attn_impl={impl}", one.replace(model=m.replace(attn_impl=impl))))
     for label, s in variants:
         ph = train_phase(s)

@@ -343,6 +343,11 @@ class Sampler:
         return self.pool_pages
 
     # ------------------------------------------------------------------ generate
+    @property
+    def static_program(self):
+        """The static engine's jitted program (`.lower(...)` for AOT analysis by the planner)."""
+        return self._jit
+
     def generate(self, params: Params, prompts: Sequence, key: jax.Array,
                  sp: SamplingParams = SamplingParams(), budgets=None) -> SampleOutput:
         """Rollouts for every prompt: row b*n + j of the outputs is rollout j of prompt b.

@@ -86,9 +86,8 @@ def test_bf16_close_to_f32_reference():
     np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=3e-2)
 
 
-def test_decoder_blocked_equals_xla_values_and_grads():
-    cfg = ModelConfig.preset("tiny").replace(num_layers=2, attn_block_size=8,
-                                             remat_policy="nothing_saveable")
+def decoder_value_and_grads(cfg, impls):
+    """The decoder's value and param grads on two packed rows (one with padding), per attn_impl."""
     params = init_params(cfg, jax.random.key(0), std=0.1)
     r = np.random.default_rng(4)
     B, T = 2, 30
@@ -107,7 +106,13 @@ def test_decoder_blocked_equals_xla_values_and_grads():
         return jnp.sum(forward(params, c, tokens, positions, seg).hidden * w)
 
     fn = jax.jit(jax.value_and_grad(loss), static_argnums=1)
-    (lb, gb), (lx, gx) = fn(params, "blocked"), fn(params, "xla")
+    return [fn(params, impl) for impl in impls]
+
+
+def test_decoder_blocked_equals_xla_values_and_grads():
+    cfg = ModelConfig.preset("tiny").replace(num_layers=2, attn_block_size=8,
+                                             remat_policy="nothing_saveable")
+    (lb, gb), (lx, gx) = decoder_value_and_grads(cfg, ("blocked", "xla"))
     np.testing.assert_allclose(lb, lx, rtol=1e-4)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6 * np.abs(b).max(), rtol=1e-4), gb, gx)
 

@@ -124,6 +124,64 @@ def test_tpu_launcher_runs_one_command_on_all_workers(tmp_path):
     assert "--worker=all" in args
     command = next(a for a in args if a.startswith("--command="))
     assert "OISD_TPU_POD=1" in command
-    assert "JAX_COMPILATION_CACHE_DIR=$HOME/.cache/oisd_jax/xla " in command  # expanded on each worker
+    # every worker shares one persistent compilation cache, inside the (gs://) workdir
+    assert "JAX_COMPILATION_CACHE_DIR=gs://bucket/run/xla_cache " in command
     assert ("python -m oisd_jax.evaluate --config=configs/qwen3_8b.py --workdir=gs://bucket/run "
-            "--config.model.attn_impl=blocked  --benchmarks=aime24") in command
+            "--config.model.attn_impl=splash  --benchmarks=aime24") in command
+
+
+def test_tpu_launcher_dry_run_prints_and_runs_nothing(tmp_path):
+    import os
+    import subprocess
+    env = dict(_env_without_cache_dir(), PATH=_fake_tool(tmp_path, "gcloud") + os.pathsep + os.environ["PATH"],
+               WORKDIR="gs://bucket/run", DRY_RUN="1")
+    out = subprocess.run(["bash", "launch/tpu_pod.sh", "run", "my-v5p", "us-east5-a", "configs/qwen3_4b.py",
+                          "--config.train.steps=3"], env=env, check=True, capture_output=True, text=True).stdout
+    assert not (tmp_path / "gcloud.args").exists()  # gcloud was never called
+    lines = out.splitlines()
+    i = lines.index("[dry-run] every worker of my-v5p (--worker=all) runs:")
+    assert "python -m oisd_jax.train --config=configs/qwen3_4b.py --workdir=gs://bucket/run " \
+           "--config.model.attn_impl=splash  --config.train.steps=3" in lines[i + 1]
+    assert "OISD_TPU_POD=1" in lines[i + 1] and "JAX_COMPILATION_CACHE_DIR=gs://bucket/run/xla_cache" in lines[i + 1]
+    assert any(ln.startswith("[dry-run] gcloud compute tpus tpu-vm ssh my-v5p") for ln in lines)
+
+
+def test_tpu_env_settings(clean_env):
+    for k in ("TPU_WORKER_ID", "TPU_PROCESS_ADDRESSES", "MEGASCALE_NUM_SLICES", "MEGASCALE_SLICE_ID",
+              "OISD_COORDINATOR_PORT"):
+        clean_env.delenv(k, raising=False)
+    assert distributed.tpu_env_settings() is None  # a GCE TPU VM: jax reads the metadata
+    clean_env.setenv("TPU_WORKER_HOSTNAMES", "10.0.0.1,10.0.0.2,10.0.0.3,10.0.0.4")
+    clean_env.setenv("TPU_WORKER_ID", "2")
+    assert distributed.tpu_env_settings() == ("10.0.0.1:8476", 4, 2)
+    # Multislice (2 slices of 4 workers): slice 1's worker 2 is process 6; megascale's coordinator.
+    clean_env.setenv("MEGASCALE_NUM_SLICES", "2")
+    clean_env.setenv("MEGASCALE_SLICE_ID", "1")
+    clean_env.setenv("MEGASCALE_COORDINATOR_ADDRESS", "10.0.9.9:8080")
+    assert distributed.tpu_env_settings() == ("10.0.9.9:8476", 8, 6)
+
+
+def test_initialize_from_a_faked_tpu_slice(tmp_path):
+    """Two processes given what a 2-worker TPU slice's environment says (GKE's variables,
+    CPU devices standing in for chips): both join one jax.distributed run of 4 devices."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from test_multiprocess import _free_port
+    port = _free_port()
+    code = ("import json, jax; from oisd_jax import distributed; i = distributed.initialize(); "
+            "print(json.dumps([i.source, i.process_index, i.process_count, i.device_count, i.coordinator]))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    procs = []
+    for wid in (0, 1):
+        env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS}
+        env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+                   TPU_WORKER_HOSTNAMES="localhost,localhost", TPU_WORKER_ID=str(wid),
+                   OISD_COORDINATOR_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, "-c", code], cwd=root, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-1500:] for o in outs]
+    got = [json.loads(o[0].strip().splitlines()[-1]) for o in outs]
+    assert got == [["tpu", 0, 2, 4, f"localhost:{port}"], ["tpu", 1, 2, 4, f"localhost:{port}"]]

@@ -33,12 +33,8 @@ def blocked_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, s
     (0 = padding). T need not be a multiple of `block_size`: rows are padded with
     segment 0 and cut off again.
     """
+    check_self_attention("blocked_attention", q_BTNH, k_BSKH, v_BSKH)
     B, T, N, H = q_BTNH.shape
-    if k_BSKH.shape[1] != T or v_BSKH.shape[:3] != k_BSKH.shape[:3]:
-        raise ValueError(f"blocked_attention: q {q_BTNH.shape}, k {k_BSKH.shape}, v {v_BSKH.shape}: "
-                         "self-attention needs one sequence length")
-    if N % k_BSKH.shape[2]:
-        raise ValueError(f"blocked_attention: {N} query heads not a multiple of {k_BSKH.shape[2]} kv heads")
     bs = max(1, min(int(block_size), T))
     pad = -T % bs
     if pad:
@@ -46,6 +42,16 @@ def blocked_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, s
         q_BTNH, k_BSKH, v_BSKH, segment_ids_BT = map(widen, (q_BTNH, k_BSKH, v_BSKH, segment_ids_BT))
     out = _attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT.astype(jnp.int32), float(scale), bs)
     return out[:, :T]
+
+
+def check_self_attention(who: str, q_BTNH, k_BSKH, v_BSKH) -> None:
+    """One sequence length for q, k, v, and whole GQA groups (shared with splash_attention)."""
+    N, T = q_BTNH.shape[2], q_BTNH.shape[1]
+    if k_BSKH.shape[1] != T or v_BSKH.shape[:3] != k_BSKH.shape[:3]:
+        raise ValueError(f"{who}: q {q_BTNH.shape}, k {k_BSKH.shape}, v {v_BSKH.shape}: "
+                         "self-attention needs one sequence length")
+    if N % k_BSKH.shape[2]:
+        raise ValueError(f"{who}: {N} query heads not a multiple of {k_BSKH.shape[2]} kv heads")
 
 
 # ----------------------------------------------------------------------------- layout

@@ -108,6 +108,10 @@ def attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, cfg: ModelConfig) -> jax.A
         from oisd_jax.model.blocked_attention import blocked_attention  # long-sequence path
         return blocked_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, scale=scale,
                                  block_size=cfg.attn_block_size)
+    if cfg.attn_impl == "splash":
+        from oisd_jax.model.splash_attention import splash_attention  # TPU kernel (interpreted elsewhere)
+        return splash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, scale=scale,
+                                block_size=cfg.attn_block_size)
     mask = segment_mask(segment_ids_BT)
     return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask, scale=scale,
                                         is_causal=cfg.attn_impl == "cudnn", implementation=cfg.attn_impl)
