@@ -31,8 +31,6 @@ import argparse
 import dataclasses
 import math
 import os
-import sys
-import time
 from typing import Sequence
 
 import jax

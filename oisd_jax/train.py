@@ -16,7 +16,7 @@ import zlib
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from oisd_jax import distributed, evaluate, metrics, rollout, startup

@@ -147,7 +147,7 @@ def test_paged_attention_matches_dense_reference():
     cfg = ModelConfig.preset("tiny")
     KV, Dh, Nh = cfg.num_kv_heads, cfg.head_dim, cfg.num_heads
     rng = np.random.default_rng(0)
-    pages, ps, M, C = 11, 4, 3, 5
+    pages, ps, M = 11, 4, 3
     k = rng.standard_normal((KV, pages + 1, ps, Dh)).astype(np.float32)
     v = rng.standard_normal((KV, pages + 1, ps, Dh)).astype(np.float32)
     q = rng.standard_normal((M, Nh, Dh)).astype(np.float32)

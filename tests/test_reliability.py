@@ -22,7 +22,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from oisd_jax import cli, run_files
-from oisd_jax.checkpoint import Checkpointer, CheckpointError
+from oisd_jax.checkpoint import Checkpointer
 from oisd_jax.config import ConfigError, validate
 from oisd_jax.config_files import load_config_file
 from oisd_jax.divergence import DivergenceError, SkipGuard
