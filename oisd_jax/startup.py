@@ -23,6 +23,11 @@ VERBOSE_ENV = "OISD_JAX_VERBOSE_START"
 # Lines that C++ code writes to fd 2 while `import jax` loads the CUDA plugin on a machine
 # without CUDA drivers.
 IMPORT_NOISE = ("cudart_stub.cc", "All log messages before absl::InitializeLog() is called")
+# Lines libtpu (installed for deviceless TPU planning) writes while jax probes for TPU chips
+# on a machine that has none: its cloud-metadata look-ups fail. Dropped only when the run
+# ends up on another platform; on a TPU they are kept.
+LIBTPU_NOISE = ("TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES", "Logging before InitGoogle()",
+                "=== Source Location Trace: ===", "libtpu_init_utils.cc")
 
 
 def _verbose() -> bool:
@@ -51,11 +56,31 @@ def nvidia_gpu_visible() -> bool:
         return True
 
 
-def _emit_kept(text: str) -> None:
-    kept = [ln for ln in text.splitlines() if ln.strip() and not any(n in ln for n in IMPORT_NOISE)]
+def _emit_kept(text: str, noise: tuple[str, ...] = IMPORT_NOISE) -> None:
+    kept = [ln for ln in text.splitlines() if ln.strip() and not any(n in ln for n in noise)]
     if kept:
         sys.stderr.write("\n".join(kept) + "\n")
         sys.stderr.flush()
+
+
+class _CaptureFd2:
+    """Everything written to file descriptor 2 inside the block, as text (`.text`)."""
+
+    def __enter__(self):
+        sys.stderr.flush()
+        self.saved = os.dup(2)
+        self.file = tempfile.TemporaryFile()
+        os.dup2(self.file.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc):
+        sys.stderr.flush()
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+        self.file.seek(0)
+        self.text = self.file.read().decode(errors="replace")
+        self.file.close()
+        return False
 
 
 def quiet_import_jax() -> None:
@@ -72,26 +97,38 @@ def quiet_import_jax() -> None:
     if "jax" in sys.modules:
         return
     try:
-        sys.stderr.flush()
-        saved = os.dup(2)
+        cap = _CaptureFd2().__enter__()
     except OSError:  # no usable fd 2 (an embedded interpreter): import as is
         import jax  # noqa: F401, PLC0415
         return
-    with tempfile.TemporaryFile() as cap:
-        os.dup2(cap.fileno(), 2)
-        try:
-            import jax  # noqa: F401, PLC0415
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            cap.seek(0)
-            _emit_kept(cap.read().decode(errors="replace"))
+    try:
+        import jax  # noqa: F401, PLC0415
+    finally:
+        cap.__exit__(None, None, None)
+        _emit_kept(cap.text)
+
+
+def init_backends() -> str:
+    """Initialise jax's backends (first use) with libtpu's probe chatter dropped unless the
+    run is on a TPU; returns the default platform."""
+    import jax  # noqa: PLC0415
+    from jax._src import xla_bridge  # noqa: PLC0415
+    if _verbose() or xla_bridge.backends_are_initialized():
+        return jax.default_backend()
+    platform = None
+    cap = _CaptureFd2().__enter__()
+    try:
+        platform = jax.default_backend()
+    finally:  # a failed start-up keeps every line it printed
+        cap.__exit__(None, None, None)
+        _emit_kept(cap.text, IMPORT_NOISE + (LIBTPU_NOISE if platform not in (None, "tpu") else ()))
+    return platform
 
 
 def describe_backend() -> str:
     """One line: platform, device kind and count, processes (initialises jax's backends)."""
     import jax  # noqa: PLC0415
+    init_backends()
     devices = jax.devices()
     kinds = sorted({d.device_kind for d in devices})
     procs = jax.process_count()

@@ -91,3 +91,16 @@ def test_cli_help_starts_quietly():
     assert r.returncode == 0 and "--workdir" in r.stdout + r.stderr
     for noise in ("cudart_stub", "Jax plugin configuration error", "PyTorch was not found", "Traceback"):
         assert noise not in r.stderr, r.stderr
+
+
+def test_backend_start_drops_libtpu_probe_lines_off_tpu():
+    """With libtpu installed (the TPU planning requirements) on a machine without TPU chips,
+    jax's backend start makes libtpu print metadata-lookup errors; a CPU run drops them."""
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", startup.VERBOSE_ENV)}
+    code = "from oisd_jax import startup; print(startup.describe_backend()); print('real line', flush=True)"
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("backend ")
+    if not r.stdout.startswith("backend tpu"):
+        for noise in startup.LIBTPU_NOISE + ("cudart_stub",):
+            assert noise not in r.stderr, r.stderr
