@@ -7,7 +7,6 @@ rather than each other.
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 import time
 from typing import Any, Callable
@@ -15,6 +14,7 @@ from typing import Any, Callable
 import jax
 
 from oisd_jax.plan_programs import Phase
+from oisd_jax.startup import CaptureFd2
 
 GiB = 2 ** 30
 
@@ -79,25 +79,8 @@ class Compiled:
         return max(own, self.xla_peak or 0)
 
 
-class CaptureStderr:
-    """XLA logs from C++ straight to fd 2; redirect the fd to a file to read its warnings."""
-
-    def __enter__(self):
-        import tempfile
-        sys.stderr.flush()
-        self.file = tempfile.TemporaryFile(mode="w+b")
-        self.saved = os.dup(2)
-        os.dup2(self.file.fileno(), 2)
-        return self
-
-    def __exit__(self, *exc):
-        sys.stderr.flush()
-        os.dup2(self.saved, 2)
-        os.close(self.saved)
-        self.file.seek(0)
-        self.text = self.file.read().decode(errors="replace")
-        self.file.close()
-        return False
+# XLA logs from C++ straight to fd 2: the planner reads its warnings through this capture.
+CaptureStderr = CaptureFd2
 
 
 REMAT_WARNING = "Can't reduce memory use below"

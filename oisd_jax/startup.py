@@ -63,7 +63,7 @@ def _emit_kept(text: str, noise: tuple[str, ...] = IMPORT_NOISE) -> None:
         sys.stderr.flush()
 
 
-class _CaptureFd2:
+class CaptureFd2:
     """Everything written to file descriptor 2 inside the block, as text (`.text`)."""
 
     def __enter__(self):
@@ -97,7 +97,7 @@ def quiet_import_jax() -> None:
     if "jax" in sys.modules:
         return
     try:
-        cap = _CaptureFd2().__enter__()
+        cap = CaptureFd2().__enter__()
     except OSError:  # no usable fd 2 (an embedded interpreter): import as is
         import jax  # noqa: F401, PLC0415
         return
@@ -116,7 +116,7 @@ def init_backends() -> str:
     if _verbose() or xla_bridge.backends_are_initialized():
         return jax.default_backend()
     platform = None
-    cap = _CaptureFd2().__enter__()
+    cap = CaptureFd2().__enter__()
     try:
         platform = jax.default_backend()
     finally:  # a failed start-up keeps every line it printed
