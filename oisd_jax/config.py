@@ -149,40 +149,44 @@ def migrate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 # ----------------------------------------------------------------------------- validation
+def _model_dims(config: ml_collections.ConfigDict) -> dict | None:
+    """The configured model's sizes: hf_path's config.json as a dict, or the preset's
+    (num_hidden_layers, vocab_size, max_position_embeddings); None when hf_path has no
+    config.json. Raises what reading the file raises; ImportError when the model package
+    is not importable (preset)."""
+    hf_path = config.model.get("hf_path")
+    if hf_path:
+        cfg_file = os.path.join(os.path.expanduser(hf_path), "config.json")
+        if not os.path.isfile(cfg_file):
+            return None
+        with open(cfg_file) as f:
+            return json.load(f)
+    from oisd_jax.model import ModelConfig  # lazy: the model is not a dependency of config
+    m = ModelConfig.preset(config.model.preset)
+    return {"num_hidden_layers": m.num_layers, "vocab_size": m.vocab_size,
+            "max_position_embeddings": m.max_position_embeddings}
+
+
 def resolve_num_layers(config: ml_collections.ConfigDict) -> int | None:
     """Blocks of the configured model: from hf_path's config.json, else the built-in preset.
 
     None when it cannot be known here (no config.json on disk, or the model package is not
     importable), so validation skips the tap-layer range check instead of failing.
     """
-    hf_path = config.model.hf_path
-    if hf_path:
-        cfg_file = os.path.join(os.path.expanduser(hf_path), "config.json")
-        if not os.path.isfile(cfg_file):
-            return None
-        with open(cfg_file) as f:
-            n = json.load(f).get("num_hidden_layers")
-        return int(n) if n is not None else None
     try:
-        from oisd_jax.model import ModelConfig  # lazy: the model is not a dependency of config
+        d = _model_dims(config)
     except ImportError:
         return None
-    return ModelConfig.preset(config.model.preset).num_layers
+    n = None if d is None else d.get("num_hidden_layers")
+    return int(n) if n is not None else None
 
 
 def resolve_model_sizes(config: ml_collections.ConfigDict) -> dict[str, int]:
     """vocab_size / max_position_embeddings of the configured model ({} when unknown here)."""
     keys = ("vocab_size", "max_position_embeddings")
-    hf_path = config.model.get("hf_path")
     try:
-        if hf_path:
-            with open(os.path.join(os.path.expanduser(hf_path), "config.json")) as f:
-                d = json.load(f)
-            d = d.get("text_config", d) if "vocab_size" not in d else d
-        else:
-            from oisd_jax.model import ModelConfig  # lazy: the model is not a dependency of config
-            m = ModelConfig.preset(config.model.preset)
-            d = {k: getattr(m, k) for k in keys}
+        d = _model_dims(config) or {}
+        d = d.get("text_config", d) if "vocab_size" not in d else d
     except (OSError, ValueError, KeyError, TypeError, ImportError):
         return {}
     return {k: int(d[k]) for k in keys if isinstance(d.get(k), int)}
