@@ -42,7 +42,7 @@ import orbax.checkpoint as ocp
 
 from oisd_jax.cli import UserError
 
-_ITEMS = ("state", "data", "rng", "config")
+ITEMS = ("state", "data", "rng", "config")  # the orbax items of every step (run_files reads them too)
 _BYTES_KEY = "__bytes_b64__"
 
 
@@ -152,7 +152,7 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True,  # a crash mid-save leaves a tmp folder: drop it
             create=True)
-        self._manager = ocp.CheckpointManager(self.directory, item_names=_ITEMS, options=options)
+        self._manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=options)
 
     # ------------------------------------------------------------------ save
     def save(self, step: int, state: Any, *, data_state: Any = None, rng: jax.Array | None = None,

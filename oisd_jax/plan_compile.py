@@ -79,10 +79,6 @@ class Compiled:
         return max(own, self.xla_peak or 0)
 
 
-# XLA logs from C++ straight to fd 2: the planner reads its warnings through this capture.
-CaptureStderr = CaptureFd2
-
-
 REMAT_WARNING = "Can't reduce memory use below"
 # Deviceless-compile chatter that says nothing about memory (no GPU here; a sort algorithm
 # XLA would pick with CUB data it lacks offline).
@@ -94,7 +90,7 @@ def compile_program(name: str, lower: Callable[[], Any], target: Target) -> Comp
     t0 = time.perf_counter()
     ctx = _assume_cudnn(target)
     try:
-        with ctx, CaptureStderr() as cap:
+        with ctx, CaptureFd2() as cap:  # XLA logs its warnings from C++ straight to fd 2
             lowered = lower()
             compiled = lowered.compile()
     except Exception as e:  # noqa: BLE001 -- only the TPU compiler's HBM verdict is a result

@@ -16,12 +16,12 @@ import orbax.checkpoint as ocp
 from flax import serialization
 
 from oisd_jax import parallel
+from oisd_jax.checkpoint import ITEMS
 from oisd_jax.cli import UserError
 from oisd_jax.config import migrate
 from oisd_jax.model import ModelConfig, Params, abstract
 from oisd_jax.run_spec import ModelSpec, model_spec
 
-_ITEMS = ("state", "data", "rng", "config")  # oisd_jax.checkpoint's item names (kept equal)
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> str:
@@ -35,7 +35,7 @@ def manager(ckpt_dir: str) -> ocp.CheckpointManager:
     """A read-only orbax manager over a run's checkpoint folder."""
     if not os.path.isdir(ckpt_dir):
         raise FileNotFoundError(f"no checkpoint folder at {ckpt_dir}")
-    return ocp.CheckpointManager(ckpt_dir, item_names=_ITEMS,
+    return ocp.CheckpointManager(ckpt_dir, item_names=ITEMS,
                                  options=ocp.CheckpointManagerOptions(read_only=True))
 
 

@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from oisd_jax import gpu_targets, plan, plan_compile, plan_search
+from oisd_jax import gpu_targets, plan, plan_compile, plan_search, startup
 from oisd_jax import plan_programs as pp
 from oisd_jax.config_files import load_config_file
 from oisd_jax.sampler import Sampler
@@ -62,7 +62,7 @@ def test_suggest_linear_finds_largest_fit():
 
 
 def test_capture_stderr_reads_native_writes():
-    with plan_compile.CaptureStderr() as cap:
+    with startup.CaptureFd2() as cap:
         os.write(2, b"W xla: Can't reduce memory use below 12.5GiB (13421772800 bytes) by rematerialization\n")
     assert plan_compile.REMAT_WARNING in cap.text
 
