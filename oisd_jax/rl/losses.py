@@ -1,5 +1,5 @@
-"""Per-token RL losses and their aggregation (docs/method.md: GRPO, OISD think / attention; BuPO is
-`policy_loss` on the internal policy's log-probs, see rl/step_loss.py).
+"""Per-token RL losses and their aggregation (docs/method.md: GRPO, OISD think / attention, OPSD's
+generalised JSD; BuPO is `policy_loss` on the internal policy's log-probs, see rl/step_loss.py).
 
 Pure jnp, jit-safe, no model import: callers pass log-probs, logits or hidden-state
 products. Masks are bool or float arrays shaped like the per-token values ([..., T]).
@@ -283,6 +283,47 @@ def js_divergence(
     kl_s = jnp.sum(jnp.where(vs, ps * (ls - lm), 0.0), axis=-1)
     kl_t = jnp.sum(jnp.where(vt, pt * (lt - lm), 0.0), axis=-1)
     return (1.0 - beta) * kl_s + beta * kl_t
+
+
+def generalized_jsd(
+    student_logits: Array,
+    teacher_logits: Array,
+    beta: float,
+    temperature: float = 1.0,
+    token_clip: float | None = None,
+    top_k: int | None = None,
+) -> Array:
+    """OPSD's generalised JSD per token over the last (vocabulary) axis, [..., V] -> [...].
+
+    p_S = softmax(student / temperature), p_T = sg(softmax(teacher / temperature)),
+    M = (1 - beta) p_S + beta p_T, JSD = beta KL(p_T || M) + (1 - beta) KL(p_S || M)
+    (TRL's GKD convention), with the end points taken as their limits:
+      beta = 0  forward KL(p_T || p_S) = sum p_T (log p_T - log p_S)
+      beta = 1  reverse KL(p_S || p_T) = sum p_S (log p_S - log p_T)
+    (the mixture form is identically 0 there). The teacher never receives gradient.
+    token_clip: each per-vocabulary-entry term is clamped to at most this value before
+      the sum (OPSD's current code, 0.05), so the result can go below zero.
+    top_k: both distributions renormalised over the teacher's k largest logits.
+    Logits must be finite (they come from matmuls).
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    s = _f32(student_logits) * (1.0 / temperature)
+    t = _f32(jax.lax.stop_gradient(teacher_logits)) * (1.0 / temperature)
+    if top_k is not None:
+        _, idx = jax.lax.top_k(t, int(top_k))
+        s, t = jnp.take_along_axis(s, idx, axis=-1), jnp.take_along_axis(t, idx, axis=-1)
+    ls, lt = jax.nn.log_softmax(s, axis=-1), jax.nn.log_softmax(t, axis=-1)
+    if beta == 0.0:
+        term = jnp.exp(lt) * (lt - ls)
+    elif beta == 1.0:
+        term = jnp.exp(ls) * (ls - lt)
+    else:
+        lm = jnp.logaddexp(ls + math.log1p(-beta), lt + math.log(beta))
+        term = beta * jnp.exp(lt) * (lt - lm) + (1.0 - beta) * jnp.exp(ls) * (ls - lm)
+    if token_clip is not None:
+        term = jnp.minimum(term, token_clip)
+    return jnp.sum(term, axis=-1)
 
 
 def entropy(logits: Array, temperature: float = 1.0) -> Array:
