@@ -6,7 +6,8 @@ data, rewards) import their tuple from here. A leaf: it imports nothing, so ever
 of the house may import it.
 """
 ALGORITHMS = ("grpo", "rloo", "reinforce_pp", "dr_grpo", "bupo", "oisd", "oisd_think_only",
-              "oisd_attn_only")
+              "oisd_attn_only", "opsd")
+TEACHERS = ("frozen", "ema", "current")  # rl.teacher: the OPSD teacher / KL reference weights
 ADV_ESTIMATORS = ("grpo", "rloo", "reinforce_pp", "dr_grpo")  # rl.advantages: one function each
 # verl's agg_loss names; seq-mean-token-sum-norm is Dr.GRPO's constant-length normaliser.
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")

@@ -187,12 +187,17 @@ def test_loss_and_grads_match_torch_float64(setup):
     np.testing.assert_allclose(float(loss), float(t_loss.detach()), rtol=1e-5, atol=1e-6)
     for k, v in t_m.items():
         np.testing.assert_allclose(float(m[k]), v, rtol=1e-5, atol=1e-6, err_msg=k)
+    assert_grads_match_torch(grads, t_grads)
+
+
+def assert_grads_match_torch(grads, t_grads, rel: float = 2e-5):
+    """Our Params-shaped grads == _torch_grads_as_params' arrays, relative to each one's max."""
     ours = {"embed": grads.embed, "lm_head": grads.lm_head, "final_norm": grads.final_norm,
             **{k: getattr(grads.layers, k) for k in ("attn_norm", "mlp_norm", "wq", "wk", "wv", "wo", "q_norm",
                                                       "k_norm", "w_gate", "w_up", "w_down")}}
     for k, want in t_grads.items():
         got = np.asarray(ours[k])
-        assert np.abs(got - want).max() <= 2e-5 * max(1.0, np.abs(want).max()), k
+        assert np.abs(got - want).max() <= rel * max(1.0, np.abs(want).max()), k
 
 
 # FULL without the OISD terms (tap layer set, no taps: the GRPO graph) and each term alone.

@@ -40,6 +40,14 @@ class TrainBatch:
     # [M, R, Th] int32 row positions whose logits matter (loss positions, -1 = unused):
     # the vocabulary head runs on these Th <= T positions only. None = all T positions.
     head_positions: jax.Array | None = None
+    # OPSD's teacher rows [M, R, Tt]: each rollout's teacher prompt + the same response
+    # tokens, in the same row and order as its student sequence, so
+    # teacher_head_positions[m, r, j] [M, R, Th] predicts the same token as
+    # head_positions[m, r, j] (-1 = unused). None = no teacher.
+    teacher_tokens: jax.Array | None = None
+    teacher_positions: jax.Array | None = None
+    teacher_segment_ids: jax.Array | None = None
+    teacher_head_positions: jax.Array | None = None
 
     @property
     def targets(self) -> jax.Array:
@@ -58,34 +66,43 @@ def num_probe_keys(row_len: int, window: int, stride: int) -> int:
 
 
 def pack_rows(lengths: Sequence[int], row_len: int, num_rows: int | None = None,
-              max_seqs_per_row: int | None = None) -> list[tuple[int, int]]:
+              max_seqs_per_row: int | None = None,
+              second: tuple[Sequence[int], int] | None = None) -> list[tuple[int, int]]:
     """First-fit decreasing: (row, offset) for each sequence, in input order.
 
+    second: (lengths2, row_len2), a second sequence per input that must fit the same row
+    of a second set of rows (OPSD's teacher sequences beside the student's).
     Raises ValueError naming the sequence when one is longer than a row, and when
     `num_rows` rows are not enough.
     """
     lengths = [int(n) for n in lengths]
+    len2, cap2 = ([int(n) for n in second[0]], int(second[1])) if second is not None else ([0] * len(lengths), 0)
     for i, n in enumerate(lengths):
         if n > row_len:
             raise ValueError(f"sequence {i} has {n} tokens (prompt + response), longer than "
                              f"row_len={row_len}; raise row_len or shorten prompts/responses")
+        if len2[i] > cap2:
+            raise ValueError(f"teacher sequence {i} has {len2[i]} tokens, longer than its row of {cap2}")
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: ties keep order
     used: list[int] = []   # tokens used per row
+    used2: list[int] = []  # tokens of the second rows
     count: list[int] = []  # sequences per row
     place: list[tuple[int, int] | None] = [None] * len(lengths)
     for i in order:
         n = lengths[i]
-        row = next((r for r in range(len(used)) if used[r] + n <= row_len
+        row = next((r for r in range(len(used)) if used[r] + n <= row_len and used2[r] + len2[i] <= cap2
                     and (max_seqs_per_row is None or count[r] < max_seqs_per_row)), None)
         if row is None:
             if num_rows is not None and len(used) >= num_rows:
                 raise ValueError(f"packing needs more than num_rows={num_rows} rows of {row_len} "
                                  f"tokens ({sum(lengths)} tokens in {len(lengths)} sequences)")
             used.append(0)
+            used2.append(0)
             count.append(0)
             row = len(used) - 1
         place[i] = (row, used[row])
         used[row] += n
+        used2[row] += len2[i]
         count[row] += 1
     return place  # type: ignore[return-value]
 
@@ -121,6 +138,8 @@ def build_train_batch(
     rng: np.random.Generator | int | None = 0,
     ref_logp: bool = False,
     head_len: int | None = None,
+    teacher_prompt_tokens: Sequence[Sequence[int]] | None = None,
+    teacher_row_len: int | None = None,
 ) -> TrainBatch:
     """Pack N rollouts (prompt + first `response_lengths[i]` response tokens) into a TrainBatch.
 
@@ -136,6 +155,11 @@ def build_train_batch(
     head_len: fill `head_positions` with each row's loss positions, padded with -1 to
         this many (0 = the most any row needs, rounded up to a multiple of 64; fix it for
         stable shapes): the vocabulary matmuls then skip prompts and padding.
+    teacher_prompt_tokens: OPSD's teacher prompt of each rollout; its teacher sequence
+        (teacher prompt + the same response) goes into the same row of the teacher rows
+        (`teacher_row_len` tokens each) in the same order, so the j-th head position of a
+        student row and of its teacher row predict the same response token. Implies
+        head positions (head_len 0 when None).
     Returns NumPy arrays (device_put them with the step's batch shardings).
     """
     n_seq = len(prompt_tokens)
@@ -151,7 +175,13 @@ def build_train_batch(
             raise ValueError(f"micro_batch_tokens={micro_batch_tokens} < row_len={row_len}")
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
 
-    seqs, adv, plen = [], [], []
+    teacher = teacher_prompt_tokens is not None
+    if teacher and (len(teacher_prompt_tokens) != n_seq or not teacher_row_len):
+        raise ValueError(f"teacher_prompt_tokens ({len(teacher_prompt_tokens)}) must match the {n_seq} rollouts "
+                         f"and teacher_row_len={teacher_row_len} be set")
+    if teacher and head_len is None:
+        head_len = 0
+    seqs, adv, plen, tseqs, tplen = [], [], [], [], []
     for i in range(n_seq):
         n = int(response_lengths[i])
         if n > len(response_tokens[i]) or n < 0:
@@ -164,10 +194,17 @@ def build_train_batch(
         seqs.append(np.concatenate([p, np.asarray(response_tokens[i][:n], np.int64)]))
         adv.append(float(advantages[i]))
         plen.append(len(p))
+        if teacher:
+            tp = np.asarray(teacher_prompt_tokens[i], np.int64)
+            if len(tp) == 0:
+                raise ValueError(f"teacher prompt {i} is empty")
+            tseqs.append(np.concatenate([tp, np.asarray(response_tokens[i][:n], np.int64)]))
+            tplen.append(len(tp))
 
     R = rows_per_micro
     cap = None if num_micro is None else num_micro * R
-    place = pack_rows([len(s) for s in seqs], row_len, cap, max_seqs_per_row)
+    second = ([len(t) for t in tseqs], teacher_row_len) if teacher else None
+    place = pack_rows([len(s) for s in seqs], row_len, cap, max_seqs_per_row, second)
     rows_used = 1 + max((r for r, _ in place), default=-1)
     M = num_micro if num_micro is not None else max(1, -(-rows_used // R))
     n_rows = M * R
@@ -219,9 +256,36 @@ def build_train_batch(
             pos = np.flatnonzero(mask[row])
             head[row, :len(pos)] = pos
         head = mr(head)
+    tb = _teacher_rows(place, tseqs, tplen, n_rows, teacher_row_len, head.shape[-1]) if teacher else None
+    if tb is not None:
+        n_st, n_te = (head >= 0).reshape(n_rows, -1).sum(1), (tb[3] >= 0).sum(1)
+        assert (n_st == n_te).all(), "teacher and student loss positions must pair up row by row"
+        tb = tuple(mr(x) for x in tb)
 
     return TrainBatch(
         tokens=mr(tokens), positions=mr(positions), segment_ids=mr(segs), loss_mask=mr(mask),
         advantages=mr(advs), old_logp=np.zeros((M, R, row_len), np.float32),
         attn_queries=mr(q_idx), attn_keys=mr(k_idx), attn_weight=mr(q_w), attn_valid=mr(q_valid),
-        ref_logp=np.zeros((M, R, row_len), np.float32) if ref_logp else None, head_positions=head)
+        ref_logp=np.zeros((M, R, row_len), np.float32) if ref_logp else None, head_positions=head,
+        **(dict(zip(("teacher_tokens", "teacher_positions", "teacher_segment_ids", "teacher_head_positions"), tb))
+           if tb is not None else {}))
+
+
+def _teacher_rows(place, tseqs, tplen, n_rows: int, t_len: int, th: int):
+    """Teacher tokens / positions / segment ids [n_rows, t_len] and head positions
+    [n_rows, th]: each row's teacher sequences in the order of their student offsets."""
+    tokens, positions, segs = (np.zeros((n_rows, t_len), np.int32) for _ in range(3))
+    head = np.full((n_rows, th), -1, np.int32)
+    used, seg, nh = np.zeros(n_rows, np.int64), np.zeros(n_rows, np.int32), np.zeros(n_rows, np.int64)
+    for i in sorted(range(len(tseqs)), key=lambda i: place[i]):  # by (row, student offset)
+        row, s, p = place[i][0], tseqs[i], tplen[i]
+        off, n = used[row], len(s)
+        seg[row] += 1
+        tokens[row, off:off + n] = s
+        positions[row, off:off + n] = np.arange(n)
+        segs[row, off:off + n] = seg[row]
+        pos = np.arange(off + p - 1, off + n - 1)  # predicting positions of the response
+        head[row, nh[row]:nh[row] + len(pos)] = pos
+        nh[row] += len(pos)
+        used[row] += n
+    return tokens, positions, segs, head

@@ -12,6 +12,10 @@ The state, optimizer and shardings are rl/train_state.py. A separate jitted pass
 (`make_logprob_fn`) computes old log-probs with the training
 model before the updates of an RL step (and reference log-probs for the KL term).
 
+The reference / teacher policy lives in the state (TrainState.ref_params): frozen (the
+KL reference and OPSD's default teacher) it passes through unchanged; an EMA teacher is
+updated here, after the optimizer, only when the update is applied.
+
 BuPO: the trainer builds two step functions, `RunSpec.step_config(bupo=True)` for
 the first `rl.bupo_steps` steps and `bupo=False` after, instead of branching in the jit.
 """
@@ -44,11 +48,12 @@ def _check(model_cfg: ModelConfig, cfg: StepConfig):
 
 
 def compute_grads(params: Params, batch: TrainBatch, model_cfg: ModelConfig, cfg: StepConfig,
-                  fused: bool | None = None) -> tuple[Array, Params, dict]:
+                  fused: bool | None = None, ref_params: Params | None = None) -> tuple[Array, Params, dict]:
     """(loss, f32 grads, metrics) of a whole mini-batch: a scan over its M micro-batches.
 
     The weights (denominators) come from the whole mini-batch first, so the result
-    equals one big batch up to float summation order.
+    equals one big batch up to float summation order. ref_params: the OPSD teacher
+    (TrainState.ref_params; with cfg.teacher='current' the params themselves are used).
     """
     _check(model_cfg, cfg)
     fused = cfg.fused_head if fused is None else fused
@@ -57,11 +62,17 @@ def compute_grads(params: Params, batch: TrainBatch, model_cfg: ModelConfig, cfg
     zeros = jax.tree.map(lambda p, a: parallel.constrain(jnp.zeros(p.shape, jnp.float32), tuple(a)),
                          params, axes)
 
+    teacher = None
+    if cfg.opsd_on:
+        teacher = params if cfg.teacher == "current" else ref_params
+        if teacher is None:
+            raise ValueError(f"StepConfig.teacher={cfg.teacher!r} needs ref_params (TrainState.ref_params)")
+
     def body(acc, xs):
         mb, pg_weight, tok_weight = xs
         grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
         mb_weights = Weights(pg_weight, tok_weight, weights.attn_denom)
-        (loss, m), g = grad_fn(params, mb, mb_weights, model_cfg, cfg, fused)
+        (loss, m), g = grad_fn(params, mb, mb_weights, model_cfg, cfg, fused, teacher)
         g = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc, g)
         return g, (loss, m)
 
@@ -72,13 +83,17 @@ def compute_grads(params: Params, batch: TrainBatch, model_cfg: ModelConfig, cfg
 
 def train_step(state: TrainState, batch: TrainBatch, model_cfg: ModelConfig, cfg: StepConfig) -> tuple[TrainState, dict]:
     """The pure update (make_train_step jits it)."""
-    loss, grads, metrics = compute_grads(state.params, batch, model_cfg, cfg)
+    loss, grads, metrics = compute_grads(state.params, batch, model_cfg, cfg, ref_params=state.ref_params)
     tx = make_optimizer(cfg)
     gnorm = optax.tree.norm(grads)
 
     def apply(_):
         updates, opt = tx.update(grads, state.opt_state, state.params)
         return optax.apply_updates(state.params, updates), opt
+
+    def ema(new_params):  # the EMA teacher follows the applied updates only
+        d = cfg.teacher_decay
+        return jax.tree.map(lambda t, p: d * t + (1.0 - d) * p.astype(jnp.float32), state.ref_params, new_params)
 
     ok = jnp.array(True)
     if cfg.skip_nonfinite:
@@ -90,12 +105,21 @@ def train_step(state: TrainState, batch: TrainBatch, model_cfg: ModelConfig, cfg
         new_params, _ = apply(None)
         finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(new_params)]))
         ok = jnp.isfinite(gnorm) & jnp.isfinite(loss) & finite
-    params, opt_state = jax.lax.cond(ok, apply, lambda _: (state.params, state.opt_state), None)
+    ref_params = state.ref_params
+    if ref_params is not None and cfg.teacher == "ema":
+        def apply_ema(_):
+            p, o = apply(None)
+            return p, o, ema(p)
+        params, opt_state, ref_params = jax.lax.cond(
+            ok, apply_ema, lambda _: (state.params, state.opt_state, state.ref_params), None)
+    else:
+        params, opt_state = jax.lax.cond(ok, apply, lambda _: (state.params, state.opt_state), None)
     skipped = state.skipped + (1 - ok.astype(jnp.int32))
     metrics.update(loss=loss, grad_norm=gnorm, update_skipped=1 - ok.astype(jnp.int32), skipped=skipped,
                    lr=make_schedule(cfg)(state.step - state.skipped),
                    tokens=jnp.sum(batch.loss_mask), packed_tokens=jnp.sum(batch.segment_ids > 0))
-    return TrainState(params=params, opt_state=opt_state, step=state.step + 1, skipped=skipped), metrics
+    return TrainState(params=params, opt_state=opt_state, step=state.step + 1, skipped=skipped,
+                      ref_params=ref_params), metrics
 
 
 def make_train_step(model_cfg: ModelConfig, step_cfg: StepConfig, mesh: Mesh | None = None) -> MeshJit:

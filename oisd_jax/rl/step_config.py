@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from oisd_jax.choices import SCHEDULES
+from oisd_jax.choices import SCHEDULES, TEACHERS
 from oisd_jax.rl import losses
 
 
@@ -25,7 +25,13 @@ class StepConfig:
     kl_coef: float = 0.0              # > 0 needs batch.ref_logp
     kl_type: str = "k3"
     entropy_coef: float = 0.0
-    pg_weight: float = 1.0            # 1 always in training; 0 isolates the OISD terms
+    pg_weight: float = 1.0            # weight of L_pg; 0 for OPSD alone (or to isolate the OISD terms)
+    opsd_weight: float = 0.0          # weight of OPSD's generalised JSD to the teacher; needs teacher rows
+    opsd_beta: float = 0.0            # its beta: 0 forward KL(T||S), 1 reverse KL(S||T), TRL's convention
+    opsd_token_clip: float | None = None  # clamp of each per-vocabulary-entry term; None = off
+    opsd_top_k: int | None = None     # both distributions over the teacher's top k; None = full vocabulary
+    teacher: str = "frozen"           # OPSD teacher / KL reference: frozen | ema | current (TEACHERS)
+    teacher_decay: float = 0.999      # ema: teacher <- d teacher + (1 - d) params after each update
     tap_layer: int | None = None      # l (1-based) for OISD / BuPO
     think_weight: float = 0.0         # lambda_think
     attn_weight: float = 0.0          # lambda_attn
@@ -62,6 +68,15 @@ class StepConfig:
             raise ValueError("StepConfig.tap_layer is required for OISD terms, their metrics, or BuPO")
         if self.bupo and (self.think_on or self.attn_on or self.oisd_metrics):
             raise ValueError("StepConfig: bupo (internal-policy L_pg) does not combine with OISD terms")
+        if self.teacher not in TEACHERS:
+            raise ValueError(f"StepConfig.teacher={self.teacher!r}: choose from {TEACHERS}")
+        if self.kl_coef and self.teacher != "frozen":
+            raise ValueError(f"StepConfig.kl_coef={self.kl_coef} needs teacher='frozen' (the KL is to the initial "
+                             f"policy), got {self.teacher!r}")
+        if self.bupo and self.opsd_on:
+            raise ValueError("StepConfig: bupo (internal-policy L_pg) does not combine with OPSD")
+        if not 0.0 <= self.opsd_beta <= 1.0:
+            raise ValueError(f"StepConfig.opsd_beta={self.opsd_beta} must be in [0, 1]")
         if self.dual_clip is not None and self.dual_clip <= 1.0 + self.clip_high:
             raise ValueError(f"StepConfig.dual_clip={self.dual_clip} must exceed 1 + clip_high")
 
@@ -72,6 +87,16 @@ class StepConfig:
     @property
     def attn_on(self) -> bool:
         return self.attn_weight != 0
+
+    @property
+    def opsd_on(self) -> bool:
+        return self.opsd_weight != 0
+
+    @property
+    def ref_resident(self) -> bool:
+        """Whether the train state holds a second copy of the weights (TrainState.ref_params):
+        the KL reference, or a frozen / EMA OPSD teacher ('current' reuses the params)."""
+        return bool(self.kl_coef) or (self.opsd_on and self.teacher != "current")
 
     @property
     def think_metrics(self) -> bool:

@@ -4,6 +4,10 @@
     -> vocabulary head: L_pg (+ KL, - entropy bonus) on the acting policy and
        lambda_think * L_think on the layer-l lens, over token chunks, never [T, V] twice
     -> lambda_attn * L_attn on the probed attention of layers l and L.
+    OPSD (opsd_weight): a second forward of the teacher policy over its own rows (teacher
+    prompt + the same response), gathered at the positions that pair with the student's
+    head positions; its logits are made chunk by chunk beside the student's inside the
+    vocabulary head, and the generalised JSD to them is one more per-token term.
 
 Every normaliser is global over the mini-batch: `token_weights` turns the loss mask into
 per-token weights (mask / n_tokens for token-mean; per-sequence for the seq-mean modes)
@@ -61,6 +65,7 @@ class TokenTerms(NamedTuple):
     entropy: Array
     js: Array | None = None            # OISD's JS(lens || final), when the lens is on
     lens_entropy: Array | None = None
+    opsd: Array | None = None          # OPSD's JSD_beta(student || teacher), when a teacher is on
 
 
 class HeadMetrics(NamedTuple):
@@ -118,6 +123,10 @@ def _objective(t: TokenTerms, x: HeadInputs, cfg: "StepConfig") -> tuple[Array, 
         loss = loss + cfg.kl_coef * kl
     if cfg.entropy_coef:
         loss = loss - cfg.entropy_coef * losses.aggregate(t.entropy, x.pg_weight, denom=1.0)
+    if t.opsd is not None:
+        opsd = jnp.sum(t.opsd * x.tok_weight)  # token-mean over the mini-batch's valid tokens
+        sums["opsd_loss"] = jax.lax.stop_gradient(opsd)
+        loss = loss + cfg.opsd_weight * opsd
     if t.js is not None:
         think = losses.think_loss(t.js, x.adv, x.tok_weight, cfg.adv_clip, denom=1.0)
         sums["think_loss"] = jax.lax.stop_gradient(think)
@@ -128,7 +137,23 @@ def _objective(t: TokenTerms, x: HeadInputs, cfg: "StepConfig") -> tuple[Array, 
     return loss, HeadMetrics(sums, {"ratio_max": pm["ratio_max"]})
 
 
-def _lean_terms(z: Array, zl: Array | None, tgt: Array, cfg: "StepConfig") -> TokenTerms:
+def teacher_target(zt: Array, cfg: "StepConfig") -> Array:
+    """The hook between the teacher's logits and OPSD's target: f32 teacher logits of one
+    chunk [N, C, V] -> the logits whose softmax (at the sampling temperature) the student
+    is pulled to. Plain OPSD: the teacher's own. A steered teacher (e.g. OGLS-SD's
+    `losses.steer_teacher_logits`) returns its steered logits here, reading its settings
+    from `cfg`; everything around it (chunking, the gradient, no teacher gradient) stays."""
+    del cfg
+    return zt
+
+
+def opsd_terms(z: Array, zt: Array, cfg: "StepConfig") -> Array:
+    """OPSD's per-token divergence from student / teacher f32 logits [..., V]."""
+    return losses.generalized_jsd(z, teacher_target(zt, cfg), cfg.opsd_beta, temperature=cfg.temperature,
+                                  token_clip=cfg.opsd_token_clip, top_k=cfg.opsd_top_k)
+
+
+def _lean_terms(z: Array, zl: Array | None, tgt: Array, cfg: "StepConfig", zt: Array | None = None) -> TokenTerms:
     """Per-token terms from f32 logits [N, C, V], written for few [N, C, V] passes.
 
     The log-softmaxes are spelled like losses.js_divergence's (x * (1 / temperature)), so
@@ -142,19 +167,26 @@ def _lean_terms(z: Array, zl: Array | None, tgt: Array, cfg: "StepConfig") -> To
     logp = jnp.sum(jnp.where(hit, ls, 0.0), axis=-1)
     le = ls if cfg.entropy_coef else jax.lax.stop_gradient(ls)
     entropy = -jnp.sum(jnp.exp(le) * le, axis=-1)
+    opsd = None if zt is None else opsd_terms(z, zt, cfg)
     if zl is None:
-        return TokenTerms(logp, entropy)
+        return TokenTerms(logp, entropy, opsd=opsd)
     js = losses.js_divergence(zl, z, temperature=cfg.tau, assume_finite=True)
     lsl = jax.nn.log_softmax(jax.lax.stop_gradient(zl) * inv_t, axis=-1)
-    return TokenTerms(logp, entropy, js, -jnp.sum(jnp.exp(lsl) * lsl, axis=-1))
+    return TokenTerms(logp, entropy, js, -jnp.sum(jnp.exp(lsl) * lsl, axis=-1), opsd)
 
 
 def head_reference(h: Array, hl: Array | None, w_DV: Array, x: HeadInputs, cfg: "StepConfig",
-                   compute_dtype, chunk: int | None) -> tuple[Array, dict[str, Array]]:
-    """The head via `chunked.token_terms` (chunk remat); differentiable term by term."""
+                   compute_dtype, chunk: int | None, ht: Array | None = None,
+                   wt_DV: Array | None = None) -> tuple[Array, dict[str, Array]]:
+    """The head via `chunked.token_terms` (chunk remat); differentiable term by term.
+    The OPSD term (ht: teacher hidden states, wt_DV: its unembedding) is unchunked here."""
     t = chunked.token_terms(h, w_DV, x.targets, temperature=cfg.temperature, chunk_size=chunk,
                             h_lens_NTD=hl, tau=cfg.tau, want_entropy=True,
                             entropy_grad=bool(cfg.entropy_coef), compute_dtype=compute_dtype)
+    if ht is not None:
+        mm = functools.partial(jnp.einsum, "ntd,dv->ntv", preferred_element_type=jnp.float32)
+        z = mm(h.astype(compute_dtype), w_DV.astype(compute_dtype))
+        t["opsd"] = opsd_terms(z, mm(ht.astype(compute_dtype), wt_DV.astype(compute_dtype)), cfg)
     loss, metrics = _objective(TokenTerms(**t), x, cfg)
     return loss, metrics.flat()
 
@@ -173,23 +205,29 @@ def _unsplit(x: Array, t: int) -> Array:
 
 
 def make_fused_head(cfg: "StepConfig", compute_dtype, chunk: int | None):
-    """head(h [N,T,D], hl [N,T,D] | None, w_DV [D,V] (master dtype), x: HeadInputs)
-    -> (loss, metrics): the same function as head_reference, with a custom VJP."""
+    """head(h [N,T,D], hl [N,T,D] | None, w_DV [D,V] (master dtype), x: HeadInputs,
+    ht [N,T,D] | None, wt_DV [D,V] | None) -> (loss, metrics): the same function as
+    head_reference, with a custom VJP. ht / wt_DV are OPSD's teacher hidden states and
+    unembedding: the teacher's chunk logits live beside the student's and get no gradient."""
     mm = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
 
-    def run(h, hl, w_DV, x, with_grad: bool):
+    def run(h, hl, w_DV, x, ht, wt_DV, with_grad: bool):
         t_len = h.shape[1]
         c = t_len if chunk is None or chunk >= t_len else int(chunk)
         wc_DV = w_DV.astype(compute_dtype)  # cast once; chunks share it
+        wtc_DV = None if wt_DV is None else wt_DV.astype(compute_dtype)
         lens_grad = hl is not None and bool(cfg.think_on)
-        xs = (_split(h, c), None if hl is None else _split(hl, c), jax.tree.map(lambda v: _split(v, c), x))
+        xs = (_split(h, c), None if hl is None else _split(hl, c), jax.tree.map(lambda v: _split(v, c), x),
+              None if ht is None else _split(ht, c))
 
         def chunk_fn(carry, chunk_xs):
             loss_acc, dw_acc, sums_acc, max_acc = carry
-            hc, hlc, xc = chunk_xs
+            hc, hlc, xc, htc = chunk_xs
+            zt = None if htc is None else mm("ncd,dv->ncv", htc.astype(compute_dtype), wtc_DV)
 
             def from_logits(z, zl):
-                return _objective(_lean_terms(z, zl, jnp.clip(xc.targets, 0, w_DV.shape[1] - 1), cfg), xc, cfg)
+                tgt = jnp.clip(xc.targets, 0, w_DV.shape[1] - 1)
+                return _objective(_lean_terms(z, zl, tgt, cfg, zt), xc, cfg)
 
             z = mm("ncd,dv->ncv", hc.astype(compute_dtype), wc_DV)
             zl = None if hlc is None else mm("ncd,dv->ncv", hlc.astype(compute_dtype), wc_DV)
@@ -215,7 +253,7 @@ def make_fused_head(cfg: "StepConfig", compute_dtype, chunk: int | None):
             return (loss_acc + loss, dw_acc, sums, maxes), (dh, dhl)
 
         zero = jnp.zeros((), jnp.float32)
-        sums0, maxes0 = _metric_zeros(cfg, hl is not None)
+        sums0, maxes0 = _metric_zeros(cfg, hl is not None, ht is not None)
         dw0 = jnp.zeros(w_DV.shape, jnp.float32) if with_grad else None
         (loss, dw, sums, maxes), (dh, dhl) = jax.lax.scan(chunk_fn, (zero, dw0, sums0, maxes0), xs)
         grads = None
@@ -224,27 +262,29 @@ def make_fused_head(cfg: "StepConfig", compute_dtype, chunk: int | None):
         return (loss, HeadMetrics(sums, maxes).flat()), grads
 
     @jax.custom_vjp
-    def head(h, hl, w_DV, x):
-        return run(h, hl, w_DV, x, with_grad=False)[0]
+    def head(h, hl, w_DV, x, ht=None, wt_DV=None):
+        return run(h, hl, w_DV, x, ht, wt_DV, with_grad=False)[0]
 
-    def fwd(h, hl, w_DV, x):
-        out, grads = run(h, hl, w_DV, x, with_grad=True)
+    def fwd(h, hl, w_DV, x, ht=None, wt_DV=None):
+        out, grads = run(h, hl, w_DV, x, ht, wt_DV, with_grad=True)
         return out, grads
 
     def bwd(grads, ct):
         g = ct[0]  # metrics carry no gradient
         dh, dhl, dw = grads
         scale = lambda x: None if x is None else (g * x).astype(x.dtype)  # noqa: E731
-        return scale(dh), scale(dhl), scale(dw), None
+        return scale(dh), scale(dhl), scale(dw), None, None, None  # the teacher gets none
 
     head.defvjp(fwd, bwd)
     return head
 
 
-def _metric_zeros(cfg: "StepConfig", lens: bool) -> tuple[dict, dict]:
+def _metric_zeros(cfg: "StepConfig", lens: bool, teacher: bool = False) -> tuple[dict, dict]:
     names = ["clip_frac_low", "clip_frac_high", "clip_frac_dual", "approx_kl", "pg_loss", "entropy"]
     if cfg.kl_coef:
         names.append("kl")
+    if teacher:
+        names.append("opsd_loss")
     if lens:
         names += ["think_loss", "think_js", "lens_entropy"]
     z = jnp.zeros((), jnp.float32)
@@ -266,9 +306,23 @@ def _compact(pos_RH: Array, h, hl, x: HeadInputs):
 
 
 # ----------------------------------------------------------------------------- the micro-batch loss
+def teacher_hidden(teacher: Params, mb: "TrainBatch", model_cfg: "ModelConfig") -> tuple[Array, Array]:
+    """OPSD's teacher forward: final hidden states at the teacher head positions [R, Th, D]
+    (paired with the student's head positions) and the teacher's unembedding [D, V], both
+    without gradient. Only the [R, Th, D] gather outlives the forward; the teacher's logits
+    are made chunk by chunk inside the vocabulary head."""
+    teacher = jax.lax.stop_gradient(teacher)
+    out = forward(teacher, model_cfg, mb.teacher_tokens, mb.teacher_positions, mb.teacher_segment_ids, Taps())
+    idx = jnp.clip(mb.teacher_head_positions, 0)
+    ht = jnp.take_along_axis(out.hidden, idx[..., None], axis=1)
+    wt_DV = teacher.embed.T if model_cfg.tie_embeddings else teacher.lm_head
+    return jax.lax.stop_gradient(ht), wt_DV
+
+
 def micro_loss(params: Params, mb: "TrainBatch", weights: Weights, model_cfg: "ModelConfig",
-               cfg: "StepConfig", fused: bool = True) -> tuple[Array, dict]:
-    """Loss of one micro-batch (fields [R, T], weights [R, T]) and its metric sums."""
+               cfg: "StepConfig", fused: bool = True, teacher: Params | None = None) -> tuple[Array, dict]:
+    """Loss of one micro-batch (fields [R, T], weights [R, T]) and its metric sums.
+    teacher: OPSD's teacher weights (cfg.opsd_on; the frozen / EMA copy, or the params)."""
     L, l = model_cfg.num_layers, cfg.tap_layer
     think, attn = cfg.think_on or cfg.think_metrics, cfg.attn_on or cfg.attn_metrics
     taps = Taps(
@@ -293,13 +347,19 @@ def micro_loss(params: Params, mb: "TrainBatch", weights: Weights, model_cfg: "M
     unembed_DV = params.embed.T if model_cfg.tie_embeddings else params.lm_head
     x = HeadInputs(targets=mb.targets, old_logp=mb.old_logp, adv=mb.advantages, pg_weight=weights.pg,
                    tok_weight=weights.tok, ref_logp=mb.ref_logp if cfg.kl_coef else None)
+    ht = wt_DV = None
+    if cfg.opsd_on:
+        if mb.teacher_tokens is None or mb.head_positions is None or teacher is None:
+            raise ValueError("StepConfig.opsd_weight != 0 needs teacher weights and a batch with teacher rows "
+                             "(build_train_batch(teacher_prompt_tokens=...))")
+        ht, wt_DV = teacher_hidden(teacher, mb, model_cfg)
     if mb.head_positions is not None:
         h, hl, x = _compact(mb.head_positions, h, hl, x)
     cdt = jnp.dtype(model_cfg.dtype)
     if fused:
-        loss, metrics = make_fused_head(cfg, cdt, cfg.logit_chunk)(h, hl, unembed_DV, x)
+        loss, metrics = make_fused_head(cfg, cdt, cfg.logit_chunk)(h, hl, unembed_DV, x, ht, wt_DV)
     else:
-        loss, metrics = head_reference(h, hl, unembed_DV, x, cfg, cdt, cfg.logit_chunk)
+        loss, metrics = head_reference(h, hl, unembed_DV, x, cfg, cdt, cfg.logit_chunk, ht, wt_DV)
 
     if attn:
         s_l, s_L = out.attn_logits[l], out.attn_logits[L]

@@ -31,6 +31,10 @@ class TrainState:
     opt_state: Any      # optax state; moments shaped (and sharded) like params
     step: Array         # int32 optimizer updates attempted
     skipped: Array      # int32 updates skipped (non-finite gradient norm, loss or new params)
+    # The reference / teacher policy (StepConfig.ref_resident): the frozen initial weights in
+    # the compute dtype, or an f32 EMA of the params; no optimizer state, sharded like the
+    # params. None when no term needs a second policy (or the teacher is the current params).
+    ref_params: Params | None = None
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -57,7 +61,8 @@ def state_shardings(model_cfg: ModelConfig, step_cfg: StepConfig, mesh: Mesh) ->
     opt_abs = jax.eval_shape(make_optimizer(step_cfg).init, abstract(model_cfg))
     opt_sh = optax.tree_map_params(make_optimizer(step_cfg), lambda _, s: s, opt_abs, p_sh,
                                    transform_non_params=lambda _: rep)
-    return TrainState(params=p_sh, opt_state=opt_sh, step=rep, skipped=rep)
+    return TrainState(params=p_sh, opt_state=opt_sh, step=rep, skipped=rep,
+                      ref_params=p_sh if step_cfg.ref_resident else None)
 
 
 def row_sharding(mesh: Mesh) -> NamedSharding:
@@ -65,17 +70,20 @@ def row_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, parallel.logical_to_spec((None, "batch"), mesh=mesh))
 
 
-def batch_shardings(mesh: Mesh, with_ref: bool = False, with_head: bool = False) -> TrainBatch:
+def batch_shardings(mesh: Mesh, with_ref: bool = False, with_head: bool = False,
+                    with_teacher: bool = False) -> TrainBatch:
     """A TrainBatch of shardings (for device_put); every field is split by rows."""
     sh = row_sharding(mesh)
+    t = sh if with_teacher else None
     return TrainBatch(tokens=sh, positions=sh, segment_ids=sh, loss_mask=sh, advantages=sh, old_logp=sh,
                       attn_queries=sh, attn_keys=sh, attn_weight=sh, attn_valid=sh,
-                      ref_logp=sh if with_ref else None, head_positions=sh if with_head else None)
+                      ref_logp=sh if with_ref else None, head_positions=sh if with_head or with_teacher else None,
+                      teacher_tokens=t, teacher_positions=t, teacher_segment_ids=t, teacher_head_positions=t)
 
 
 def abstract_train_state(model_cfg: ModelConfig, step_cfg: StepConfig, mesh: Mesh | None = None) -> TrainState:
     """ShapeDtypeStructs (with shardings under a mesh) for AOT lowering / planning."""
-    shapes = jax.eval_shape(lambda p: init_train_state(p, step_cfg), abstract(model_cfg))
+    shapes = jax.eval_shape(lambda p: init_train_state(p, step_cfg, model_cfg=model_cfg), abstract(model_cfg))
     if mesh is None:
         return shapes
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
@@ -84,16 +92,34 @@ def abstract_train_state(model_cfg: ModelConfig, step_cfg: StepConfig, mesh: Mes
 
 def init_train_state(params: Params, step_cfg: StepConfig, mesh: Mesh | None = None,
                      model_cfg: ModelConfig | None = None) -> TrainState:
-    """Fresh optimizer state; with a mesh (and model_cfg) each device makes only its shard."""
+    """Fresh optimizer state; with a mesh (and model_cfg) each device makes only its shard.
+
+    The reference policy (step_cfg.ref_resident) starts as a copy of `params`: in the
+    compute dtype (model_cfg.dtype; the params' dtype without model_cfg) when frozen,
+    f32 for an EMA teacher (d^k-sized increments would vanish in bf16).
+    """
     def make(p):
         return TrainState(params=p, opt_state=make_optimizer(step_cfg).init(p),
-                          step=jnp.zeros((), jnp.int32), skipped=jnp.zeros((), jnp.int32))
+                          step=jnp.zeros((), jnp.int32), skipped=jnp.zeros((), jnp.int32),
+                          ref_params=initial_ref(p, step_cfg, model_cfg))
     if mesh is None:
         return make(params)
     if model_cfg is None:
         raise ValueError("init_train_state with a mesh needs model_cfg")
     sh = state_shardings(model_cfg, step_cfg, mesh)
     return jax.jit(make, in_shardings=(sh.params,), out_shardings=sh)(params)
+
+
+def initial_ref(params: Params, step_cfg: StepConfig, model_cfg: ModelConfig | None = None) -> Params | None:
+    """The reference policy a fresh state starts with (see init_train_state); a new buffer
+    even in the params' dtype, so donating the state never donates one buffer twice."""
+    if not step_cfg.ref_resident:
+        return None
+    if step_cfg.teacher == "ema":
+        dt = jnp.float32
+    else:
+        dt = jnp.dtype(model_cfg.dtype) if model_cfg is not None else None
+    return jax.tree.map(lambda a: jnp.array(a, dtype=dt or a.dtype, copy=True), params)
 
 
 class MeshJit:
