@@ -18,6 +18,7 @@ import ml_collections
 from ml_collections.config_dict import placeholder
 
 from oisd_jax.config_files import apply_arg
+from oisd_jax.data.teacher import DEFAULT_TEACHER_TEMPLATE
 
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -57,6 +58,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     d.question_field = placeholder(str)  # dotted path to a plain question: [system, user] chat
     d.answer_field = "reward_model.ground_truth"  # dotted path to the ground-truth answer
     d.system_prompt = SYSTEM_PROMPT  # system message added to plain questions; None = none
+    d.solution_field = placeholder(str)  # dotted path to a worked solution (OPSD's teacher); None = the answer
+    d.teacher_template = DEFAULT_TEACHER_TEMPLATE  # OPSD teacher prompt: {problem}, {solution}; one user turn
+    d.teacher_max_prompt_len = 1536  # teacher prompt tokens after the chat template (rl.opsd_weight > 0)
     d.max_prompt_len = 1024  # prompt tokens after the chat template
     d.truncation = "left"  # longer prompts: left = keep the end | error
     d.on_bad_row = "skip"  # rows with missing/empty fields: skip (counted) | error
@@ -95,7 +99,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     sp.pool_pages = placeholder(int)
 
     c.rl = r = ml_collections.ConfigDict()
-    r.algorithm = "grpo"  # grpo|rloo|reinforce_pp|dr_grpo|bupo|oisd|oisd_think_only|oisd_attn_only
+    r.algorithm = "grpo"  # grpo|rloo|reinforce_pp|dr_grpo|bupo|oisd|oisd_think_only|oisd_attn_only|opsd
     r.adv_estimator = placeholder(str)  # grpo|rloo|reinforce_pp|dr_grpo; None = from algorithm
     r.clip_low = 0.2  # eps_low: ratio lower bound 1 - clip_low
     r.clip_high = 0.2  # eps_high: ratio upper bound 1 + clip_high
@@ -105,8 +109,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # (Dr.GRPO: token sums over the constant max_new_tokens); None = the algorithm's own
     # (seq-mean-token-sum-norm for dr_grpo, token-mean otherwise).
     r.loss_agg = placeholder(str)
-    r.kl_coef = 0.0  # KL-to-reference coefficient; must be 0 until the trainer builds a reference policy
+    r.kl_coef = 0.0  # KL to the frozen initial policy (rl.teacher='frozen'); 0 = off
     r.kl_type = "k3"  # k1 | k2 | k3 (low_var_kl)
+    r.pg_weight = placeholder(float)  # weight of L_pg; None = the algorithm's (0 for opsd, else 1)
+    # OPSD (docs/method.md): generalised JSD between the student and the teacher (the policy given
+    # the problem plus a reference solution) on the student's own rollouts.
+    r.opsd_weight = placeholder(float)  # None = the algorithm's (1 for opsd, else 0: no teacher forward)
+    r.opsd_beta = 0.0  # 0 forward KL(T||S) (OPSD v3), 0.5 (first release), 1 reverse KL(S||T)
+    r.opsd_token_clip = 0.05  # clamp of each per-vocabulary-entry term before the sum; 0 = off
+    r.opsd_top_k = 0  # > 0: both distributions over the teacher's top k; 0 = full vocabulary
+    r.teacher = "frozen"  # OPSD teacher / KL reference: frozen (initial weights) | ema | current
+    r.teacher_decay = 0.999  # ema: teacher <- decay teacher + (1 - decay) params each update
     r.entropy_coef = 0.0  # entropy bonus coefficient
     r.tap_layer = placeholder(int)  # student layer l (1-based) for OISD / BuPO
     r.think_weight = 1.0  # lambda_think (OISD logit alignment)

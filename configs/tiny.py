@@ -45,6 +45,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.rl.micro_batch_tokens = 4096
     c.rl.bupo_steps = 10
 
+    # OPSD (`:opsd`): the synthetic task's worked steps are the teacher's solution; a template in
+    # the synthetic tokenizer's words (the default's prose would be <unk> tokens here).
+    c.data.teacher_template = "{problem} the answer is {solution}"
+    c.data.teacher_max_prompt_len = 64
+
     c.optim.lr = 2e-4  # a tiny model moves visibly in tens of steps only at a larger lr
 
     c.train.steps = 60

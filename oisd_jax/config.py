@@ -22,8 +22,9 @@ import ml_collections
 from oisd_jax.choices import (  # noqa: F401
     ADV_ESTIMATORS, ALGORITHMS, ATTN_IMPLS, BAD_ROW_POLICIES, COMPUTE_DTYPES, DATA_FORMATS, KL_TYPES,
     LOSS_AGGS, MESH_AXES, PARAM_DTYPES, REMAT_POLICIES, REWARDS, SAMPLER_ENGINES, SCHEDULES, SYNTHETIC_OPS,
-    TRUNCATIONS)
+    TEACHERS, TRUNCATIONS)
 from oisd_jax.config_checker import MISSING, Checker
+from oisd_jax.data.teacher import DEFAULT_TEACHER_TEMPLATE
 
 _SUFFIXES = {"parquet": (".parquet",), "jsonl": (".jsonl", ".json")}
 
@@ -37,6 +38,7 @@ _ALGORITHM_TABLE = {
     "oisd": ("grpo", True, True, False),
     "oisd_think_only": ("grpo", True, False, False),
     "oisd_attn_only": ("grpo", False, True, False),
+    "opsd": ("grpo", False, False, False),  # pg weight 0, OPSD weight 1 (AlgorithmSettings)
 }
 # rl.loss_agg=None -> the aggregation the algorithm's paper uses (token-mean otherwise).
 _ALGORITHM_LOSS_AGG = {"dr_grpo": "seq-mean-token-sum-norm"}
@@ -86,6 +88,8 @@ class AlgorithmSettings:
     bupo_steps: int  # BuPO: RL steps that optimise the internal policy; 0 = never
     oisd_metrics: bool = False  # log the OISD divergences at tap_layer even with their weights 0
     loss_agg: str = "token-mean"  # one of LOSS_AGGS
+    pg_weight: float = 1.0  # weight of L_pg (0 for OPSD alone)
+    opsd_weight: float = 0.0  # weight of OPSD's divergence to the teacher; 0 = no teacher forward
 
     @property
     def use_think(self) -> bool:
@@ -94,6 +98,10 @@ class AlgorithmSettings:
     @property
     def use_attn(self) -> bool:
         return self.attn_weight > 0
+
+    @property
+    def use_opsd(self) -> bool:
+        return self.opsd_weight > 0
 
     @property
     def use_bupo(self) -> bool:
@@ -119,7 +127,13 @@ def algorithm_settings(config: ml_collections.ConfigDict) -> AlgorithmSettings:
         tap_layer=rl.tap_layer if uses_tap else None,
         lens_norm=bool(rl.bupo_lens_norm if bupo else rl.lens_norm),
         bupo_steps=int(rl.bupo_steps) if bupo else 0, oisd_metrics=metrics,
-        loss_agg=rl.loss_agg or _ALGORITHM_LOSS_AGG.get(rl.algorithm, "token-mean"))
+        loss_agg=rl.loss_agg or _ALGORITHM_LOSS_AGG.get(rl.algorithm, "token-mean"),
+        pg_weight=_or(rl.pg_weight, 0.0 if rl.algorithm == "opsd" else 1.0),
+        opsd_weight=_or(rl.opsd_weight, 1.0 if rl.algorithm == "opsd" else 0.0))
+
+
+def _or(value, default: float) -> float:
+    return default if value is None else float(value)
 
 
 # ----------------------------------------------------------------------------- older run configs
@@ -132,6 +146,9 @@ _ADDED_FIELDS = {
     "optim.end_lr_factor": 0.0, "train.log_samples": 0,
     "train.max_skipped_updates": 0, "train.allow_config_change": False,
     "sampler.engine": "static", "sampler.slots": 64, "sampler.page_size": 16, "sampler.pool_pages": None,
+    "rl.pg_weight": None, "rl.opsd_weight": None, "rl.opsd_beta": 0.0, "rl.opsd_token_clip": 0.05,
+    "rl.opsd_top_k": 0, "rl.teacher": "frozen", "rl.teacher_decay": 0.999, "data.solution_field": None,
+    "data.teacher_template": DEFAULT_TEACHER_TEMPLATE, "data.teacher_max_prompt_len": 1536,
 }
 
 
@@ -268,6 +285,13 @@ def _check_mesh(c: Checker, num_devices: int | None) -> None:
 
 def _check_data(c: Checker, check_paths: bool) -> None:
     fmt = c.choice("data.format", DATA_FORMATS)
+    sol = c.get("data.solution_field")
+    if sol is not MISSING and sol is not None and (not isinstance(sol, str) or not sol):
+        c.bad(f"data.solution_field={sol!r} must be a dotted field path or None (None: the answer field)")
+    tmpl = c.get("data.teacher_template")
+    if tmpl is not MISSING and (not isinstance(tmpl, str) or "{problem}" not in tmpl or "{solution}" not in tmpl):
+        c.bad("data.teacher_template must be a string containing {problem} and {solution}")
+    c.number("data.teacher_max_prompt_len", ge=1, integer=True)
     prompt_f, question_f = c.get("data.prompt_field"), c.get("data.question_field")
     if bool(prompt_f) == bool(question_f):
         c.bad(f"data.prompt_field={prompt_f!r} and data.question_field={question_f!r}: set "
@@ -358,10 +382,15 @@ def _check_rl(c: Checker) -> None:
     c.number("rl.ratio_log_clamp", gt=0)
     if c.get("rl.loss_agg") is not None:
         c.choice("rl.loss_agg", LOSS_AGGS)
-    if (c.number("rl.kl_coef", ge=0) or 0) > 0:
-        c.bad(f"rl.kl_coef={c.config.rl.kl_coef} needs a reference policy, which the trainer does not "
-              "build yet: set 0")
+    c.number("rl.kl_coef", ge=0)
     c.choice("rl.kl_type", KL_TYPES)
+    c.number("rl.pg_weight", ge=0, optional=True)
+    c.number("rl.opsd_weight", ge=0, optional=True)
+    c.number("rl.opsd_beta", ge=0, le=1)
+    c.number("rl.opsd_token_clip", ge=0)
+    c.number("rl.opsd_top_k", ge=0, integer=True)
+    c.choice("rl.teacher", TEACHERS)
+    c.number("rl.teacher_decay", gt=0, lt=1)
     c.number("rl.entropy_coef", ge=0)
     c.number("rl.think_weight", ge=0)
     c.number("rl.attn_weight", ge=0)
@@ -402,6 +431,20 @@ def _check_algorithm(c: Checker, num_layers: int | None) -> None:
         logging.warning("rl.algorithm='oisd' with both weights 0 is plain GRPO")
     if algo == "bupo" and c.get("rl.bupo_steps") == 0:
         c.bad("rl.bupo_steps must be > 0 for rl.algorithm='bupo' (0 is plain GRPO)")
+    _check_teacher(c, algo)
+
+
+def _check_teacher(c: Checker, algo: str) -> None:
+    """OPSD's weight and teacher, and the KL's reference (the frozen initial weights)."""
+    opsd = c.valid.get("rl.opsd_weight")
+    opsd = (1.0 if algo == "opsd" else 0.0) if opsd is None else opsd
+    if algo == "opsd" and opsd == 0:
+        c.bad("rl.opsd_weight must be > 0 (or None) for rl.algorithm='opsd'")
+    if algo == "bupo" and opsd > 0:
+        c.bad(f"rl.opsd_weight={opsd} does not combine with rl.algorithm='bupo' (the internal-policy phase)")
+    kl, teacher = c.valid.get("rl.kl_coef"), c.valid.get("rl.teacher")
+    if kl and teacher and teacher != "frozen":
+        c.bad(f"rl.kl_coef={kl} needs rl.teacher='frozen' (the KL is to the initial policy), got {teacher!r}")
 
 
 def _check_tap_layer(c: Checker, why: str, num_layers: int | None) -> None:

@@ -20,6 +20,7 @@ import ml_collections
 from oisd_jax.config import AlgorithmSettings, algorithm_settings, validate
 from oisd_jax.data.sources import FieldMap
 from oisd_jax.data.synthetic import ArithmeticTask
+from oisd_jax.data.teacher import TeacherPrompt
 from oisd_jax.rl.step_config import StepConfig
 from oisd_jax.sampler import SamplingParams
 
@@ -89,6 +90,7 @@ class PackingSpec:
     attn_steps: int                   # attention probes per rollout; 0 when L_attn and its metrics are off
     attn_window: int
     attn_stride: int
+    teacher_row_len: int | None = None  # OPSD: data.teacher_max_prompt_len + sampler.max_new_tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +104,7 @@ class DataSpec:
     seed: int
     task: ArithmeticTask              # the synthetic task (unused for file data)
     num_synthetic_eval: int           # held-out synthetic problems
+    teacher: TeacherPrompt | None = None  # OPSD's teacher prompt (rl.opsd_weight > 0), else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,16 +192,17 @@ def _sampler(config, temperature: float) -> SamplerSpec:
                        pool_pages=_opt(sp.pool_pages, int), sampling=sampling)
 
 
-def _data(config) -> DataSpec:
+def _data(config, algo: AlgorithmSettings) -> DataSpec:
     d, s = config.data, config.data.synthetic
     prompt = d.prompt_field or None
     fields = FieldMap(prompt=prompt, question=None if prompt else d.question_field, answer=d.answer_field,
-                      system_prompt=d.system_prompt)
+                      system_prompt=d.system_prompt, solution=(d.solution_field or None) if algo.use_opsd else None)
+    teacher = TeacherPrompt(d.teacher_template, int(d.teacher_max_prompt_len)) if algo.use_opsd else None
     task = ArithmeticTask(digits=int(s.digits), ops=tuple(s.ops), num_terms=int(s.num_terms),
                           reasoning=bool(s.reasoning))
     return DataSpec(format=d.format, train_path=d.train_path or None, fields=fields,
                     max_prompt_len=int(d.max_prompt_len), truncation=d.truncation, on_bad_row=d.on_bad_row,
-                    seed=int(d.seed), task=task, num_synthetic_eval=int(s.num_eval))
+                    seed=int(d.seed), task=task, num_synthetic_eval=int(s.num_eval), teacher=teacher)
 
 
 def _train(config) -> TrainSpec:
@@ -221,6 +225,9 @@ def _step(config, algo: AlgorithmSettings, train: TrainSpec, temperature: float,
         dual_clip=_opt(rl.dual_clip, float), ratio_log_clamp=float(rl.ratio_log_clamp), loss_agg=algo.loss_agg,
         loss_norm_len=float(config.sampler.max_new_tokens) if algo.loss_agg == "seq-mean-token-sum-norm" else None,
         kl_coef=float(rl.kl_coef), kl_type=rl.kl_type, entropy_coef=float(rl.entropy_coef),
+        pg_weight=algo.pg_weight, opsd_weight=algo.opsd_weight, opsd_beta=float(rl.opsd_beta),
+        opsd_token_clip=float(rl.opsd_token_clip) or None, opsd_top_k=int(rl.opsd_top_k) or None,
+        teacher=rl.teacher, teacher_decay=float(rl.teacher_decay),
         tap_layer=algo.tap_layer, think_weight=algo.think_weight, attn_weight=algo.attn_weight,
         tau=float(rl.tau), adv_clip=float(rl.adv_clip), lens_norm=bool(rl.lens_norm),
         oisd_metrics=algo.oisd_metrics and not bupo,  # BuPO's internal-policy phase has its own lens
@@ -249,7 +256,9 @@ def resolve(config: ml_collections.ConfigDict, *, num_devices: int | None, num_l
         micro_batch_tokens=int(rl.micro_batch_tokens),
         rollouts_per_update=train.mini_batch_prompts * int(config.sampler.n),
         attn_steps=int(rl.attn_steps) if (algo.use_attn or algo.oisd_metrics) else 0,
-        attn_window=int(rl.attn_window), attn_stride=int(rl.attn_stride))
+        attn_window=int(rl.attn_window), attn_stride=int(rl.attn_stride),
+        teacher_row_len=(int(config.data.teacher_max_prompt_len) + int(config.sampler.max_new_tokens)
+                         if algo.use_opsd else None))
     sets = tuple(EvalSetSpec(name, e.path, int(e.k)) for name, e in config.data.eval_sets.items())
     evals = EvalSpec(sets=sets, every=int(config.train.eval_every), prompts=int(config.train.eval_prompts))
     return RunSpec(
@@ -257,7 +266,7 @@ def resolve(config: ml_collections.ConfigDict, *, num_devices: int | None, num_l
         mesh=MeshSpec(tuple(mesh.shape), _opt(mesh.sampler_shape, tuple)), algo=algo,
         step=_step(config, algo, train, temperature, bupo=False),
         bupo_step=_step(config, algo, train, temperature, bupo=True) if algo.use_bupo else None,
-        sampler=_sampler(config, temperature), packing=packing, data=_data(config), eval=evals, train=train)
+        sampler=_sampler(config, temperature), packing=packing, data=_data(config, algo), eval=evals, train=train)
 
 
 def step_config(config: ml_collections.ConfigDict, bupo: bool = False) -> StepConfig:

@@ -98,10 +98,13 @@ def rl_step(s: Setup, state, step: int, it, pool: RewardPool, key: jax.Array, ti
                              lengths_BG=jnp.asarray(ro.lengths.reshape(rewards.shape), jnp.float32))
     adv = np.asarray(adv).reshape(-1)
     with timer("update"):
-        batches = [s.put_batch(b) for b in make_minibatches(s, ro, adv, step)]
+        teacher = [e["teacher_ids"] for e in examples] if algo.use_opsd else None
+        batches = [s.put_batch(b) for b in make_minibatches(s, ro, adv, step, teacher)]
         # old log-probs of every mini-batch come from the policy before this step's updates,
         # and stay fixed over the rl.ppo_epochs passes (PPO's pi_old)
         batches = [b.replace(old_logp=logp_fn(state.params, b)) for b in batches]
+        if s.step_cfg.kl_coef:  # the KL's reference: the frozen initial weights in the state
+            batches = [b.replace(ref_logp=logp_fn(state.ref_params, b)) for b in batches]
         step_metrics = []
         for _ in range(spec.train.ppo_epochs):
             for b in batches:

@@ -149,7 +149,7 @@ def train_prompt_iterator(s: Setup) -> D.PromptIterator:
     data order does not depend on the process count (see distributed.put_global)."""
     d = s.spec.data
     return D.make_prompt_dataset(s.records, s.tokenizer, max_prompt_len=d.max_prompt_len, seed=d.seed,
-                                 truncation=d.truncation)
+                                 truncation=d.truncation, teacher=d.teacher)
 
 
 def eval_examples(s: Setup, name: str) -> list[dict]:
@@ -167,12 +167,13 @@ def max_seqs_per_row(row_len: int) -> int:
 
 
 def packing_shape(seq_lens: Sequence[int], *, row_len: int, micro_batch_tokens: int,
-                  batch_devices: int) -> tuple[int, int]:
+                  batch_devices: int, teacher: tuple[Sequence[int], int] | None = None) -> tuple[int, int]:
     """(R rows per micro-batch, M micro-batches) that sequences of `seq_lens` tokens are
     packed into: R and M rounded up to powers of two (R a multiple of the batch devices,
     at most micro_batch_tokens' rows), so compiles stay logarithmic. The planner plans
-    the worst case, every rollout at full length, through this same function."""
-    place = pack_rows(seq_lens, row_len, None, max_seqs_per_row(row_len))
+    the worst case, every rollout at full length, through this same function.
+    teacher: (teacher sequence lengths, teacher row length) packed beside (OPSD)."""
+    place = pack_rows(seq_lens, row_len, None, max_seqs_per_row(row_len), teacher)
     rows = 1 + max((r for r, _ in place), default=0)
     r_cap = max(batch_devices, (micro_batch_tokens // row_len) // batch_devices * batch_devices)
     r_need = batch_devices * 2 ** math.ceil(math.log2(max(1, math.ceil(rows / batch_devices))))
@@ -180,16 +181,21 @@ def packing_shape(seq_lens: Sequence[int], *, row_len: int, micro_batch_tokens: 
     return R, 2 ** math.ceil(math.log2(max(1, math.ceil(rows / R))))
 
 
-def _pack(s: Setup, prompts, responses, lengths, adv, rng) -> TrainBatch:
-    """Pack sequences into [M, R, row_len] (shapes from `packing_shape`)."""
+def _pack(s: Setup, prompts, responses, lengths, adv, rng, teacher_prompts=None) -> TrainBatch:
+    """Pack sequences into [M, R, row_len] (shapes from `packing_shape`); with
+    teacher_prompts, OPSD's teacher rows [M, R, teacher_row_len] beside them."""
     pk = s.spec.packing
     seq_lens = [len(p) + int(n) for p, n in zip(prompts, lengths) if n > 0]
+    teacher = None
+    if teacher_prompts is not None:
+        teacher = ([len(p) + int(n) for p, n in zip(teacher_prompts, lengths) if n > 0], pk.teacher_row_len)
     R, M = packing_shape(seq_lens, row_len=pk.row_len, micro_batch_tokens=pk.micro_batch_tokens,
-                         batch_devices=_batch_devices(s.mesh))
+                         batch_devices=_batch_devices(s.mesh), teacher=teacher)
     row_len, max_per_row = pk.row_len, max_seqs_per_row(pk.row_len)
     b = build_train_batch(prompts, responses, lengths, adv, row_len=row_len, rows_per_micro=R, num_micro=M,
                           attn_steps=pk.attn_steps, attn_window=pk.attn_window, attn_stride=pk.attn_stride,
-                          max_seqs_per_row=max_per_row, rng=rng, head_len=0)
+                          max_seqs_per_row=max_per_row, rng=rng, head_len=0, teacher_prompt_tokens=teacher_prompts,
+                          teacher_row_len=pk.teacher_row_len if teacher_prompts is not None else None)
     return with_head_positions(b, row_len)
 
 
@@ -203,19 +209,26 @@ def with_head_positions(b: TrainBatch, row_len: int) -> TrainBatch:
     """
     hp = b.head_positions
     th = 2 ** math.ceil(math.log2(max(1, hp.shape[-1])))
-    if th >= row_len:
+    if b.teacher_head_positions is None and th >= row_len:
         return b.replace(head_positions=None)
-    pad = np.full(hp.shape[:-1] + (th - hp.shape[-1],), -1, hp.dtype)
-    return b.replace(head_positions=np.concatenate([hp, pad], axis=-1))
+    th = min(th, row_len)  # OPSD pairs teacher and student by head position: always compact
+    pad = lambda x: np.concatenate([x, np.full(x.shape[:-1] + (th - x.shape[-1],), -1, x.dtype)], -1)  # noqa: E731
+    if b.teacher_head_positions is not None:
+        b = b.replace(teacher_head_positions=pad(b.teacher_head_positions))
+    return b.replace(head_positions=pad(hp))
 
 
-def make_minibatches(s: Setup, ro, adv: np.ndarray, step: int) -> list[TrainBatch]:
-    """The step's rollouts split into mini-batches of `mini_batch_prompts` prompts (x n)."""
+def make_minibatches(s: Setup, ro, adv: np.ndarray, step: int,
+                     teacher_prompts: Sequence[np.ndarray] | None = None) -> list[TrainBatch]:
+    """The step's rollouts split into mini-batches of `mini_batch_prompts` prompts (x n).
+    teacher_prompts: OPSD's teacher prompt of each prompt (Example["teacher_ids"])."""
     t = s.spec.train
     per = t.mini_batch_prompts * ro.n
     rng = np.random.default_rng([t.seed, step])
     prompts = [p for p in ro.prompt_tokens for _ in range(ro.n)]
-    return [_pack(s, prompts[i:i + per], ro.tokens[i:i + per], ro.lengths[i:i + per], adv[i:i + per], rng)
+    tps = None if teacher_prompts is None else [p for p in teacher_prompts for _ in range(ro.n)]
+    return [_pack(s, prompts[i:i + per], ro.tokens[i:i + per], ro.lengths[i:i + per], adv[i:i + per], rng,
+                  None if tps is None else tps[i:i + per])
             for i in range(0, len(prompts), per)]
 
 

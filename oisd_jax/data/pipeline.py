@@ -26,9 +26,12 @@ import grain
 import numpy as np
 
 from oisd_jax.data.sources import VERL_FIELDS, BadRowPolicy, FieldMap, Record, read_records
+from oisd_jax.data.teacher import TeacherPrompt
 from oisd_jax.data.tokenize import Truncation, encode_full_prompt, fit_prompt
 
-Example = dict[str, Any]  # {"prompt_ids": int32 [T], "answer": str, "index": int, "prompt_cut": int}
+# {"prompt_ids": int32 [T], "answer": str, "index": int, "prompt_cut": int} (+ "teacher_ids",
+# "teacher_cut" with a TeacherPrompt)
+Example = dict[str, Any]
 log = logging.getLogger(__name__)
 
 
@@ -102,12 +105,14 @@ def make_prompt_dataset(
     truncation: Truncation = "left",
     chat_template_kwargs: Mapping[str, Any] | None = None,
     prefetch: int = 0,
+    teacher: TeacherPrompt | None = None,
 ) -> PromptIterator:
     """An iterator of {"prompt_ids": int32 [T<=max_prompt_len], "answer": str, "index": int}.
 
     `index` is the record's position in `records`. `prefetch` > 0 tokenizes ahead in a
     background thread (grain ReadOptions); 0 keeps everything in the calling thread.
     Multi-host: pass jax.process_index() / jax.process_count().
+    teacher: also tokenize OPSD's teacher prompt of each record ("teacher_ids").
     """
     n = len(records)
     if n == 0:
@@ -131,7 +136,12 @@ def make_prompt_dataset(
         rec = records[int(i)]
         ids, cut = encode_example(tokenizer, rec["prompt"], max_prompt_len=max_prompt_len, truncation=truncation,
                                   where=f"training record {int(i)}", chat_template_kwargs=chat_template_kwargs)
-        return {"prompt_ids": ids, "answer": rec["answer"], "index": int(i), "prompt_cut": cut}
+        ex = {"prompt_ids": ids, "answer": rec["answer"], "index": int(i), "prompt_cut": cut}
+        if teacher is not None:
+            ex["teacher_ids"], ex["teacher_cut"] = encode_example(
+                tokenizer, teacher.messages(rec), max_prompt_len=teacher.max_prompt_len, truncation=truncation,
+                where=f"teacher prompt of training record {int(i)}", chat_template_kwargs=chat_template_kwargs)
+        return ex
 
     ds = ds.map(to_example)
     options = grain.ReadOptions(num_threads=1 if prefetch > 0 else 0, prefetch_buffer_size=prefetch)

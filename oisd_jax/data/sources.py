@@ -37,6 +37,7 @@ class FieldMap:
     question: str | None = None
     answer: str = "reward_model.ground_truth"
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
+    solution: str | None = None  # a worked solution (OPSD's teacher context); None = not read
 
     def __post_init__(self):
         if (self.prompt is None) == (self.question is None):
@@ -44,7 +45,7 @@ class FieldMap:
 
     @property
     def paths(self) -> list[str]:
-        return [p for p in (self.prompt, self.question, self.answer) if p]
+        return [p for p in (self.prompt, self.question, self.answer, self.solution) if p]
 
 
 VERL_FIELDS = FieldMap()
@@ -124,7 +125,10 @@ def row_to_record(row: dict, fields: FieldMap) -> Record:
         prompt = [{"role": "user", "content": question}]
         if fields.system_prompt:
             prompt.insert(0, {"role": "system", "content": fields.system_prompt})
-    return {"prompt": prompt, "answer": _text(_get(row, fields.answer), fields.answer)}
+    rec = {"prompt": prompt, "answer": _text(_get(row, fields.answer), fields.answer)}
+    if fields.solution:
+        rec["solution"] = _text(_get(row, fields.solution), fields.solution)
+    return rec
 
 
 def _rows(path: Path, field_paths: list[str]) -> Iterable[dict | _Bad]:

@@ -126,7 +126,7 @@ def reference_response(expression: str, *, reasoning: bool = False) -> str:
 
 
 def make_problems(n: int, *, seed: int, task: ArithmeticTask = ArithmeticTask()) -> list[Record]:
-    """n seeded problems: {"prompt": chat messages, "answer": str, "expression": str}."""
+    """n seeded problems: {"prompt": chat messages, "answer": str, "expression": str, "solution": str}."""
     rng = np.random.default_rng(seed)
     lo, hi = (10 ** (task.digits - 1) if task.digits > 1 else 0), 10 ** task.digits
     records = []
@@ -137,8 +137,9 @@ def make_problems(n: int, *, seed: int, task: ArithmeticTask = ArithmeticTask())
         prompt = [{"role": "user", "content": f"what is {expression}?"}]
         if task.system_prompt:
             prompt.insert(0, {"role": "system", "content": task.system_prompt})
+        # "solution": the worked steps, OPSD's privileged teacher context for this task
         records.append({"prompt": prompt, "answer": str(solve(expression)[0]),
-                        "expression": expression})
+                        "expression": expression, "solution": reference_response(expression, reasoning=True)})
     return records
 
 

@@ -1,0 +1,64 @@
+"""The trainer with a second policy: configs/tiny.py:opsd and GRPO + KL run end to end
+through train(), the teacher / reference resident in the checkpointed state, and the
+validation of the new fields."""
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from oisd_jax.checkpoint import Checkpointer
+from oisd_jax.config import ConfigError, validate
+from oisd_jax.config_files import load_config_file
+from oisd_jax.rl.train_state import abstract_train_state
+from oisd_jax.train import train
+from oisd_jax.train_setup import build_setup
+from tiny_run import tiny_config
+
+
+def _restore(workdir, config):
+    s = build_setup(config)
+    with Checkpointer(workdir / "checkpoints", async_save=False) as ck:
+        return ck.restore(abstract_state=abstract_train_state(s.model_cfg, s.step_cfg, s.mesh)).state
+
+
+def test_tiny_opsd_runs_end_to_end(tmp_path):
+    """`--config=configs/tiny.py:opsd` (shrunk): OPSD's loss is logged and finite, L_pg has
+    weight 0, the frozen teacher is in the checkpoint, unchanged by the RL updates."""
+    config = tiny_config(rl__algorithm="opsd", train__steps=2)
+    last = train(config, str(tmp_path))
+    rec = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rec] == [1, 2]
+    assert all(np.isfinite(r["opsd_loss"]) and r["update_skipped"] == 0 for r in rec)
+    assert last["loss"] == pytest.approx(last["opsd_loss"], rel=1e-5)  # pg weight 0: the loss is OPSD's
+    state = _restore(tmp_path, config)
+    moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+                for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(state.ref_params)))
+    assert moved > 0  # the student left its teacher behind
+
+
+def test_tiny_grpo_with_kl_runs_end_to_end(tmp_path):
+    """rl.kl_coef > 0 (refused before): the KL to the frozen initial policy is logged, grows
+    from 0 as the policy moves, and the reference stays the warm-up's weights."""
+    config = tiny_config(rl__algorithm="grpo", rl__kl_coef=0.1, rl__kl_type="k3", train__steps=2,
+                         train__mini_batch_prompts=2)
+    train(config, str(tmp_path))
+    rec = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["kl"]) for r in rec) and rec[-1]["kl"] > 0
+    assert _restore(tmp_path, config).ref_params is not None
+
+
+def test_presets_validate_and_refusals():
+    for spec in ("configs/tiny.py:opsd", "configs/qwen3_4b.py:opsd", "configs/qwen3_4b.py:opsd_v1",
+                 "configs/qwen3_4b.py:grpo,rl.kl_coef=0.001"):
+        validate(load_config_file(spec), check_paths=False)
+    v1 = load_config_file("configs/qwen3_4b.py:opsd_v1")
+    assert v1.rl.opsd_beta == 0.5 and v1.rl.opsd_token_clip == 0
+    bad = [("rl.kl_coef=0.1,rl.teacher=ema", "rl.kl_coef=0.1 needs rl.teacher='frozen'"),
+           ("opsd,rl.opsd_weight=0.0", "rl.opsd_weight must be > 0"),
+           ("bupo,rl.tap_layer=2,rl.opsd_weight=1.0", "does not combine with rl.algorithm='bupo'"),
+           ("opsd,rl.opsd_beta=1.5", "rl.opsd_beta"),
+           ("opsd,data.teacher_template=no placeholders", "data.teacher_template")]
+    for arg, msg in bad:
+        with pytest.raises(ConfigError, match=msg.replace("(", r"\(").replace(")", r"\)")):
+            validate(load_config_file(f"configs/tiny.py:{arg}"), check_paths=False)
