@@ -15,6 +15,22 @@ from oisd_jax.config_files import import_config_module
 base = import_config_module(pathlib.Path(__file__).with_name("base.py"))
 
 
+# Named variants a model file's ':arg' may start with (expanded before apply_arg).
+# opsd (the algorithm itself): OPSD as the OISD paper's Table 2 compares it -- the same pipeline,
+#   sampler and rollouts as its GRPO, with OPSD's current loss (forward KL, beta = 0, each
+#   per-vocabulary-entry term clamped at 0.05) against the frozen initial weights as teacher.
+# opsd_v1: OPSD's first public release: generalised JSD with beta = 0.5 and no clamp.
+VARIANTS = {"opsd_v1": "opsd,rl.opsd_beta=0.5,rl.opsd_token_clip=0.0"}
+
+
+def expand(arg: str | None) -> str | None:
+    """'opsd_v1,rl.x=1' -> 'opsd,rl.opsd_beta=0.5,rl.opsd_token_clip=0.0,rl.x=1'."""
+    if not arg:
+        return arg
+    head, sep, rest = arg.partition(",")
+    return VARIANTS[head.strip()] + sep + rest if head.strip() in VARIANTS else arg
+
+
 def get_config(*, hf_path: str, tap_layer: int, max_new_tokens: int,
                data_dir: str = "/path/to/data") -> ml_collections.ConfigDict:
     c = base.get_config()
@@ -42,6 +58,11 @@ def get_config(*, hf_path: str, tap_layer: int, max_new_tokens: int,
     c.rl.dual_clip = 10.0
     c.rl.kl_coef = 0.0
     c.rl.entropy_coef = 0.0
+    c.rl.opsd_beta = 0.0  # OPSD (`:opsd`): forward KL with the 0.05 per-entry clamp, frozen teacher
+    c.rl.opsd_token_clip = 0.05
+    c.rl.teacher = "frozen"
+    c.data.solution_field = None  # deepmath-5k has only the final answer: the teacher sees that
+    c.data.teacher_max_prompt_len = 1536
 
     c.optim.lr = 1e-6
     c.optim.schedule = "constant"

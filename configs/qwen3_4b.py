@@ -1,4 +1,6 @@
-"""Qwen3-4B with OISD, the paper's settings (docs/method.md). `:grpo`, `:bupo`, ... for baselines."""
+"""Qwen3-4B with OISD, the paper's settings (docs/method.md). `:grpo`, `:bupo`, ... for baselines;
+`:opsd` is OPSD on the same rollouts as GRPO (the paper's Table 2 row), `:opsd_v1` its first release
+(beta 0.5, no clamp); `:grpo,rl.kl_coef=0.001` adds the KL to the frozen initial policy."""
 from __future__ import annotations
 
 import pathlib
@@ -20,4 +22,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # --devices=4 --target=h100`: 60.3 of 71.8 GiB per device at the largest phase (launch/README.md).
     c.rl.micro_batch_tokens = 147456  # 16 rows of 9216 tokens, 4 per GPU
     c.sampler.batch_size = 8  # prompts per sampler call (x 8 rollouts); bounds the KV cache
-    return apply_arg(c, arg)
+    return apply_arg(c, paper.expand(arg))

@@ -235,7 +235,7 @@ def test_algorithm_settings():
         "grpo": ("grpo", 0, 0, 0), "rloo": ("rloo", 0, 0, 0),
         "reinforce_pp": ("reinforce_pp", 0, 0, 0), "dr_grpo": ("dr_grpo", 0, 0, 0),
         "bupo": ("grpo", 0, 0, 1), "oisd": ("grpo", 1, 1, 0),
-        "oisd_think_only": ("grpo", 1, 0, 0), "oisd_attn_only": ("grpo", 0, 1, 0)}
+        "oisd_think_only": ("grpo", 1, 0, 0), "oisd_attn_only": ("grpo", 0, 1, 0), "opsd": ("grpo", 0, 0, 0)}
     assert set(expect) == set(ALGORITHMS)
     for algo, (adv, think, attn, bupo) in expect.items():
         s = algorithm_settings(load("tiny", f"{algo},rl.think_weight=0.5,rl.attn_weight=0.25"))
@@ -249,12 +249,19 @@ def test_algorithm_settings():
     assert s.lens_norm is False and s.bupo_active(9) and not s.bupo_active(10)
     assert algorithm_settings(load("tiny", "oisd")).lens_norm is True
     assert algorithm_settings(load("tiny", "grpo,rl.adv_estimator=rloo")).adv_estimator == "rloo"
+    # OPSD: pg weight 0, OPSD weight 1 by default; weights combine any algorithm with OPSD
+    s = algorithm_settings(load("tiny", "opsd"))
+    assert (s.pg_weight, s.opsd_weight, s.use_opsd) == (0.0, 1.0, True)
+    s = algorithm_settings(load("tiny", "oisd,rl.opsd_weight=0.5,rl.pg_weight=0.8"))
+    assert (s.pg_weight, s.opsd_weight, s.use_think) == (0.8, 0.5, True)
+    assert (algorithm_settings(load("tiny", "grpo")).pg_weight, algorithm_settings(load("tiny", "grpo")).opsd_weight) \
+        == (1.0, 0.0)
 
 
-def test_kl_coef_refused_until_there_is_a_reference_policy():
-    assert problems(load("tiny", "rl.kl_coef=0.01")) == [
-        "rl.kl_coef=0.01 needs a reference policy, which the trainer does not build yet: set 0"]
-    validate(load("tiny", "rl.kl_coef=0.0"), num_layers=4, check_paths=False)
+def test_kl_coef_needs_the_frozen_reference():
+    validate(load("tiny", "rl.kl_coef=0.01"), num_layers=4, check_paths=False)  # the frozen weights in the state
+    assert problems(load("tiny", "rl.kl_coef=0.01,rl.teacher=current")) == [
+        "rl.kl_coef=0.01 needs rl.teacher='frozen' (the KL is to the initial policy), got 'current'"]
 
 
 def test_loss_agg_names_are_the_losses_modules():

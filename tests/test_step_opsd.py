@@ -186,3 +186,22 @@ def test_frozen_teacher_bitwise_unchanged_and_ema_update_exact(setup):
     s, m = step_e(s, batch.replace(advantages=np.where(batch.loss_mask > 0, np.nan, 0.0).astype(np.float32)))
     assert int(m["update_skipped"]) == 1
     assert jax.tree.all(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), before, s.ref_params))
+
+
+@pytest.mark.parametrize("kind", ["k1", "k2", "k3"])
+def test_kl_to_the_frozen_reference_vs_numpy(setup, kind):
+    """GRPO + KL: ref_logp from the reference weights through the same log-prob pass the
+    trainer uses; the step's KL metric and its loss share == NumPy's estimator, token-mean."""
+    cfg, params, t_params, batch = setup["cfg"], setup["params"], setup["t_params"], setup["batch"]
+    sc = StepConfig(temperature=TEMP, kl_coef=0.3, kl_type=kind, logit_chunk=8)
+    ref = np.asarray(make_logprob_fn(cfg, sc)(t_params, batch), np.float64)
+    cur = np.asarray(make_logprob_fn(cfg, sc)(params, batch), np.float64)
+    b = batch.replace(ref_logp=ref.astype(np.float32))
+    (loss, _, m), (loss0, _, _) = _grads_fn(cfg, ((sc, True), (sc.replace(kl_coef=0.0), True)))(params, None, b)
+    d, mask = cur - ref, batch.loss_mask == 1
+    lr = np.clip(-d, -20, 20)
+    est = {"k1": d, "k2": 0.5 * d ** 2, "k3": np.clip(np.exp(lr) - lr - 1, -10, 10)}[kind]
+    want = est[mask].mean()
+    assert abs(want) > 1e-3
+    np.testing.assert_allclose(float(m["kl"]), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(loss) - float(loss0), 0.3 * want, rtol=1e-4, atol=1e-6)
