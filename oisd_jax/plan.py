@@ -56,7 +56,8 @@ def step_flops(setup: PlanSetup, mean_prompt: float, response_frac: float) -> di
 
     Training: (3 + remat) x forward (6 N tokens + attention when remat = 0) over every
     rollout token, rl.ppo_epochs times, plus OISD's lens head (2 D V per token forward, x3 with its backward,
-    +1 recomputed); the old-log-prob pass: one forward. Sampling: 2 N per token (prefill +
+    +1 recomputed) and OPSD's teacher forward (no backward); the old-log-prob pass (and
+    with rl.kl_coef the reference's): one forward. Sampling: 2 N per token (prefill +
     decode) plus attention over the growing context.
     """
     from oisd_jax.metrics import forward_flops
@@ -68,9 +69,21 @@ def step_flops(setup: PlanSetup, mean_prompt: float, response_frac: float) -> di
     fwd = forward_flops(n, tokens, num_layers=m.num_layers, attn_dim=attn_dim, context_len=seq)
     remat = {"none": 0.0, "everything_saveable": 0.0}.get(m.remat_policy, 1.0)
     lens = 2.0 * m.hidden_size * m.vocab_size * tokens if setup.step_cfg.think_weight > 0 else 0.0
+    # OPSD: the teacher's forward over its own rows (teacher prompt budget + the response) in
+    # every update, no backward; its head only at the response tokens (2 D V each).
+    teacher = 0.0
+    if setup.teacher_row_len is not None:
+        t_seq = setup.teacher_row_len - setup.max_new_tokens + response_frac * setup.max_new_tokens
+        t_tokens = tokens / seq * t_seq
+        resp = tokens / seq * response_frac * setup.max_new_tokens
+        teacher = (forward_flops(n, t_tokens, num_layers=m.num_layers, attn_dim=attn_dim, context_len=t_seq)
+                   - 2.0 * m.hidden_size * m.vocab_size * (t_tokens - resp))
     # rl.ppo_epochs passes of updates; the old log-probs and the samples once per step
-    train = spec.train.ppo_epochs * ((3.0 + remat) * fwd + 4.0 * lens)
-    return {"train": train, "old_logprob": fwd, "sample": fwd, "tokens": tokens}
+    train = spec.train.ppo_epochs * ((3.0 + remat) * fwd + 4.0 * lens + teacher)
+    out = {"train": train, "old_logprob": fwd, "sample": fwd, "tokens": tokens}
+    if setup.step_cfg.kl_coef:
+        out["ref_logprob"] = fwd  # the KL's reference log-probs: one more forward per step
+    return out
 
 
 def sampling_seconds(setup: PlanSetup, sampler: Phase, bandwidth: float, response_frac: float = 1.0) -> float:
@@ -252,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\nFLOPs per RL step (analytic; {fl['tokens'] / 1e6:.2f}M tokens = {setup.spec.train.prompts_per_step} x "
           f"{setup.spec.sampler.sampling.n} x ({mean_prompt:.0f} + {a.response_frac:.2f} x {setup.max_new_tokens})):")
     peak = target.peak_flops * a.devices
-    for k in ("train", "old_logprob", "sample"):
+    for k in [k for k in ("train", "old_logprob", "ref_logprob", "sample") if k in fl]:
         t = f", {fl[k] / (peak * a.mfu):8.1f} s at {a.mfu:.0%} MFU" if peak else ""
         print(f"  {k:<12}{_si(fl[k]):>10}FLOP{t}")
     sres = next((r for r in results if r.phase.name == "sampler"), None)

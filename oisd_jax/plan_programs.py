@@ -40,6 +40,7 @@ class PlanSetup:
     # Sampler(keep_cache=True) holds its KV cache between calls, through the updates,
     # unless the trainer calls Sampler.release_cache() after sampling.
     sampler_cache_kept: bool = True
+    teacher_row_len: int | None = None  # OPSD's teacher rows (teacher prompt + response budget)
 
     @property
     def rows_per_micro(self) -> int:
@@ -138,14 +139,16 @@ def make_setup(config, devices, *, preset: str | None = None, micro_batch_tokens
                          f"one per batch shard (data x fsdp) needs: use k * {row_len * shards}")
     # An update's rollouts, at full length (the worst case the packer can face), packed
     # as the trainer packs them: its shapes, its rollouts per row (Q probes each).
+    t_len = pk.teacher_row_len  # OPSD: the teacher sequences at full length beside the student's
+    teacher = None if t_len is None else ([t_len] * pk.rollouts_per_update, t_len)
     rows, num_micro = packing_shape([row_len] * pk.rollouts_per_update, row_len=row_len, micro_batch_tokens=mbt,
-                                    batch_devices=shards)
+                                    batch_devices=shards, teacher=teacher)
     return PlanSetup(spec=spec, model=model, step_cfg=spec.step, mesh=mesh,
                      sampler_mesh=sampler_mesh, row_len=row_len, micro_batch_tokens=rows * row_len,
                      num_micro=num_micro, probes_per_row=pk.attn_steps * max_seqs_per_row(row_len),
                      sampler_batch=int(sampler_batch or sp.batch_size),
                      max_prompt_len=sp.max_prompt_len, max_new_tokens=sp.max_new_tokens,
-                     sampler_cache_kept=sp.keep_cache)
+                     sampler_cache_kept=sp.keep_cache, teacher_row_len=t_len)
 
 
 # ----------------------------------------------------------------------------- train step
@@ -163,7 +166,15 @@ def abstract_batch(setup: PlanSetup):
                    attn_queries=sds((M, R, Q), i32), attn_keys=sds((M, R, Q, K), i32),
                    attn_weight=sds((M, R, Q), f32), attn_valid=sds((M, R, Q), f32),
                    ref_logp=sds((M, R, T), f32) if s.step_cfg.kl_coef > 0 else None)
-    return _with_sharding(b, batch_shardings(s.mesh, s.step_cfg.kl_coef > 0))
+    teacher = s.teacher_row_len is not None
+    if teacher:
+        # OPSD's teacher rows and the paired head positions (the trainer always compacts the
+        # head then: the response budget rounded up to a power of two, at most a row).
+        Tt, Th = s.teacher_row_len, min(T, 2 ** math.ceil(math.log2(max(1, s.max_new_tokens))))
+        b = b.replace(head_positions=sds((M, R, Th), i32), teacher_tokens=sds((M, R, Tt), i32),
+                      teacher_positions=sds((M, R, Tt), i32), teacher_segment_ids=sds((M, R, Tt), i32),
+                      teacher_head_positions=sds((M, R, Th), i32))
+    return _with_sharding(b, batch_shardings(s.mesh, s.step_cfg.kl_coef > 0, with_teacher=teacher))
 
 
 def train_phase(setup: PlanSetup) -> Phase:
@@ -188,9 +199,10 @@ def logprob_phase(setup: PlanSetup) -> Phase:
     used = [batch.tokens, batch.positions, batch.segment_ids, batch.loss_mask]
     rest = shard_bytes(batch) - shard_bytes(used)
     kv = sampler_cache_bytes(setup) if setup.sampler_cache_kept else 0
+    ref = shard_bytes(state.ref_params) if state.ref_params is not None else 0  # the teacher / KL reference
     return Phase("old log-probs", lambda: fn.lower(state.params, batch), params_bytes=shard_bytes(state.params),
                  kv_bytes=kv, other_arg_bytes=shard_bytes(used),
-                 resident_bytes=shard_bytes(state.opt_state) + rest + kv)
+                 resident_bytes=shard_bytes(state.opt_state) + ref + rest + kv)
 
 
 # ----------------------------------------------------------------------------- sampler
