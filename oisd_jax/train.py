@@ -113,6 +113,8 @@ def rl_step(s: Setup, state, step: int, it, pool: RewardPool, key: jax.Array, ti
         step_metrics = jax.device_get(step_metrics)
     tokens = int(sum(m["tokens"] for m in step_metrics))
     out = {k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0] if k != "tokens"}
+    if algo.use_opsd:  # teacher prompts cut to data.teacher_max_prompt_len (from the left)
+        out["teacher_prompts_truncated"] = sum(e.get("teacher_cut", 0) > 0 for e in examples)
     out.update(reward=float(rewards.mean()), response_len=float(ro.lengths.mean()),
                truncated=float(ro.truncated(s.sampling.eos_ids).mean()), tokens=tokens,
                bupo_phase=int(bupo_now), reward_timeouts=pool.num_timeouts, updates=len(step_metrics),

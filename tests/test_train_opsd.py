@@ -62,3 +62,31 @@ def test_presets_validate_and_refusals():
     for arg, msg in bad:
         with pytest.raises(ConfigError, match=msg.replace("(", r"\(").replace(")", r"\)")):
             validate(load_config_file(f"configs/tiny.py:{arg}"), check_paths=False)
+
+
+def test_teacher_prompt_from_the_data(tmp_path):
+    """data.solution_field is read (and falls back to the answer), the template is filled
+    without touching its other braces, and the teacher prompt goes through the chat template."""
+    from oisd_jax.data import DEFAULT_TEACHER_TEMPLATE, QA_FIELDS, TeacherPrompt, read_records, synthetic_tokenizer
+    from oisd_jax.data.pipeline import make_prompt_dataset
+    from oisd_jax.data.tokenize import encode_prompt
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"question": "what is 2+3?", "answer": "5", "sol": "2+3=5 so \\boxed{5}"}) + "\n")
+    fields = QA_FIELDS.__class__(prompt=None, question="question", answer="answer", solution="sol")
+    (rec,), _ = read_records(path, fields)
+    assert rec["solution"] == "2+3=5 so \\boxed{5}"
+    msgs = TeacherPrompt().messages(rec)
+    assert len(msgs) == 1 and msgs[0]["role"] == "user"
+    text = msgs[0]["content"]
+    assert text.startswith("Problem: what is 2+3?") and "2+3=5 so \\boxed{5}" in text
+    assert text.endswith("within \\boxed{}.") and "{problem}" not in text and "{solution}" not in text
+    assert text.count("{") == DEFAULT_TEACHER_TEMPLATE.count("{") - 2 + 1  # placeholders gone, boxed{} kept
+    (plain,), _ = read_records(path, QA_FIELDS)  # no solution field: the teacher sees the answer
+    assert "=== BEGIN REFERENCE SOLUTION ===\n5\n=== END REFERENCE SOLUTION ===" in TeacherPrompt().messages(plain)[0][
+        "content"]
+    tok = synthetic_tokenizer()
+    tp = TeacherPrompt("{problem} the answer is {solution}", 64)
+    ex = next(make_prompt_dataset([rec], tok, max_prompt_len=32, seed=0, teacher=tp))
+    want = encode_prompt(tok, [{"role": "user", "content": "what is 2+3? the answer is 2+3=5 so \\boxed{5}"}])
+    np.testing.assert_array_equal(ex["teacher_ids"], want)
+    assert ex["teacher_cut"] == 0 and 3 not in want.tolist()  # no <unk>: the tiny template's words are known
