@@ -30,7 +30,9 @@ from oisd_jax.config_files import load_config_file  # noqa: E402
 
 ALGORITHMS = ("grpo", "bupo", "oisd_think_only", "oisd_attn_only", "oisd")
 LABELS = {"grpo": "GRPO", "bupo": "BuPO", "oisd_think_only": "OISD think-only",
-          "oisd_attn_only": "OISD attention-only", "oisd": "OISD (full)"}
+          "oisd_attn_only": "OISD attention-only", "oisd": "OISD (full)", "opsd": "OPSD"}
+# OPSD (`--algorithms=grpo,opsd,...`) is selectable but not in the default set: its rows are not
+# measured yet (bench/README.md has no OPSD figures).
 
 
 def make_config(algorithm: str, seed: int, args, warm_dir: str | None):

@@ -215,6 +215,9 @@ def _check_model_fit(c: Checker, config: ml_collections.ConfigDict) -> None:
     top_k, vocab = c.get("sampler.top_k"), sizes.get("vocab_size")
     if isinstance(top_k, int) and vocab and top_k > vocab:
         c.bad(f"sampler.top_k={top_k} exceeds the model's vocabulary ({vocab} tokens)")
+    opsd_k = c.valid.get("rl.opsd_top_k")
+    if opsd_k and vocab and opsd_k > vocab:
+        c.bad(f"rl.opsd_top_k={opsd_k} exceeds the model's vocabulary ({vocab} tokens)")
     # Hugging Face models only: base.py's paper budgets on the tiny preset (512 positions) are
     # refused by the Sampler when built, still before anything compiles.
     pos = sizes.get("max_position_embeddings") if config.model.get("hf_path") else None

@@ -59,6 +59,8 @@ def test_presets_validate_and_refusals():
            ("bupo,rl.tap_layer=2,rl.opsd_weight=1.0", "does not combine with rl.algorithm='bupo'"),
            ("opsd,rl.opsd_beta=1.5", "rl.opsd_beta"),
            ("opsd,data.teacher_template=no placeholders", "data.teacher_template")]
+    with pytest.raises(ConfigError, match="rl.opsd_top_k=100 exceeds the model's vocabulary"):
+        validate(load_config_file("configs/tiny.py:opsd,rl.opsd_top_k=100"))  # the tiny model has 64 tokens
     for arg, msg in bad:
         with pytest.raises(ConfigError, match=msg.replace("(", r"\(").replace(")", r"\)")):
             validate(load_config_file(f"configs/tiny.py:{arg}"), check_paths=False)
