@@ -230,6 +230,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"batch     rows of {setup.row_len} tokens; micro-batch {setup.micro_batch_tokens} tokens "
           f"({setup.rows_per_micro} rows, {setup.rows_per_micro // setup.batch_shards}/device) x {setup.num_micro}; "
           f"logit_chunk={setup.step_cfg.logit_chunk}; sampler {setup.sampler_batch} prompts x {setup.spec.sampler.sampling.n}")
+    if setup.teacher_row_len is not None:
+        sc = setup.step_cfg
+        where = (f"a {'float32' if sc.teacher == 'ema' else setup.model.dtype} copy in 'batch / other args' (no "
+                 "optimizer state)" if sc.ref_resident else "the params themselves")
+        print(f"teacher   rl.teacher={sc.teacher!r}: rows of {setup.teacher_row_len} tokens beside the student's; "
+              f"weights {where}; its forward in the train step")
     print(f"budget    {budget.bytes / GiB:.2f} GiB/device = {a.mem_fraction:.2f} x {target.memory_bytes / GiB:.2f} GiB "
           f"- {a.reserve_gib:.1f} GiB reserve")
     if target.kind == "cpu":
