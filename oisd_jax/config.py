@@ -24,7 +24,6 @@ from oisd_jax.choices import (  # noqa: F401
     LOSS_AGGS, MESH_AXES, PARAM_DTYPES, REMAT_POLICIES, REWARDS, SAMPLER_ENGINES, SCHEDULES, SYNTHETIC_OPS,
     TEACHERS, TRUNCATIONS)
 from oisd_jax.config_checker import MISSING, Checker
-from oisd_jax.data.teacher import DEFAULT_TEACHER_TEMPLATE
 
 _SUFFIXES = {"parquet": (".parquet",), "jsonl": (".jsonl", ".json")}
 
@@ -148,14 +147,15 @@ _ADDED_FIELDS = {
     "sampler.engine": "static", "sampler.slots": 64, "sampler.page_size": 16, "sampler.pool_pages": None,
     "rl.pg_weight": None, "rl.opsd_weight": None, "rl.opsd_beta": 0.0, "rl.opsd_token_clip": 0.05,
     "rl.opsd_top_k": 0, "rl.teacher": "frozen", "rl.teacher_decay": 0.999, "data.solution_field": None,
-    "data.teacher_template": DEFAULT_TEACHER_TEMPLATE, "data.teacher_max_prompt_len": 1536,
+    "data.teacher_template": None, "data.teacher_max_prompt_len": 1536,  # template: filled in migrate
 }
 
 
 def migrate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """A copy of a saved run config with every field added since filled in (see _ADDED_FIELDS)."""
+    from oisd_jax.data.teacher import DEFAULT_TEACHER_TEMPLATE  # lazy: config stays light to import
     out = ml_collections.ConfigDict(config.to_dict())
-    for path, default in _ADDED_FIELDS.items():
+    for path, default in {**_ADDED_FIELDS, "data.teacher_template": DEFAULT_TEACHER_TEMPLATE}.items():
         *parents, leaf = path.split(".")
         node = out
         for p in parents:

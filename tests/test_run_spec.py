@@ -7,13 +7,18 @@ import pytest
 
 from oisd_jax.config import ConfigError, migrate, validate
 from oisd_jax.config_files import load_config_file
+from oisd_jax.data.teacher import DEFAULT_TEACHER_TEMPLATE
 from oisd_jax.run_spec import resolve
 
 TINY = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py") + ":"
 # Fields a run saved before they existed lacks, and what such a run did.
 ADDED = {"mesh.sampler_shape": None, "sampler.keep_cache": True, "sampler.decode_segments": None,
          "rl.oisd_metrics": False, "rl.ppo_epochs": 1, "optim.skip_nonfinite": True,
-         "optim.end_lr_factor": 0.0, "train.log_samples": 0}
+         "optim.end_lr_factor": 0.0, "train.log_samples": 0,
+         # OPSD and the reference policy: none of those runs had a teacher or a KL
+         "rl.pg_weight": None, "rl.opsd_weight": None, "rl.opsd_beta": 0.0, "rl.opsd_token_clip": 0.05,
+         "rl.opsd_top_k": 0, "rl.teacher": "frozen", "rl.teacher_decay": 0.999, "data.solution_field": None,
+         "data.teacher_max_prompt_len": 1536, "data.teacher_template": DEFAULT_TEACHER_TEMPLATE}
 
 
 def _without(config, paths):
@@ -42,6 +47,7 @@ def test_an_older_run_config_is_migrated_in_one_place():
     assert (spec.sampler.keep_cache, spec.sampler.decode_segments, spec.train.log_samples) == (True, None, 0)
     assert (spec.train.ppo_epochs, spec.step.skip_nonfinite, spec.step.end_lr_factor) == (1, True, 0.0)
     assert spec.mesh.sampler_shape is None and spec.algo.oisd_metrics is False
+    assert (spec.step.pg_weight, spec.step.opsd_weight, spec.step.ref_resident) == (1.0, 0.0, False)
     # fields the run did save are kept
     kept = migrate(_without(load_config_file(TINY + "sampler.keep_cache=False"), ["train.log_samples"]))
     assert kept.sampler.keep_cache is False and kept.train.log_samples == 0
