@@ -205,3 +205,34 @@ def test_kl_to_the_frozen_reference_vs_numpy(setup, kind):
     assert abs(want) > 1e-3
     np.testing.assert_allclose(float(m["kl"]), want, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(float(loss) - float(loss0), 0.3 * want, rtol=1e-4, atol=1e-6)
+
+
+def _opsd_temp_bytes(cfg, sc, T, R=2, extra=32):
+    """Compiled temporary bytes of the OPSD step on [1, R, T] student rows, teacher rows of
+    T + extra tokens and T paired head positions (abstract: nothing allocated)."""
+    from oisd_jax.rl.batch import TrainBatch
+    from oisd_jax.rl.train_state import abstract_train_state
+    sds = jax.ShapeDtypeStruct
+    i32, f32 = jnp.int32, jnp.float32
+    row = lambda dt, n=T: sds((1, R, n), dt)  # noqa: E731
+    z = sds((1, R, 0), f32)
+    batch = TrainBatch(tokens=row(i32), positions=row(i32), segment_ids=row(i32), loss_mask=row(f32),
+                       advantages=row(f32), old_logp=row(f32), attn_queries=sds((1, R, 0), i32),
+                       attn_keys=sds((1, R, 0, 0), i32), attn_weight=z, attn_valid=z, head_positions=row(i32),
+                       teacher_tokens=row(i32, T + extra), teacher_positions=row(i32, T + extra),
+                       teacher_segment_ids=row(i32, T + extra), teacher_head_positions=row(i32))
+    lowered = make_train_step(cfg, sc).lower(abstract_train_state(cfg, sc), batch)
+    return lowered.compile().memory_analysis().temp_size_in_bytes
+
+
+def test_opsd_temp_memory_scales_with_chunk_not_tokens_times_vocab():
+    """The teacher's logits are made chunk by chunk beside the student's: the step's
+    temporaries grow with the chunk, barely with T, as for the other terms (test_step)."""
+    from oisd_jax.model import ModelConfig
+    V, R = 16384, 2
+    cfg = ModelConfig(family="qwen3", vocab_size=V, hidden_size=32, intermediate_size=64, num_layers=2,
+                      num_heads=1, num_kv_heads=1, head_dim=32, tie_embeddings=True)
+    t = {(T, c): _opsd_temp_bytes(cfg, OPSD.replace(logit_chunk=c), T) for T, c in [(256, 32), (512, 32), (256, None)]}
+    rtv = lambda n: R * n * V * 4  # noqa: E731  one f32 [R, n, V] array
+    assert t[(512, 32)] - t[(256, 32)] < 0.5 * rtv(256), t        # T doubled: < half of one [R, dT, V]
+    assert t[(256, None)] - t[(256, 32)] >= 2 * rtv(256 - 32), t  # unchunked: >= 2 [R, T, V] more
