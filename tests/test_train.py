@@ -222,6 +222,9 @@ def test_loss_position_head_on_where_shorter_and_exact():
         np.testing.assert_allclose(lp1 * b.loss_mask, lp0 * b.loss_mask, atol=1e-6)
 
 
-def test_kl_coef_refused_before_compiling():
-    with pytest.raises(ConfigError, match=r"rl.kl_coef=0.05 needs a reference policy"):
-        tiny(rl__kl_coef=0.05)
+def test_kl_coef_to_a_moving_reference_refused_before_compiling():
+    """rl.kl_coef now runs (the frozen reference in the state: tests/test_train_opsd.py); a KL
+    to an EMA or the current weights is refused before anything compiles."""
+    tiny(rl__kl_coef=0.05)
+    with pytest.raises(ConfigError, match=r"rl.kl_coef=0.05 needs rl.teacher='frozen'"):
+        tiny(rl__kl_coef=0.05, rl__teacher="ema")
