@@ -22,7 +22,7 @@ import ml_collections
 from oisd_jax.choices import (  # noqa: F401
     ADV_ESTIMATORS, ALGORITHMS, ATTN_IMPLS, BAD_ROW_POLICIES, COMPUTE_DTYPES, DATA_FORMATS, KL_TYPES,
     LOSS_AGGS, MESH_AXES, PARAM_DTYPES, REMAT_POLICIES, REWARDS, SAMPLER_ENGINES, SCHEDULES, SYNTHETIC_OPS,
-    TRUNCATIONS)
+    TRUNCATIONS, THINK_WEIGHT_MODES)
 from oisd_jax.config_checker import MISSING, Checker
 
 _SUFFIXES = {"parquet": (".parquet",), "jsonl": (".jsonl", ".json")}
@@ -86,6 +86,7 @@ class AlgorithmSettings:
     bupo_steps: int  # BuPO: RL steps that optimise the internal policy; 0 = never
     oisd_metrics: bool = False  # log the OISD divergences at tap_layer even with their weights 0
     loss_agg: str = "token-mean"  # one of LOSS_AGGS
+    think_weight_mode: str = "signed"  # one of THINK_WEIGHT_MODES: the OISD weight of L_think and L_attn
 
     @property
     def use_think(self) -> bool:
@@ -119,7 +120,8 @@ def algorithm_settings(config: ml_collections.ConfigDict) -> AlgorithmSettings:
         tap_layer=rl.tap_layer if uses_tap else None,
         lens_norm=bool(rl.bupo_lens_norm if bupo else rl.lens_norm),
         bupo_steps=int(rl.bupo_steps) if bupo else 0, oisd_metrics=metrics,
-        loss_agg=rl.loss_agg or _ALGORITHM_LOSS_AGG.get(rl.algorithm, "token-mean"))
+        loss_agg=rl.loss_agg or _ALGORITHM_LOSS_AGG.get(rl.algorithm, "token-mean"),
+        think_weight_mode=rl.think_weight_mode)
 
 
 # ----------------------------------------------------------------------------- older run configs
@@ -132,6 +134,7 @@ _ADDED_FIELDS = {
     "optim.end_lr_factor": 0.0, "train.log_samples": 0,
     "train.max_skipped_updates": 0, "train.allow_config_change": False,
     "sampler.engine": "static", "sampler.slots": 64, "sampler.page_size": 16, "sampler.pool_pages": None,
+    "rl.think_weight_mode": "signed",
 }
 
 
@@ -367,6 +370,7 @@ def _check_rl(c: Checker) -> None:
     c.number("rl.attn_weight", ge=0)
     c.number("rl.tau", gt=0)
     c.number("rl.adv_clip", gt=0)
+    c.choice("rl.think_weight_mode", THINK_WEIGHT_MODES)
     c.boolean("rl.lens_norm")
     c.boolean("rl.bupo_lens_norm")
     for f in ("attn_steps", "attn_window", "attn_stride", "logit_chunk", "ppo_epochs"):

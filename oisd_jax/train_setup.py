@@ -180,8 +180,9 @@ def packing_shape(seq_lens: Sequence[int], *, row_len: int, micro_batch_tokens: 
     return R, 2 ** math.ceil(math.log2(max(1, math.ceil(rows / R))))
 
 
-def _pack(s: Setup, prompts, responses, lengths, adv, rng) -> TrainBatch:
-    """Pack sequences into [M, R, row_len] (shapes from `packing_shape`)."""
+def _pack(s: Setup, prompts, responses, lengths, adv, rng, think_w=None) -> TrainBatch:
+    """Pack sequences into [M, R, row_len] (shapes from `packing_shape`); think_w: the
+    rollouts' OISD weights (None: the step clips the advantage, the signed mode)."""
     pk = s.spec.packing
     seq_lens = [len(p) + int(n) for p, n in zip(prompts, lengths) if n > 0]
     R, M = packing_shape(seq_lens, row_len=pk.row_len, micro_batch_tokens=pk.micro_batch_tokens,
@@ -189,7 +190,7 @@ def _pack(s: Setup, prompts, responses, lengths, adv, rng) -> TrainBatch:
     row_len, max_per_row = pk.row_len, max_seqs_per_row(pk.row_len)
     b = build_train_batch(prompts, responses, lengths, adv, row_len=row_len, rows_per_micro=R, num_micro=M,
                           attn_steps=pk.attn_steps, attn_window=pk.attn_window, attn_stride=pk.attn_stride,
-                          max_seqs_per_row=max_per_row, rng=rng, head_len=0)
+                          max_seqs_per_row=max_per_row, rng=rng, head_len=0, think_weights=think_w)
     return with_head_positions(b, row_len)
 
 
@@ -209,13 +210,16 @@ def with_head_positions(b: TrainBatch, row_len: int) -> TrainBatch:
     return b.replace(head_positions=np.concatenate([hp, pad], axis=-1))
 
 
-def make_minibatches(s: Setup, ro, adv: np.ndarray, step: int) -> list[TrainBatch]:
-    """The step's rollouts split into mini-batches of `mini_batch_prompts` prompts (x n)."""
+def make_minibatches(s: Setup, ro, adv: np.ndarray, step: int,
+                     think_w: np.ndarray | None = None) -> list[TrainBatch]:
+    """The step's rollouts split into mini-batches of `mini_batch_prompts` prompts (x n);
+    think_w: per-rollout OISD weights like `adv` (rl.think_weight_mode other than signed)."""
     t = s.spec.train
     per = t.mini_batch_prompts * ro.n
     rng = np.random.default_rng([t.seed, step])
     prompts = [p for p in ro.prompt_tokens for _ in range(ro.n)]
-    return [_pack(s, prompts[i:i + per], ro.tokens[i:i + per], ro.lengths[i:i + per], adv[i:i + per], rng)
+    return [_pack(s, prompts[i:i + per], ro.tokens[i:i + per], ro.lengths[i:i + per], adv[i:i + per], rng,
+                  None if think_w is None else think_w[i:i + per])
             for i in range(0, len(prompts), per)]
 
 

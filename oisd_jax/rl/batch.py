@@ -40,6 +40,9 @@ class TrainBatch:
     # [M, R, Th] int32 row positions whose logits matter (loss positions, -1 = unused):
     # the vocabulary head runs on these Th <= T positions only. None = all T positions.
     head_positions: jax.Array | None = None
+    # [M, R, T] f32 OISD weight w of L_think on the loss positions (rl.think_weight_mode,
+    # rl.advantages.oisd_weights); None = the step uses clip(advantages, -c, c) (signed).
+    think_weight: jax.Array | None = None
 
     @property
     def targets(self) -> jax.Array:
@@ -121,6 +124,7 @@ def build_train_batch(
     rng: np.random.Generator | int | None = 0,
     ref_logp: bool = False,
     head_len: int | None = None,
+    think_weights: Sequence[float] | None = None,
 ) -> TrainBatch:
     """Pack N rollouts (prompt + first `response_lengths[i]` response tokens) into a TrainBatch.
 
@@ -136,6 +140,9 @@ def build_train_batch(
     head_len: fill `head_positions` with each row's loss positions, padded with -1 to
         this many (0 = the most any row needs, rounded up to a multiple of 64; fix it for
         stable shapes): the vocabulary matmuls then skip prompts and padding.
+    think_weights: each rollout's OISD weight (advantages.oisd_weights, already clipped):
+        fills `think_weight` and is the probes' attn_weight. None: both come from the
+        advantage, clipped in the step (the signed mode).
     Returns NumPy arrays (device_put them with the step's batch shardings).
     """
     n_seq = len(prompt_tokens)
@@ -151,7 +158,9 @@ def build_train_batch(
             raise ValueError(f"micro_batch_tokens={micro_batch_tokens} < row_len={row_len}")
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
 
-    seqs, adv, plen = [], [], []
+    if think_weights is not None and len(think_weights) != n_seq:
+        raise ValueError(f"think_weights ({len(think_weights)}) must have one weight per rollout ({n_seq})")
+    seqs, adv, plen, tw = [], [], [], []
     for i in range(n_seq):
         n = int(response_lengths[i])
         if n > len(response_tokens[i]) or n < 0:
@@ -163,6 +172,7 @@ def build_train_batch(
             raise ValueError(f"prompt {i} is empty: the first response token needs a predicting position")
         seqs.append(np.concatenate([p, np.asarray(response_tokens[i][:n], np.int64)]))
         adv.append(float(advantages[i]))
+        tw.append(float(advantages[i] if think_weights is None else think_weights[i]))
         plen.append(len(p))
 
     R = rows_per_micro
@@ -178,13 +188,13 @@ def build_train_batch(
 
     shape = (n_rows, row_len)
     tokens, positions, segs = (np.zeros(shape, np.int32) for _ in range(3))
-    mask, advs = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+    mask, advs, tws = np.zeros(shape, np.float32), np.zeros(shape, np.float32), np.zeros(shape, np.float32)
     q_idx = np.zeros((n_rows, Qr), np.int32)
     k_idx = np.full((n_rows, Qr, K), -1, np.int32)
     q_w, q_valid = np.zeros((n_rows, Qr), np.float32), np.zeros((n_rows, Qr), np.float32)
     next_seg = np.zeros(n_rows, np.int32)
     next_q = np.zeros(n_rows, np.int32)
-    for (row, off), s, a, p in zip(place, seqs, adv, plen):
+    for (row, off), s, a, p, w in zip(place, seqs, adv, plen, tw):
         n = len(s)
         next_seg[row] += 1
         tokens[row, off:off + n] = s
@@ -192,6 +202,7 @@ def build_train_batch(
         segs[row, off:off + n] = next_seg[row]
         mask[row, off + p - 1:off + n - 1] = 1.0  # predicting positions of the response
         advs[row, off + p - 1:off + n - 1] = a
+        tws[row, off + p - 1:off + n - 1] = w
         if attn_steps:
             steps = np.arange(p - 1, n - 1)  # decoding steps, relative to the sequence start
             if len(steps) > attn_steps:
@@ -201,7 +212,7 @@ def build_train_batch(
             q = len(steps)
             q_idx[row, j:j + q] = off + steps
             k_idx[row, j:j + q] = np.where(keys >= 0, keys + off, -1)
-            q_w[row, j:j + q] = a
+            q_w[row, j:j + q] = w
             q_valid[row, j:j + q] = 1.0
             next_q[row] += attn_steps  # a rollout owns Q slots; unused ones stay invalid
 
@@ -224,4 +235,5 @@ def build_train_batch(
         tokens=mr(tokens), positions=mr(positions), segment_ids=mr(segs), loss_mask=mr(mask),
         advantages=mr(advs), old_logp=np.zeros((M, R, row_len), np.float32),
         attn_queries=mr(q_idx), attn_keys=mr(k_idx), attn_weight=mr(q_w), attn_valid=mr(q_valid),
-        ref_logp=np.zeros((M, R, row_len), np.float32) if ref_logp else None, head_positions=head)
+        ref_logp=np.zeros((M, R, row_len), np.float32) if ref_logp else None, head_positions=head,
+        think_weight=None if think_weights is None else mr(tws))
