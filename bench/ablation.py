@@ -1,6 +1,7 @@
 """The paper's comparison in miniature on the embedded task (configs/tiny.py):
 
-    python bench/ablation.py            # GRPO, BuPO, OISD think-only / attention-only / full, 3 seeds
+    python bench/ablation.py            # GRPO, BuPO, OISD think-only / attention-only / full, 5 seeds,
+                                        # and OISD (full) with the positive and group-centred weights
     python bench/ablation.py --quick    # 2 algorithms x 1 seed x a few steps: a smoke run
 
 Every algorithm of a seed starts from the same supervised warm-up (done once per seed and
@@ -28,16 +29,20 @@ from oisd_jax import analyze, metrics  # noqa: E402
 from oisd_jax.config import validate  # noqa: E402
 from oisd_jax.config_files import load_config_file  # noqa: E402
 
-ALGORITHMS = ("grpo", "bupo", "oisd_think_only", "oisd_attn_only", "oisd")
+# "<algorithm>@<rl.think_weight_mode>" is the algorithm with that OISD weight (docs/method.md §7).
+ALGORITHMS = ("grpo", "bupo", "oisd_think_only", "oisd_attn_only", "oisd", "oisd@positive", "oisd@group_centered")
 LABELS = {"grpo": "GRPO", "bupo": "BuPO", "oisd_think_only": "OISD think-only",
-          "oisd_attn_only": "OISD attention-only", "oisd": "OISD (full)", "opsd": "OPSD"}
+          "oisd_attn_only": "OISD attention-only", "oisd": "OISD (full)", "opsd": "OPSD",
+          "oisd@positive": "OISD (full), positive w", "oisd@group_centered": "OISD (full), group-centred w"}
 # OPSD (`--algorithms=grpo,opsd,...`) is selectable but not in the default set: its rows are not
 # measured yet (bench/README.md has no OPSD figures).
 
 
 def make_config(algorithm: str, seed: int, args, warm_dir: str | None):
+    algorithm, _, mode = algorithm.partition("@")
     c = load_config_file(f"configs/tiny.py:{algorithm}")
     with c.unlocked():
+        c.rl.think_weight_mode = mode or "signed"
         c.train.seed = seed
         c.data.seed = seed
         c.train.steps = args.steps
@@ -85,7 +90,9 @@ def finished(workdir: str, steps: int) -> bool:
 def final_metrics(workdir: str, steps: int) -> dict:
     rec = {r["step"]: r for r in metrics.read_jsonl(os.path.join(workdir, metrics.METRICS_FILE))}
     first = rec.get(0, {})
-    return {"final": rec[steps], "start": first}
+    js = [rec[s]["think_js"] for s in sorted(rec) if s > 0 and "think_js" in rec[s]]
+    trend = {"think_js_first10": float(np.mean(js[:10])), "think_js_last10": float(np.mean(js[-10:]))} if js else {}
+    return {"final": rec[steps], "start": first, **trend}
 
 
 def summarize(results: dict, algorithms, seeds, eval_key: str) -> tuple[str, dict]:
@@ -96,8 +103,9 @@ def summarize(results: dict, algorithms, seeds, eval_key: str) -> tuple[str, dic
         [results[a][s][when].get(key, np.nan) if s in results.get(a, {}) else np.nan for s in seeds]) * 100
     f = lambda x: f"{np.nanmean(x):.1f} +- {np.nanstd(x, ddof=1):.1f}"  # noqa: E731  (sample std over seeds)
     rows = ["| algorithm | held-out Avg@k (final) | held-out greedy (final) | Avg@k minus GRPO's, same seed "
-            "| greedy minus GRPO's, same seed | train reward (last step) | held-out Avg@k (start) | seeds |",
-            "|" + "---|" * 8]
+            "| greedy minus GRPO's, same seed | train reward (last step) | held-out Avg@k (start) "
+            "| think_js, first -> last 10 steps | seeds |",
+            "|" + "---|" * 9]
     table = {}
     base = "grpo" if "grpo" in results else None
     for a in algorithms:
@@ -106,11 +114,15 @@ def summarize(results: dict, algorithms, seeds, eval_key: str) -> tuple[str, dic
         avg, gr, rw, st = get(a, eval_key), get(a, greedy_key), get(a, "reward"), get(a, eval_key, "start")
         d_avg = avg - get(base, eval_key) if base else np.full_like(avg, np.nan)
         d_gr = gr - get(base, greedy_key) if base else np.full_like(gr, np.nan)
+        js0, js1 = (np.array([results[a][s].get(k, np.nan) for s in seeds if s in results[a]])
+                    for k in ("think_js_first10", "think_js_last10"))
         table[a] = {"avg": avg.tolist(), "greedy": gr.tolist(), "reward": rw.tolist(), "start": st.tolist(),
-                    "avg_minus_grpo": d_avg.tolist(), "greedy_minus_grpo": d_gr.tolist()}
+                    "avg_minus_grpo": d_avg.tolist(), "greedy_minus_grpo": d_gr.tolist(),
+                    "think_js_first10": js0.tolist(), "think_js_last10": js1.tolist()}
+        trend = f"{np.nanmean(js0):.3f} -> {np.nanmean(js1):.3f}" if np.isfinite(js0).any() else "-"
         paired = (lambda x: "-" if a == base else f"{np.nanmean(x):+.1f} +- {np.nanstd(x, ddof=1):.1f}")  # noqa: E731
         rows.append(f"| {LABELS[a]} | {f(avg)} | {f(gr)} | {paired(d_avg)} | {paired(d_gr)} | {f(rw)} | {f(st)} "
-                    f"| {int(np.sum(~np.isnan(avg)))} |")
+                    f"| {trend} | {int(np.sum(~np.isnan(avg)))} |")
     return "\n".join(rows), table
 
 
@@ -168,7 +180,8 @@ def plot_ablation(groups: dict[str, list[str]], png: str, eval_key: str) -> None
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="grpo + oisd, 1 seed, 4 steps: a smoke run")
+    ap.add_argument("--quick", action="store_true", help="1 seed, 4 steps (grpo + oisd unless --algorithms): "
+                    "a smoke run")
     ap.add_argument("--algorithms", default=",".join(ALGORITHMS))
     ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("--steps", type=int, default=100)
@@ -184,7 +197,9 @@ def main():
     ap.add_argument("--out", default="bench/results/ablation", help="JSON + PNG prefix")
     args = ap.parse_args()
     if args.quick:
-        args.algorithms, args.seeds, args.steps, args.eval_every = "grpo,oisd", "0", 4, 2
+        if args.algorithms == ",".join(ALGORITHMS):
+            args.algorithms = "grpo,oisd"
+        args.seeds, args.steps, args.eval_every = "0", 4, 2
         args.warmup_steps, args.eval_prompts, args.bupo_steps, args.checkpoint_every = 60, 16, 2, 2
         args.root, args.out = args.root + "_quick", args.out + "_quick"
     logging.basicConfig(level=logging.WARNING)

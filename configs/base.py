@@ -126,6 +126,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     r.attn_weight = 0.1  # lambda_attn (OISD attention alignment)
     r.tau = 1.0  # temperature of the OISD lens/teacher distributions
     r.adv_clip = 1.0  # c: OISD weight w = clip(A, -c, c)
+    # signed (the paper: clip(A, -c, c)) | positive (clip(A, 0, c)) | group_centered (each
+    # group's pushes scaled to balance its pulls); one weight for L_think and L_attn (docs/method.md)
+    r.think_weight_mode = "signed"
     r.lens_norm = True  # OISD student lens applies the final norm (logit lens)
     r.oisd_metrics = False  # also log think_js / attn_js / lens_entropy at tap_layer for baselines
     r.attn_steps = 32  # Q: sampled decoding steps per rollout for L_attn
@@ -164,7 +167,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     t.checkpoint_every = 50  # RL steps between checkpoints; 0 = only at the end
     t.keep_checkpoints = 3  # newest checkpoints kept
     t.async_checkpoint = True  # write checkpoints in the background
-    t.reward = "math"  # math (math-verify) | strict (normalised string match)
+    t.reward = "math"  # math (math-verify) | strict (normalised string match) | verl_math (verl's math.compute_score)
     t.reward_workers = 4  # host processes scoring rewards
     t.reward_timeout_s = 5.0  # per-response reward time bound; a timeout scores 0
     t.allow_config_change = False  # resume a workdir although model / rl / data settings changed

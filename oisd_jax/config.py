@@ -22,7 +22,7 @@ import ml_collections
 from oisd_jax.choices import (  # noqa: F401
     ADV_ESTIMATORS, ALGORITHMS, ATTN_IMPLS, BAD_ROW_POLICIES, COMPUTE_DTYPES, DATA_FORMATS, KL_TYPES,
     LOSS_AGGS, MESH_AXES, PARAM_DTYPES, REMAT_POLICIES, REWARDS, SAMPLER_ENGINES, SCHEDULES, SYNTHETIC_OPS,
-    TEACHERS, TRUNCATIONS)
+    TEACHERS, TRUNCATIONS, THINK_WEIGHT_MODES)
 from oisd_jax.config_checker import MISSING, Checker
 
 _SUFFIXES = {"parquet": (".parquet",), "jsonl": (".jsonl", ".json")}
@@ -89,6 +89,7 @@ class AlgorithmSettings:
     loss_agg: str = "token-mean"  # one of LOSS_AGGS
     pg_weight: float = 1.0  # weight of L_pg (0 for OPSD alone)
     opsd_weight: float = 0.0  # weight of OPSD's divergence to the teacher; 0 = no teacher forward
+    think_weight_mode: str = "signed"  # one of THINK_WEIGHT_MODES: the OISD weight of L_think and L_attn
 
     @property
     def use_think(self) -> bool:
@@ -128,7 +129,8 @@ def algorithm_settings(config: ml_collections.ConfigDict) -> AlgorithmSettings:
         bupo_steps=int(rl.bupo_steps) if bupo else 0, oisd_metrics=metrics,
         loss_agg=rl.loss_agg or _ALGORITHM_LOSS_AGG.get(rl.algorithm, "token-mean"),
         pg_weight=_or(rl.pg_weight, 0.0 if rl.algorithm == "opsd" else 1.0),
-        opsd_weight=_or(rl.opsd_weight, 1.0 if rl.algorithm == "opsd" else 0.0))
+        opsd_weight=_or(rl.opsd_weight, 1.0 if rl.algorithm == "opsd" else 0.0),
+        think_weight_mode=rl.think_weight_mode)
 
 
 def _or(value, default: float) -> float:
@@ -148,6 +150,7 @@ _ADDED_FIELDS = {
     "rl.pg_weight": None, "rl.opsd_weight": None, "rl.opsd_beta": 0.0, "rl.opsd_token_clip": 0.05,
     "rl.opsd_top_k": 0, "rl.teacher": "frozen", "rl.teacher_decay": 0.999, "data.solution_field": None,
     "data.teacher_template": None, "data.teacher_max_prompt_len": 1536,  # template: filled in migrate
+    "rl.think_weight_mode": "signed",
 }
 
 
@@ -399,6 +402,7 @@ def _check_rl(c: Checker) -> None:
     c.number("rl.attn_weight", ge=0)
     c.number("rl.tau", gt=0)
     c.number("rl.adv_clip", gt=0)
+    c.choice("rl.think_weight_mode", THINK_WEIGHT_MODES)
     c.boolean("rl.lens_norm")
     c.boolean("rl.bupo_lens_norm")
     for f in ("attn_steps", "attn_window", "attn_stride", "logit_chunk", "ppo_epochs"):

@@ -198,9 +198,12 @@ def _check_meta(out_dir: str, meta: dict, overwrite: bool) -> None:
 
 # ----------------------------------------------------------------------------- the loop
 def evaluate(run, benchmarks: dict[str, tuple[list[dict], int]], out_dir: str, *, seed: int = 0,
-             reward_pool=None, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+             reward_pool=None, overwrite: bool = False, progress: bool = True,
+             reward: str | None = None) -> dict[str, Any]:
     """Sample, score and dump every benchmark's problems (skipping those already dumped);
-    returns (and writes) the results: per benchmark n, k, avg@k, pass@k'; and their mean."""
+    returns (and writes) the results: per benchmark n, k, avg@k, pass@k'; and their mean.
+    reward: the scorer (one of choices.REWARDS); default the run's train.reward. It is part
+    of the dump's metadata, so one --out never mixes two scorers."""
     from oisd_jax import distributed, metrics
     from oisd_jax.rewards import RewardPool
     from oisd_jax.run_spec import resolve
@@ -209,7 +212,8 @@ def evaluate(run, benchmarks: dict[str, tuple[list[dict], int]], out_dir: str, *
     main = distributed.is_main()
     spec = resolve(run.config, num_devices=None, check_paths=False)
     sampler, sampling = _sampler(run.model_cfg, spec.mesh.decode_shape, spec.sampler)
-    meta = {"source": run.source, "seed": int(seed), "reward": spec.train.reward,
+    kind = reward or spec.train.reward
+    meta = {"source": run.source, "seed": int(seed), "reward": kind,
             "sampling": {k: v for k, v in dataclasses.asdict(sampling).items() if k != "n"},
             "max_new_tokens": spec.sampler.max_new_tokens, "max_prompt_len": spec.sampler.max_prompt_len,
             "benchmarks": {n: {"k": k} for n, (ex, k) in benchmarks.items()}}
@@ -234,7 +238,7 @@ def evaluate(run, benchmarks: dict[str, tuple[list[dict], int]], out_dir: str, *
     bar = metrics.ProgressBar(total, initial=done, process_index=0 if progress and main else 1, fields={},
                               desc="eval")
     own_pool = reward_pool is None
-    pool = reward_pool or RewardPool(spec.train.reward, workers=spec.train.reward_workers,
+    pool = reward_pool or RewardPool(kind, workers=spec.train.reward_workers,
                                      timeout_s=spec.train.reward_timeout_s)
     params = sampler.reshard(run.params) if todo else None
     base = jax.random.key(int(seed))
@@ -320,6 +324,9 @@ def define_flags() -> None:
     flags.DEFINE_integer("seed", 0, "Sampling seed.")
     flags.DEFINE_string("out", None, "Output folder; default <workdir>/eval/step_<step> or <hf>/eval.")
     flags.DEFINE_bool("overwrite", False, "Start over even if --out holds another evaluation.")
+    from oisd_jax.choices import REWARDS
+    flags.DEFINE_enum("reward", None, list(REWARDS), "Scorer (math-verify, strict, or verl's "
+                      "math.compute_score); default the run's train.reward.")
     from oisd_jax import distributed
     distributed.define_flags()
 
@@ -342,7 +349,7 @@ def main(argv):
         run = run_files.load_run(FLAGS.workdir, step=FLAGS.step, config=FLAGS.config)
         out = FLAGS.out or os.path.join(FLAGS.workdir, "eval", f"step_{run.step}")
     benchmarks = load_benchmarks(run.config, run.tokenizer, FLAGS.benchmarks, k=FLAGS.k, limit=FLAGS.limit)
-    results = evaluate(run, benchmarks, out, seed=FLAGS.seed, overwrite=FLAGS.overwrite)
+    results = evaluate(run, benchmarks, out, seed=FLAGS.seed, overwrite=FLAGS.overwrite, reward=FLAGS.reward)
     if distributed.is_main():
         print(f"{run.source}\n{format_table(results)}\nwritten to {out}/{RESULTS_FILE} and {SAMPLES_FILE}")
 

@@ -30,8 +30,9 @@ from typing import Iterator, Literal, Sequence
 import numpy as np
 
 from oisd_jax.choices import REWARDS
+from oisd_jax.rewards_verl import verl_math_reward
 
-RewardKind = Literal[REWARDS]  # "math" | "strict", declared once in oisd_jax.choices
+RewardKind = Literal[REWARDS]  # "math" | "strict" | "verl_math", declared once in oisd_jax.choices
 DEFAULT_TIMEOUT_S = 5.0
 # Real ground truths are < 150 characters (deepmath, MATH500, AIME, AMC); longer "answers"
 # are degenerate generations and parsing them is where sympy spends minutes.
@@ -208,8 +209,10 @@ def score_one(
     """(reward, timed_out) for one rollout, run in the calling (main) thread."""
     if kind == "strict":
         return strict_reward(response, ground_truth), False
+    if kind == "verl_math":  # verl's math.compute_score: string work only (rewards_verl)
+        return verl_math_reward(response, ground_truth), False
     if kind != "math":
-        raise ValueError(f"unknown reward kind {kind!r}; expected 'math' or 'strict'")
+        raise ValueError(f"unknown reward kind {kind!r}; expected one of {REWARDS}")
     pred = extract_boxed(response)
     if pred is None or len(pred) > MAX_ANSWER_CHARS:
         return 0.0, False
@@ -316,8 +319,8 @@ class RewardPool:
 
     def __init__(self, kind: RewardKind = "math", workers: int = 2,
                  timeout_s: float = DEFAULT_TIMEOUT_S):
-        if kind not in ("math", "strict"):
-            raise ValueError(f"unknown reward kind {kind!r}; expected 'math' or 'strict'")
+        if kind not in REWARDS:
+            raise ValueError(f"unknown reward kind {kind!r}; expected one of {REWARDS}")
         if workers < 1 or timeout_s <= 0:
             raise ValueError(f"need workers >= 1 and timeout_s > 0, got {workers}, {timeout_s}")
         self.kind, self.timeout_s = kind, float(timeout_s)

@@ -96,10 +96,13 @@ def rl_step(s: Setup, state, step: int, it, pool: RewardPool, key: jax.Array, ti
         rewards = rollout.score(pool, ro.texts, answers).reshape(len(examples), ro.n)
     adv = advantages.compute(algo.adv_estimator, jnp.asarray(rewards),
                              lengths_BG=jnp.asarray(ro.lengths.reshape(rewards.shape), jnp.float32))
+    think_w = None  # signed: the step clips the advantage itself
+    if algo.think_weight_mode != "signed" and (algo.use_think or algo.use_attn):
+        think_w = np.asarray(advantages.oisd_weights(adv, algo.think_weight_mode, s.spec.step.adv_clip)).reshape(-1)
     adv = np.asarray(adv).reshape(-1)
     with timer("update"):
         teacher = [e["teacher_ids"] for e in examples] if algo.use_opsd else None
-        batches = [s.put_batch(b) for b in make_minibatches(s, ro, adv, step, teacher)]
+        batches = [s.put_batch(b) for b in make_minibatches(s, ro, adv, step, teacher, think_w)]
         # old log-probs of every mini-batch come from the policy before this step's updates,
         # and stay fixed over the rl.ppo_epochs passes (PPO's pi_old)
         batches = [b.replace(old_logp=logp_fn(state.params, b)) for b in batches]

@@ -181,9 +181,10 @@ def packing_shape(seq_lens: Sequence[int], *, row_len: int, micro_batch_tokens: 
     return R, 2 ** math.ceil(math.log2(max(1, math.ceil(rows / R))))
 
 
-def _pack(s: Setup, prompts, responses, lengths, adv, rng, teacher_prompts=None) -> TrainBatch:
+def _pack(s: Setup, prompts, responses, lengths, adv, rng, teacher_prompts=None, think_w=None) -> TrainBatch:
     """Pack sequences into [M, R, row_len] (shapes from `packing_shape`); with
-    teacher_prompts, OPSD's teacher rows [M, R, teacher_row_len] beside them."""
+    teacher_prompts, OPSD's teacher rows [M, R, teacher_row_len] beside them; think_w: the
+    rollouts' OISD weights (None: the step clips the advantage, the signed mode)."""
     pk = s.spec.packing
     seq_lens = [len(p) + int(n) for p, n in zip(prompts, lengths) if n > 0]
     teacher = None
@@ -195,7 +196,8 @@ def _pack(s: Setup, prompts, responses, lengths, adv, rng, teacher_prompts=None)
     b = build_train_batch(prompts, responses, lengths, adv, row_len=row_len, rows_per_micro=R, num_micro=M,
                           attn_steps=pk.attn_steps, attn_window=pk.attn_window, attn_stride=pk.attn_stride,
                           max_seqs_per_row=max_per_row, rng=rng, head_len=0, teacher_prompt_tokens=teacher_prompts,
-                          teacher_row_len=pk.teacher_row_len if teacher_prompts is not None else None)
+                          teacher_row_len=pk.teacher_row_len if teacher_prompts is not None else None,
+                          think_weights=think_w)
     return with_head_positions(b, row_len)
 
 
@@ -219,16 +221,18 @@ def with_head_positions(b: TrainBatch, row_len: int) -> TrainBatch:
 
 
 def make_minibatches(s: Setup, ro, adv: np.ndarray, step: int,
-                     teacher_prompts: Sequence[np.ndarray] | None = None) -> list[TrainBatch]:
+                     teacher_prompts: Sequence[np.ndarray] | None = None,
+                     think_w: np.ndarray | None = None) -> list[TrainBatch]:
     """The step's rollouts split into mini-batches of `mini_batch_prompts` prompts (x n).
-    teacher_prompts: OPSD's teacher prompt of each prompt (Example["teacher_ids"])."""
+    teacher_prompts: OPSD's teacher prompt of each prompt (Example["teacher_ids"]);
+    think_w: per-rollout OISD weights like `adv` (rl.think_weight_mode other than signed)."""
     t = s.spec.train
     per = t.mini_batch_prompts * ro.n
     rng = np.random.default_rng([t.seed, step])
     prompts = [p for p in ro.prompt_tokens for _ in range(ro.n)]
     tps = None if teacher_prompts is None else [p for p in teacher_prompts for _ in range(ro.n)]
     return [_pack(s, prompts[i:i + per], ro.tokens[i:i + per], ro.lengths[i:i + per], adv[i:i + per], rng,
-                  None if tps is None else tps[i:i + per])
+                  None if tps is None else tps[i:i + per], None if think_w is None else think_w[i:i + per])
             for i in range(0, len(prompts), per)]
 
 

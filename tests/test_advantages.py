@@ -151,3 +151,61 @@ def test_reinforce_pp_with_lengths_is_verls_token_whitening():
     # the group estimators ignore lengths, as verl's do
     np.testing.assert_array_equal(advantages.compute("grpo", rewards, lengths_BG=lengths),
                                   advantages.compute("grpo", rewards))
+
+
+# ----------------------------------------------------------------------------- OISD weight modes
+def np_oisd_weights(adv, mode, c):
+    """Loop reference of rl.think_weight_mode, written from the definitions in docs/method.md."""
+    adv = np.asarray(adv, np.float64)
+    out = np.zeros_like(adv)
+    for b in range(adv.shape[0]):
+        w = [min(max(a, -c), c) for a in adv[b]]
+        if mode == "positive":
+            w = [max(x, 0.0) for x in w]
+        elif mode == "group_centered":
+            pulls = sum(x for x in w if x > 0)
+            pushes = -sum(x for x in w if x < 0)
+            target = min(pulls, pushes)  # both sides end at the smaller total
+            w = [x * target / pulls if x > 0 else (x * target / pushes if x < 0 else 0.0) for x in w]
+        out[b] = w
+    return out
+
+
+@pytest.mark.parametrize("mode", ["signed", "positive", "group_centered"])
+@pytest.mark.parametrize("c", [1.0, 0.5])
+def test_oisd_weights_match_reference(rewards, mode, c):
+    adv = np.asarray(advantages.grpo(jnp.asarray(rewards)))
+    adv_pp = np.asarray(advantages.reinforce_pp(jnp.asarray(rewards)))  # groups with one sign only
+    for a in (adv, adv_pp):
+        got = np.asarray(advantages.oisd_weights(jnp.asarray(a), mode, c))
+        np.testing.assert_allclose(got, np_oisd_weights(a, mode, c), atol=1e-6)
+        assert np.all(np.abs(got) <= c + 1e-7)
+        assert np.all(got * a >= 0)  # never flips a rollout's sign
+
+
+def _grpo_binary(k: int, g: int) -> np.ndarray:
+    """Closed-form GRPO advantages of k right answers of g (unbiased std), as a [1, g] row."""
+    p = k / g
+    std = np.sqrt(g / (g - 1) * p * (1 - p))
+    return np.array([[(1 - p) / std] * k + [-p / std] * (g - k)])
+
+
+@pytest.mark.parametrize("g,k,signed_mean", [(4, 1, -0.125), (8, 1, (1 - 7 / np.sqrt(8)) / 8),
+                                             (4, 2, 0.0), (4, 3, 0.125)])
+def test_oisd_weight_bias_in_closed_form(g, k, signed_mean):
+    # The issue's figures: G=4 at 1/4 accuracy the signed weights are [1, -.5, -.5, -.5]
+    # (mean -0.125); G=8 at 1/8 accuracy the mean is about -0.18.
+    a = _grpo_binary(k, g)
+    signed = np.asarray(advantages.oisd_weights(jnp.asarray(a), "signed", 1.0))
+    centered = np.asarray(advantages.oisd_weights(jnp.asarray(a), "group_centered", 1.0))
+    positive = np.asarray(advantages.oisd_weights(jnp.asarray(a), "positive", 1.0))
+    assert signed.mean() == pytest.approx(signed_mean, abs=1e-6)
+    assert centered.mean() == pytest.approx(0.0, abs=1e-6)
+    assert positive.min() >= 0 and positive.mean() == pytest.approx(np.clip(a, 0, 1).mean(), abs=1e-6)
+    if signed_mean == 0.0:  # nothing clips at half accuracy: centering changes nothing
+        np.testing.assert_allclose(centered, signed, atol=1e-6)
+
+
+def test_oisd_weights_unknown_mode():
+    with pytest.raises(ValueError, match="think weight mode"):
+        advantages.oisd_weights(jnp.zeros((1, 2)), "absolute")

@@ -138,3 +138,22 @@ def test_head_positions_list_each_rows_loss_positions():
     assert build_train_batch(prompts, responses, lengths, adv, row_len=100, rows_per_micro=2).head_positions is None
     with pytest.raises(ValueError, match="head_len=3"):
         build_train_batch(prompts, responses, lengths, adv, row_len=100, rows_per_micro=2, head_len=3)
+
+
+def test_think_weights_fill_the_loss_positions_and_the_probes():
+    prompts, responses, lengths, adv = _rollouts(2, n=7)
+    w = -np.asarray(adv, np.float32) / 3.0  # any per-rollout value different from adv
+    b = build_train_batch(prompts, responses, lengths, adv, row_len=26, rows_per_micro=2, attn_steps=2,
+                          attn_window=3, attn_stride=4, think_weights=w)
+    plain = build_train_batch(prompts, responses, lengths, adv, row_len=26, rows_per_micro=2, attn_steps=2,
+                              attn_window=3, attn_stride=4)
+    assert plain.think_weight is None
+    np.testing.assert_array_equal(b.advantages, plain.advantages)  # L_pg keeps the advantage
+    mask = b.loss_mask > 0
+    # advantages are the rollout's a on its loss positions; the weight is -a/3 there
+    np.testing.assert_allclose(b.think_weight[mask], -b.advantages[mask] / 3.0, rtol=1e-6)
+    assert np.all(b.think_weight[~mask] == 0)
+    valid = b.attn_valid > 0
+    np.testing.assert_allclose(b.attn_weight[valid], -plain.attn_weight[valid] / 3.0, rtol=1e-6)
+    with pytest.raises(ValueError, match="think_weights"):
+        build_train_batch(prompts, responses, lengths, adv, row_len=26, rows_per_micro=2, think_weights=w[:1])

@@ -132,6 +132,21 @@ def test_evaluate_dump_recomputed_by_hand_and_resume(tiny, tmp_path):
         E.evaluate(run, benches, str(out), seed=4, progress=False)
 
 
+def test_evaluate_with_the_verl_scorer(tiny, tmp_path):
+    """reward='verl_math' scores the dump with verl's math.compute_score convention, and a
+    folder holding one scorer's samples refuses another's."""
+    from oisd_jax.rewards_verl import verl_math_reward
+    _, run = tiny
+    benches = E.load_benchmarks(run.config, run.tokenizer, ["mini"], limit=3)
+    out = tmp_path / "eval"
+    res = E.evaluate(run, benches, str(out), seed=3, progress=False, reward="verl_math")
+    rows = [json.loads(x) for x in (out / E.SAMPLES_FILE).read_text().splitlines()]
+    assert len(rows) == 3 * 2 and res["benchmarks"]["mini"]["problems"] == 3
+    assert all(r["reward"] == verl_math_reward(r["response"], r["answer"]) for r in rows)
+    with pytest.raises(ValueError, match="another evaluation"):
+        E.evaluate(run, benches, str(out), seed=3, progress=False)  # the run's own scorer: strict
+
+
 def test_command_lines(tiny, tmp_path):
     """export -> evaluate --hf -> analyze, as a user types them (separate processes)."""
     import subprocess

@@ -402,3 +402,88 @@ def test_attention_loss_all_invalid_and_denominator():
     den = valid.sum()
     parts = sum(loss(s[i:i + 1], t[i:i + 1], w[i:i + 1], valid[i:i + 1], denom=den) for i in range(2))
     np.testing.assert_allclose(parts, full, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- OGLS-SD steering
+def np_steer(z, correct, group, mask, alpha, unit):
+    """Loop reference: per group, the two pools' mean logits, their difference added at the
+    response tokens of every rollout of the group (none where a pool is empty)."""
+    z = np.asarray(z, np.float64)
+    out = z.copy()
+    for g in np.unique(group):
+        votes = {True: [], False: []}
+        for b in np.flatnonzero(group == g):
+            toks = [z[b, t] for t in range(z.shape[1]) if mask[b, t]]
+            if not toks:
+                continue
+            if unit == "token":
+                votes[bool(correct[b])] += toks
+            else:
+                votes[bool(correct[b])].append(np.mean(toks, axis=0))
+        if not votes[True] or not votes[False]:
+            continue
+        d = np.mean(votes[True], axis=0) - np.mean(votes[False], axis=0)
+        for b in np.flatnonzero(group == g):
+            for t in range(z.shape[1]):
+                if mask[b, t]:
+                    out[b, t] += alpha * d
+    return out
+
+
+def _steer_case(seed=0):
+    rng = np.random.default_rng(seed)
+    B, T, V, G = 12, 5, 7, 4  # 4 groups of 3 rollouts
+    z = rng.normal(size=(B, T, V)).astype(np.float32) * 3
+    group = np.repeat(np.arange(G), 3)
+    correct = np.array([1, 0, 1,  1, 1, 1,  0, 0, 0,  0, 1, 0], bool)  # mixed, all right, all wrong, mixed
+    lengths = rng.integers(1, T + 1, size=B)
+    mask = np.arange(T)[None] < lengths[:, None]
+    return z, correct, group, mask, G
+
+
+@pytest.mark.parametrize("unit", ["token", "sequence"])
+def test_steer_teacher_logits_vs_numpy(unit):
+    z, correct, group, mask, G = _steer_case()
+    got = np.asarray(losses.steer_teacher_logits(jnp.asarray(z), jnp.asarray(correct), jnp.asarray(group),
+                                                 jnp.asarray(mask), 0.7, num_groups=G, unit=unit))
+    want = np_steer(z, correct, group, mask, 0.7, unit)
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=1e-5)
+    uniform = (group == 1) | (group == 2)  # all right / all wrong: untouched
+    np.testing.assert_array_equal(got[uniform], z[uniform])
+    np.testing.assert_array_equal(got[~mask], z[~mask])  # off the response: untouched
+    assert np.abs(got - z).max(-1)[~uniform[:, None] & mask].min() > 0  # the mixed groups do move
+
+
+def test_steer_units_differ_and_bad_unit():
+    z, correct, group, mask, G = _steer_case(1)
+    args = (jnp.asarray(z), jnp.asarray(correct), jnp.asarray(group), jnp.asarray(mask), 1.0)
+    tok = losses.steer_teacher_logits(*args, num_groups=G, unit="token")
+    seq = losses.steer_teacher_logits(*args, num_groups=G, unit="sequence")
+    assert float(jnp.abs(tok - seq).max()) > 1e-3  # unequal lengths: the units weigh tokens differently
+    with pytest.raises(ValueError, match="steering unit"):
+        losses.steer_teacher_logits(*args, num_groups=G, unit="position")
+
+
+def test_steer_direction_ignores_token_offsets():
+    # log_softmax(z) = z - lse(z) per token: the direction moves by a constant over V, so
+    # the steered distribution is the same from logits or from log-probs.
+    z, correct, group, mask, G = _steer_case(2)
+    args = (jnp.asarray(correct), jnp.asarray(group), jnp.asarray(mask), 1.3)
+    a = losses.steer_teacher_logits(jnp.asarray(z), *args, num_groups=G)
+    b = losses.steer_teacher_logits(jax.nn.log_softmax(jnp.asarray(z), -1), *args, num_groups=G)
+    np.testing.assert_allclose(jax.nn.softmax(a, -1), jax.nn.softmax(b, -1), atol=1e-6)
+
+
+def test_steer_pool_sums_add_over_micro_batches():
+    # A group split over two micro-batches (rows 0-5 and 6-11): summed pool sums give the
+    # whole batch's direction, as a two-pass teacher step would accumulate them.
+    z, correct, group, mask, G = _steer_case(3)
+    group = np.array([0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3])  # every group in both halves
+    g_BT = np.broadcast_to(group[:, None], mask.shape)
+    c_BT = np.broadcast_to(correct[:, None], mask.shape)
+    parts = [losses.steer_pool_sums(jnp.asarray(z[s]), jnp.asarray(g_BT[s]), jnp.asarray(c_BT[s]),
+                                    jnp.asarray(mask[s]), G) for s in (slice(0, 6), slice(6, 12))]
+    d_split = losses.steer_direction(parts[0][0] + parts[1][0], parts[0][1] + parts[1][1])
+    whole = np.asarray(losses.steer_teacher_logits(jnp.asarray(z), jnp.asarray(correct), jnp.asarray(group),
+                                                   jnp.asarray(mask), 1.0, num_groups=G))
+    np.testing.assert_allclose(whole[mask], (z + np.asarray(d_split)[group][:, None, :])[mask], atol=1e-5)

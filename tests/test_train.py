@@ -193,19 +193,24 @@ def test_dr_grpo_selects_its_constant_length_aggregation():
     assert build_setup(tiny()).step_cfg.loss_agg == "token-mean"
 
 
-def test_loss_position_head_on_where_shorter_and_exact():
-    """Rows of 128 holding ~30 loss positions: the trainer's batches carry head_positions
-    (64 wide) and their loss, metrics, gradients and old log-probs equal the full head's."""
-    from oisd_jax.model import init_params
-    from oisd_jax.rl.step import compute_grads
+def _random_rollouts():
+    """A setup with rows of 128 and 8 random rollouts (2 per prompt) of 3..8 tokens."""
     from oisd_jax.rollout import Rollouts
-    from oisd_jax.train_setup import make_minibatches
     s = build_setup(tiny(data__max_prompt_len=120))
     rng = np.random.default_rng(0)
     v = s.model_cfg.vocab_size
     prompts = [rng.integers(3, v, rng.integers(10, 21)) for _ in range(4)]
     responses = [rng.integers(3, v, rng.integers(3, 9)) for _ in range(8)]
-    ro = Rollouts(prompts, responses, [np.zeros(len(r)) for r in responses], [""] * 8, n=2)
+    return s, Rollouts(prompts, responses, [np.zeros(len(r)) for r in responses], [""] * 8, n=2), rng
+
+
+def test_loss_position_head_on_where_shorter_and_exact():
+    """Rows of 128 holding ~30 loss positions: the trainer's batches carry head_positions
+    (64 wide) and their loss, metrics, gradients and old log-probs equal the full head's."""
+    from oisd_jax.model import init_params
+    from oisd_jax.rl.step import compute_grads
+    from oisd_jax.train_setup import make_minibatches
+    s, ro, rng = _random_rollouts()
     batches = make_minibatches(s, ro, rng.normal(size=8).astype(np.float32), 0)
     params = init_params(s.model_cfg, jax.random.key(0))
     f = jax.jit(lambda p, b: compute_grads(p, b, s.model_cfg, s.step_cfg))
@@ -228,3 +233,69 @@ def test_kl_coef_to_a_moving_reference_refused_before_compiling():
     tiny(rl__kl_coef=0.05)
     with pytest.raises(ConfigError, match=r"rl.kl_coef=0.05 needs rl.teacher='frozen'"):
         tiny(rl__kl_coef=0.05, rl__teacher="ema")
+
+
+@pytest.mark.parametrize("mode", ["positive", "group_centered"])
+def test_think_weight_mode_reaches_the_packed_batches(monkeypatch, mode):
+    """rl.think_weight_mode: with one right answer in each group of 4 the trainer packs
+    advantages.oisd_weights (test_advantages.np_oisd_weights) as the think and probe weights,
+    while L_pg keeps the plain advantage."""
+    from oisd_jax import rollout
+    from test_advantages import np_oisd_weights
+    got = {}
+    generate = rollout.generate
+
+    def spy(*a, **k):
+        ro = generate(*a, **k)
+        got["lengths"] = ro.lengths
+        return ro
+    monkeypatch.setattr(rollout, "generate", spy)
+    monkeypatch.setattr(rollout, "score", lambda pool, texts, answers: (np.arange(len(texts)) % 4 == 0).astype(np.float32))
+    s = build_setup(tiny(rl__think_weight_mode=mode, sampler__n=4, train__sft_warmup_steps=0))
+    assert s.spec.algo.think_weight_mode == mode
+    _, m, updated, _ = _one_rl_step(s)
+    lengths = got["lengths"]
+    rewards = (np.arange(len(lengths)) % 4 == 0).astype(np.float64).reshape(-1, 4)
+    adv = (rewards - rewards.mean(1, keepdims=True)) / (rewards.std(1, ddof=1, keepdims=True) + 1e-6)
+    want = np_oisd_weights(adv, mode, 1.0).reshape(-1)
+    assert np.abs(want - np.clip(adv, -1, 1).reshape(-1)).max() > 0.1  # differs from signed here
+    mask = [np.asarray(b.loss_mask) > 0 for b in updated]
+    packed = np.concatenate([np.asarray(b.think_weight)[k] for b, k in zip(updated, mask)])
+    np.testing.assert_allclose(np.sort(packed), np.sort(np.repeat(want, lengths)), atol=1e-5)
+    pg = np.concatenate([np.asarray(b.advantages)[k] for b, k in zip(updated, mask)])
+    np.testing.assert_allclose(np.sort(pg), np.sort(np.repeat(adv.reshape(-1), lengths)), atol=1e-5)
+    probe = np.concatenate([np.asarray(b.attn_weight)[np.asarray(b.attn_valid) > 0] for b in updated])
+    assert np.abs(probe[:, None] - want[None]).min(axis=1).max() < 1e-5  # each probe has a rollout's weight
+    assert np.isfinite(m["loss"]) and (mode != "positive" or m["think_loss"] >= 0)
+
+
+def test_think_weight_is_what_the_step_weighs_the_lens_by():
+    """A batch with think_weight W gives the think/attention loss of the same batch with
+    advantages W (signed: clip(W) = W) and the policy loss of its own advantages."""
+    from oisd_jax.model import init_params
+    from oisd_jax.rl.step import compute_grads
+    from oisd_jax.train_setup import make_minibatches
+    s, ro, rng = _random_rollouts()
+    adv = rng.normal(size=8).astype(np.float32)
+    w = rng.uniform(-1, 1, size=8).astype(np.float32)
+    params = init_params(s.model_cfg, jax.random.key(0))
+    f = jax.jit(lambda p, b: compute_grads(p, b, s.model_cfg, s.step_cfg))
+    for b, b_w, b_a in zip(make_minibatches(s, ro, adv, 0, think_w=w), make_minibatches(s, ro, w, 0),
+                           make_minibatches(s, ro, adv, 0)):
+        m, m_w, m_a = (f(params, x)[2] for x in (b, b_w, b_a))
+        for k in ("think_loss", "attn_loss"):
+            np.testing.assert_allclose(float(m[k]), float(m_w[k]), rtol=1e-5, atol=1e-7, err_msg=k)
+            assert abs(float(m[k]) - float(m_a[k])) > 1e-6, k  # the weight changed it
+        np.testing.assert_allclose(float(m["pg_loss"]), float(m_a["pg_loss"]), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["positive", "group_centered"])
+def test_think_weight_modes_train(tmp_path, mode):
+    last = train(tiny(rl__think_weight_mode=mode, train__steps=2, train__checkpoint_every=0,
+                      train__sft_warmup_steps=1), str(tmp_path))
+    assert np.isfinite(last["loss"]) and np.isfinite(last["think_loss"]) and np.isfinite(last["attn_loss"])
+
+
+def test_think_weight_mode_is_validated():
+    with pytest.raises(ConfigError, match="rl.think_weight_mode"):
+        tiny(rl__think_weight_mode="absolute")

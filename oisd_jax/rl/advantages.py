@@ -12,7 +12,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from oisd_jax.choices import ADV_ESTIMATORS
+from oisd_jax.choices import ADV_ESTIMATORS, THINK_WEIGHT_MODES
 
 Array = jax.Array
 
@@ -108,3 +108,36 @@ def compute(name: str, rewards_BG: Array, lengths_BG: Array | None = None, **kwa
     if key == "reinforce_pp" and lengths_BG is not None:
         kwargs["mask_BG"] = lengths_BG
     return ESTIMATORS[key](rewards_BG, **kwargs)
+
+
+# ----------------------------------------------------------------------------- OISD weights
+def oisd_weights(adv_BG: Array, mode: str = "signed", clip: float = 1.0) -> Array:
+    """The per-rollout weight w [B, G] of L_think and L_attn (rl.think_weight_mode).
+
+    signed          w = clip(A, -c, c) (the paper). With one right answer of G the right
+                    rollout's A clips (G=4: 1.5 -> 1) and the wrong ones do not, so the
+                    group's mean weight is negative (G=4: -0.125, G=8: -0.18; docs/method.md).
+    positive        w = clip(A, 0, c): correct rollouts pull the lens toward the output,
+                    nothing pushes it away.
+    group_centered  w = clip(A, -c, c), then the larger of the group's two sides is scaled
+                    down so that sum(w > 0) = -sum(w < 0): with P = sum max(w, 0) and
+                    N = sum max(-w, 0) over the group, positives get min(1, N / P) and
+                    negatives min(1, P / N). Signs are kept, |w| <= c still holds, the
+                    group's per-rollout mean is exactly 0, and where nothing clips (e.g. GRPO
+                    at half accuracy) it equals signed. A group with only one sign (possible
+                    with reinforce_pp's batch whitening) gets 0. Balance is per rollout: the
+                    token-mean of L_think still counts a long rollout's tokens more.
+    """
+    a = jnp.asarray(adv_BG, jnp.float32)
+    if mode == "signed":
+        return jnp.clip(a, -clip, clip)
+    if mode == "positive":
+        return jnp.clip(a, 0.0, clip)
+    if mode != "group_centered":
+        raise ValueError(f"unknown think weight mode {mode!r}; choose from {THINK_WEIGHT_MODES}")
+    w = jnp.clip(a, -clip, clip)
+    pos = jnp.sum(jnp.maximum(w, 0.0), axis=-1, keepdims=True)
+    neg = jnp.sum(jnp.maximum(-w, 0.0), axis=-1, keepdims=True)
+    scale_pos = jnp.where(pos > 0, jnp.minimum(1.0, neg / jnp.maximum(pos, 1e-30)), 0.0)
+    scale_neg = jnp.where(neg > 0, jnp.minimum(1.0, pos / jnp.maximum(neg, 1e-30)), 0.0)
+    return jnp.where(w > 0, w * scale_pos, w * scale_neg)

@@ -48,6 +48,9 @@ class TrainBatch:
     teacher_positions: jax.Array | None = None
     teacher_segment_ids: jax.Array | None = None
     teacher_head_positions: jax.Array | None = None
+    # [M, R, T] f32 OISD weight w of L_think on the loss positions (rl.think_weight_mode,
+    # rl.advantages.oisd_weights); None = the step uses clip(advantages, -c, c) (signed).
+    think_weight: jax.Array | None = None
 
     @property
     def targets(self) -> jax.Array:
@@ -140,6 +143,7 @@ def build_train_batch(
     head_len: int | None = None,
     teacher_prompt_tokens: Sequence[Sequence[int]] | None = None,
     teacher_row_len: int | None = None,
+    think_weights: Sequence[float] | None = None,
 ) -> TrainBatch:
     """Pack N rollouts (prompt + first `response_lengths[i]` response tokens) into a TrainBatch.
 
@@ -160,6 +164,9 @@ def build_train_batch(
         (`teacher_row_len` tokens each) in the same order, so the j-th head position of a
         student row and of its teacher row predict the same response token. Implies
         head positions (head_len 0 when None).
+    think_weights: each rollout's OISD weight (advantages.oisd_weights, already clipped):
+        fills `think_weight` and is the probes' attn_weight. None: both come from the
+        advantage, clipped in the step (the signed mode).
     Returns NumPy arrays (device_put them with the step's batch shardings).
     """
     n_seq = len(prompt_tokens)
@@ -181,7 +188,9 @@ def build_train_batch(
                          f"and teacher_row_len={teacher_row_len} be set")
     if teacher and head_len is None:
         head_len = 0
-    seqs, adv, plen, tseqs, tplen = [], [], [], [], []
+    if think_weights is not None and len(think_weights) != n_seq:
+        raise ValueError(f"think_weights ({len(think_weights)}) must have one weight per rollout ({n_seq})")
+    seqs, adv, plen, tw, tseqs, tplen = [], [], [], [], [], []
     for i in range(n_seq):
         n = int(response_lengths[i])
         if n > len(response_tokens[i]) or n < 0:
@@ -193,6 +202,7 @@ def build_train_batch(
             raise ValueError(f"prompt {i} is empty: the first response token needs a predicting position")
         seqs.append(np.concatenate([p, np.asarray(response_tokens[i][:n], np.int64)]))
         adv.append(float(advantages[i]))
+        tw.append(float(advantages[i] if think_weights is None else think_weights[i]))
         plen.append(len(p))
         if teacher:
             tp = np.asarray(teacher_prompt_tokens[i], np.int64)
@@ -215,13 +225,13 @@ def build_train_batch(
 
     shape = (n_rows, row_len)
     tokens, positions, segs = (np.zeros(shape, np.int32) for _ in range(3))
-    mask, advs = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+    mask, advs, tws = np.zeros(shape, np.float32), np.zeros(shape, np.float32), np.zeros(shape, np.float32)
     q_idx = np.zeros((n_rows, Qr), np.int32)
     k_idx = np.full((n_rows, Qr, K), -1, np.int32)
     q_w, q_valid = np.zeros((n_rows, Qr), np.float32), np.zeros((n_rows, Qr), np.float32)
     next_seg = np.zeros(n_rows, np.int32)
     next_q = np.zeros(n_rows, np.int32)
-    for (row, off), s, a, p in zip(place, seqs, adv, plen):
+    for (row, off), s, a, p, w in zip(place, seqs, adv, plen, tw):
         n = len(s)
         next_seg[row] += 1
         tokens[row, off:off + n] = s
@@ -229,6 +239,7 @@ def build_train_batch(
         segs[row, off:off + n] = next_seg[row]
         mask[row, off + p - 1:off + n - 1] = 1.0  # predicting positions of the response
         advs[row, off + p - 1:off + n - 1] = a
+        tws[row, off + p - 1:off + n - 1] = w
         if attn_steps:
             steps = np.arange(p - 1, n - 1)  # decoding steps, relative to the sequence start
             if len(steps) > attn_steps:
@@ -238,7 +249,7 @@ def build_train_batch(
             q = len(steps)
             q_idx[row, j:j + q] = off + steps
             k_idx[row, j:j + q] = np.where(keys >= 0, keys + off, -1)
-            q_w[row, j:j + q] = a
+            q_w[row, j:j + q] = w
             q_valid[row, j:j + q] = 1.0
             next_q[row] += attn_steps  # a rollout owns Q slots; unused ones stay invalid
 
@@ -268,7 +279,8 @@ def build_train_batch(
         attn_queries=mr(q_idx), attn_keys=mr(k_idx), attn_weight=mr(q_w), attn_valid=mr(q_valid),
         ref_logp=np.zeros((M, R, row_len), np.float32) if ref_logp else None, head_positions=head,
         **(dict(zip(("teacher_tokens", "teacher_positions", "teacher_segment_ids", "teacher_head_positions"), tb))
-           if tb is not None else {}))
+           if tb is not None else {}),
+        think_weight=None if think_weights is None else mr(tws))
 
 
 def _teacher_rows(place, tseqs, tplen, n_rows: int, t_len: int, th: int):

@@ -380,3 +380,61 @@ def attention_loss(
     w = jnp.clip(_f32(weight_BQ), -adv_clip, adv_clip)
     return aggregate(jnp.where(valid, w * js_BQ, 0.0), valid.astype(jnp.float32),
                      "token-mean", denom=denom)
+
+
+# ----------------------------------------------------------------------------------------
+# OGLS-SD: outcome-guided steering of a teacher's logits
+# ----------------------------------------------------------------------------------------
+STEER_UNITS = ("token", "sequence")  # what one vote in a pool mean is (steer_pool_sums)
+
+
+def steer_pool_sums(teacher_xV: Array, group_x: Array, correct_x: Array, weight_x: Array,
+                    num_groups: int) -> tuple[Array, Array]:
+    """Per-group sums of the teacher logits over its correct and incorrect pools.
+
+    Any leading shape x (per-rollout [B, T] or packed rows [R, T]); group_x in
+    [0, num_groups), correct_x bool, weight_x the vote of each token (0 off the response):
+    the loss mask for unit "token", mask / the rollout's token count for "sequence".
+    Returns (sums [G, 2, V], counts [G, 2]); pool 1 is the correct one. Additive, so
+    micro-batches of one mini-batch can be summed before `steer_direction`. Non-finite
+    logits count as 0.
+    """
+    z = _f32(teacher_xV).reshape(-1, teacher_xV.shape[-1])
+    z = jnp.where(jnp.isfinite(z), z, 0.0)
+    w = _f32(weight_x).reshape(-1)
+    seg = group_x.reshape(-1).astype(jnp.int32) * 2 + correct_x.reshape(-1).astype(jnp.int32)
+    sums = jax.ops.segment_sum(z * w[:, None], seg, num_segments=2 * num_groups)
+    counts = jax.ops.segment_sum(w, seg, num_segments=2 * num_groups)
+    return sums.reshape(num_groups, 2, -1), counts.reshape(num_groups, 2)
+
+
+def steer_direction(sums_G2V: Array, counts_G2: Array) -> Array:
+    """d_g = mean_correct - mean_incorrect [G, V]; 0 for a group that lacks either pool
+    (all right, all wrong, or no response tokens)."""
+    both = jnp.all(counts_G2 > 0, axis=-1)
+    means = sums_G2V / jnp.where(counts_G2 > 0, counts_G2, 1.0)[..., None]
+    return jnp.where(both[:, None], means[:, 1] - means[:, 0], 0.0)
+
+
+def steer_teacher_logits(teacher_BTV: Array, correct_B: Array, group_B: Array, mask_BT: Array,
+                         alpha: float, *, num_groups: int, unit: str = "token") -> Array:
+    """OGLS-SD's steered teacher z_T + alpha (mean_correct - mean_incorrect), per group.
+
+    teacher_BTV: the teacher's logits along each rollout [B, T, V]; correct_B: the
+    rollout's reward says right (bool); group_B: its prompt's group in [0, num_groups);
+    mask_BT: its response tokens. The pools are a group's right and wrong rollouts; the
+    mean is over their response tokens ("token": every token one vote) or over rollouts
+    ("sequence": each rollout's token mean one vote). Steering is added at the response
+    tokens only; groups all right or all wrong are left as they are. The direction is
+    defined up to a constant over V (token offsets average into one), which softmax
+    ignores: logits or log-softmax give the same steered distribution. f32 out.
+    """
+    if unit not in STEER_UNITS:
+        raise ValueError(f"unknown steering unit {unit!r}; choose from {STEER_UNITS}")
+    mask = _f32(mask_BT)
+    w = mask if unit == "token" else mask / jnp.maximum(jnp.sum(mask, -1, keepdims=True), 1.0)
+    bt = mask.shape
+    g_BT, c_BT = jnp.broadcast_to(group_B[:, None], bt), jnp.broadcast_to(correct_B[:, None], bt)
+    d_GV = steer_direction(*steer_pool_sums(teacher_BTV, g_BT, c_BT, w, num_groups))
+    z = _f32(teacher_BTV)
+    return z + alpha * mask[..., None] * d_GV[group_B.astype(jnp.int32)][:, None, :]

@@ -57,6 +57,7 @@ class HeadInputs(NamedTuple):
     pg_weight: Array               # Weights.pg at these tokens
     tok_weight: Array              # Weights.tok at these tokens
     ref_logp: Array | None = None  # only with kl_coef
+    think_w: Array | None = None   # TrainBatch.think_weight; None = clip(adv) (signed)
 
 
 class TokenTerms(NamedTuple):
@@ -128,7 +129,8 @@ def _objective(t: TokenTerms, x: HeadInputs, cfg: "StepConfig") -> tuple[Array, 
         sums["opsd_loss"] = jax.lax.stop_gradient(opsd)
         loss = loss + cfg.opsd_weight * opsd
     if t.js is not None:
-        think = losses.think_loss(t.js, x.adv, x.tok_weight, cfg.adv_clip, denom=1.0)
+        w = x.adv if x.think_w is None else x.think_w  # already clipped: clip is then a no-op
+        think = losses.think_loss(t.js, w, x.tok_weight, cfg.adv_clip, denom=1.0)
         sums["think_loss"] = jax.lax.stop_gradient(think)
         sums["think_js"] = jnp.sum(jax.lax.stop_gradient(t.js) * x.tok_weight)
         sums["lens_entropy"] = jnp.sum(t.lens_entropy * x.tok_weight)
@@ -346,7 +348,8 @@ def micro_loss(params: Params, mb: "TrainBatch", weights: Weights, model_cfg: "M
             hl = jax.lax.stop_gradient(hl)
     unembed_DV = params.embed.T if model_cfg.tie_embeddings else params.lm_head
     x = HeadInputs(targets=mb.targets, old_logp=mb.old_logp, adv=mb.advantages, pg_weight=weights.pg,
-                   tok_weight=weights.tok, ref_logp=mb.ref_logp if cfg.kl_coef else None)
+                   tok_weight=weights.tok, ref_logp=mb.ref_logp if cfg.kl_coef else None,
+                   think_w=mb.think_weight if think else None)
     ht = wt_DV = None
     if cfg.opsd_on:
         if mb.teacher_tokens is None or mb.head_positions is None or teacher is None:
