@@ -42,6 +42,21 @@ def test_plan_counts_the_teacher_weights_rows_and_forward():
     assert fl["train"] == pytest.approx(fl0["train"] - lens + teacher)
 
 
+def test_plan_ogls_sd_batch_carries_the_pools_and_compiles():
+    """ogls_sd: the batch adds the three [M, R, T] pool fields to OPSD's; the two-pass step
+    compiles for the plan."""
+    target = plan.get_target("cpu")
+    ogls = pp.make_setup(load_config_file(OPSD.replace(":opsd,", ":ogls_sd,")), target.devices(8),
+                         micro_batch_tokens=2 * 8 * 80)
+    opsd = pp.make_setup(load_config_file(OPSD), target.devices(8), micro_batch_tokens=2 * 8 * 80)
+    b = pp.abstract_batch(ogls)
+    M, R, T = ogls.num_micro, ogls.rows_per_micro, ogls.row_len
+    assert b.steer_group.shape == b.steer_weight.shape == (M, R, T) and pp.abstract_batch(opsd).steer_group is None
+    assert pp.shard_bytes(b) - pp.shard_bytes(pp.abstract_batch(opsd)) == 3 * 4 * M * (R // 8) * T
+    tr = {r.phase.name: r for r in plan.run_phases(ogls, target, only=("train step",))}["train step"]
+    assert tr.compiled.arguments > 0
+
+
 def test_planner_packs_opsd_like_the_trainer():
     """qwen3_4b:opsd on 4 GPUs: the planner's student and teacher shapes are the trainer's
     for a mini-batch of full-length rollouts and full-length teacher prompts."""

@@ -66,6 +66,25 @@ def test_presets_validate_and_refusals():
             validate(load_config_file(f"configs/tiny.py:{arg}"), check_paths=False)
 
 
+def test_ogls_presets_fields_and_refusals():
+    """`:ogls_sd` presets validate; its fields reach the StepConfig (reverse KL = beta 1, or
+    the JSD with rl.opsd_beta; groups = the prompts of a mini-batch); bad values are refused
+    naming the field."""
+    from oisd_jax.run_spec import step_config
+    for spec in ("configs/tiny.py:ogls_sd", "configs/qwen3_4b.py:ogls_sd", "configs/qwen3_8b.py:ogls_sd"):
+        validate(load_config_file(spec), check_paths=False)
+    sc = step_config(load_config_file("configs/tiny.py:ogls_sd,rl.ogls_unit=sequence"))
+    assert (sc.ogls_alpha, sc.ogls_unit, sc.ogls_groups, sc.opsd_beta, sc.pg_weight) == (1.0, "sequence", 16, 1.0, 0.0)
+    sc = step_config(load_config_file("configs/tiny.py:ogls_sd,rl.ogls_divergence=jsd,rl.opsd_beta=0.5"))
+    assert sc.opsd_beta == 0.5 and sc.steer_on
+    assert not step_config(load_config_file("configs/tiny.py:opsd")).steer_on
+    for arg, msg in [("ogls_sd,rl.ogls_alpha=0.0", "rl.ogls_alpha"), ("ogls_sd,rl.ogls_unit=word", "rl.ogls_unit"),
+                     ("ogls_sd,rl.ogls_divergence=kl", "rl.ogls_divergence"),
+                     ("ogls_sd,rl.opsd_weight=0.0", "rl.opsd_weight must be > 0")]:
+        with pytest.raises(ConfigError, match=msg):
+            validate(load_config_file(f"configs/tiny.py:{arg}"), check_paths=False)
+
+
 def test_teacher_prompt_from_the_data(tmp_path):
     """data.solution_field is read (and falls back to the answer), the template is filled
     without touching its other braces, and the teacher prompt goes through the chat template."""
