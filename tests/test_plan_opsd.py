@@ -1,5 +1,6 @@
 """The planner with OPSD's teacher: its weights resident in the state, its rows in the
 batch (packed as the trainer packs them), its forward in the compiled step and the FLOPs."""
+import dataclasses
 import os
 
 import jax
@@ -55,6 +56,10 @@ def test_plan_ogls_sd_batch_carries_the_pools_and_compiles():
     assert pp.shard_bytes(b) - pp.shard_bytes(pp.abstract_batch(opsd)) == 3 * 4 * M * (R // 8) * T
     tr = {r.phase.name: r for r in plan.run_phases(ogls, target, only=("train step",))}["train step"]
     assert tr.compiled.arguments > 0
+    # FLOPs: the steering pass is a second teacher forward (and teacher head) per update
+    fl, fl_opsd, fl_none = (plan.step_flops(s, mean_prompt=16, response_frac=1.0)["train"]
+                            for s in (ogls, opsd, dataclasses.replace(opsd, teacher_row_len=None)))
+    assert fl - fl_opsd == pytest.approx(fl_opsd - fl_none) and fl > fl_opsd
 
 
 def test_planner_packs_opsd_like_the_trainer():
