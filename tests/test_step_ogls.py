@@ -96,8 +96,8 @@ def test_steered_loss_and_grads_match_float64(opsd_setup, unit):  # noqa: F811 (
     sc = OGLS.replace(ogls_unit=unit)
     b = _batch(setup, unit)
     d = np.asarray(jax.jit(lambda t, b: steer_direction_pass(t, b, cfg, sc))(t_params, b))
-    (loss, grads, m), (loss_r, _, _) = jax.jit(
-        lambda p, t, b: [compute_grads(p, b, cfg, sc, fused, ref_params=t) for fused in (True, False)])(params, t_params, b)
+    both = jax.jit(lambda p, t, b: [compute_grads(p, b, cfg, sc, fused, ref_params=t) for fused in (True, False)])
+    (loss, grads, m), (loss_r, _, _) = both(params, t_params, b)
     student, _ = setup["student"].double(), setup["teacher"].double()
     try:
         student.zero_grad()
