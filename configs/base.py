@@ -99,7 +99,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     sp.pool_pages = placeholder(int)
 
     c.rl = r = ml_collections.ConfigDict()
-    r.algorithm = "grpo"  # grpo|rloo|reinforce_pp|dr_grpo|bupo|oisd|oisd_think_only|oisd_attn_only|opsd
+    r.algorithm = "grpo"  # grpo|rloo|reinforce_pp|dr_grpo|bupo|oisd|oisd_think_only|oisd_attn_only|opsd|ogls_sd
     r.adv_estimator = placeholder(str)  # grpo|rloo|reinforce_pp|dr_grpo; None = from algorithm
     r.clip_low = 0.2  # eps_low: ratio lower bound 1 - clip_low
     r.clip_high = 0.2  # eps_high: ratio upper bound 1 + clip_high
@@ -118,6 +118,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     r.opsd_beta = 0.0  # 0 forward KL(T||S) (OPSD v3), 0.5 (first release), 1 reverse KL(S||T)
     r.opsd_token_clip = 0.05  # clamp of each per-vocabulary-entry term before the sum; 0 = off
     r.opsd_top_k = 0  # > 0: both distributions over the teacher's top k; 0 = full vocabulary
+    # OGLS-SD (rl.algorithm=ogls_sd): target z_T + alpha (mean_correct - mean_incorrect) per group.
+    # alpha is not published: 1.0 (a unit step along the pools' mean difference) is this library's choice.
+    r.ogls_alpha = 1.0
+    r.ogls_unit = "token"  # token: every response token one vote in a pool mean | sequence: each rollout one
+    r.ogls_divergence = "reverse_kl"  # reverse KL(S||T) | jsd: the generalised JSD with rl.opsd_beta
     r.teacher = "frozen"  # OPSD teacher / KL reference: frozen (initial weights) | ema | current
     r.teacher_decay = 0.999  # ema: teacher <- decay teacher + (1 - decay) params each update
     r.entropy_coef = 0.0  # entropy bonus coefficient

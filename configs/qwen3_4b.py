@@ -1,6 +1,7 @@
 """Qwen3-4B with OISD, the paper's settings (docs/method.md). `:grpo`, `:bupo`, ... for baselines;
 `:opsd` is OPSD on the same rollouts as GRPO (the paper's Table 2 row), `:opsd_v1` its first release
-(beta 0.5, no clamp); `:grpo,rl.kl_coef=0.001` adds the KL to the frozen initial policy."""
+(beta 0.5, no clamp); `:ogls_sd` OGLS-SD on the same rollouts (docs/method.md §17);
+`:grpo,rl.kl_coef=0.001` adds the KL to the frozen initial policy."""
 from __future__ import annotations
 
 import pathlib

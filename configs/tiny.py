@@ -1,7 +1,8 @@
 """The embedded default: the built-in 4-layer model on the synthetic arithmetic task.
 
 Sized so a 2-core CPU run (supervised warm-up, then OISD) finishes in minutes, in float32
-(CPUs have no bf16 matmul units). `--config=configs/tiny.py:grpo` gives the GRPO baseline.
+(CPUs have no bf16 matmul units). `--config=configs/tiny.py:grpo` gives the GRPO baseline;
+`:opsd` and `:ogls_sd` the teacher path.
 """
 from __future__ import annotations
 

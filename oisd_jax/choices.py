@@ -6,7 +6,11 @@ data, rewards) import their tuple from here. A leaf: it imports nothing, so ever
 of the house may import it.
 """
 ALGORITHMS = ("grpo", "rloo", "reinforce_pp", "dr_grpo", "bupo", "oisd", "oisd_think_only",
-              "oisd_attn_only", "opsd")
+              "oisd_attn_only", "opsd", "ogls_sd")
+# OGLS-SD: one vote in a pool mean (= rl.losses.STEER_UNITS), and the divergence to the
+# steered teacher (reverse KL(S||T), or the generalised JSD with rl.opsd_beta)
+OGLS_UNITS = ("token", "sequence")
+OGLS_DIVERGENCES = ("reverse_kl", "jsd")
 TEACHERS = ("frozen", "ema", "current")  # rl.teacher: the OPSD teacher / KL reference weights
 ADV_ESTIMATORS = ("grpo", "rloo", "reinforce_pp", "dr_grpo")  # rl.advantages: one function each
 # verl's agg_loss names; seq-mean-token-sum-norm is Dr.GRPO's constant-length normaliser.

@@ -23,6 +23,7 @@ from oisd_jax.choices import (  # noqa: F401
     ADV_ESTIMATORS, ALGORITHMS, ATTN_IMPLS, BAD_ROW_POLICIES, COMPUTE_DTYPES, DATA_FORMATS, KL_TYPES,
     LOSS_AGGS, MESH_AXES, PARAM_DTYPES, REMAT_POLICIES, REWARDS, SAMPLER_ENGINES, SCHEDULES, SYNTHETIC_OPS,
     TEACHERS, TRUNCATIONS, THINK_WEIGHT_MODES)
+from oisd_jax.choices import OGLS_DIVERGENCES, OGLS_UNITS
 from oisd_jax.config_checker import MISSING, Checker
 
 _SUFFIXES = {"parquet": (".parquet",), "jsonl": (".jsonl", ".json")}
@@ -38,6 +39,7 @@ _ALGORITHM_TABLE = {
     "oisd_think_only": ("grpo", True, False, False),
     "oisd_attn_only": ("grpo", False, True, False),
     "opsd": ("grpo", False, False, False),  # pg weight 0, OPSD weight 1 (AlgorithmSettings)
+    "ogls_sd": ("grpo", False, False, False),  # opsd's, toward the outcome-steered teacher (ogls_alpha)
 }
 # rl.loss_agg=None -> the aggregation the algorithm's paper uses (token-mean otherwise).
 _ALGORITHM_LOSS_AGG = {"dr_grpo": "seq-mean-token-sum-norm"}
@@ -90,6 +92,7 @@ class AlgorithmSettings:
     pg_weight: float = 1.0  # weight of L_pg (0 for OPSD alone)
     opsd_weight: float = 0.0  # weight of OPSD's divergence to the teacher; 0 = no teacher forward
     think_weight_mode: str = "signed"  # one of THINK_WEIGHT_MODES: the OISD weight of L_think and L_attn
+    ogls_alpha: float | None = None  # OGLS-SD's steering scale; None = the teacher unsteered
 
     @property
     def use_think(self) -> bool:
@@ -128,9 +131,13 @@ def algorithm_settings(config: ml_collections.ConfigDict) -> AlgorithmSettings:
         lens_norm=bool(rl.bupo_lens_norm if bupo else rl.lens_norm),
         bupo_steps=int(rl.bupo_steps) if bupo else 0, oisd_metrics=metrics,
         loss_agg=rl.loss_agg or _ALGORITHM_LOSS_AGG.get(rl.algorithm, "token-mean"),
-        pg_weight=_or(rl.pg_weight, 0.0 if rl.algorithm == "opsd" else 1.0),
-        opsd_weight=_or(rl.opsd_weight, 1.0 if rl.algorithm == "opsd" else 0.0),
-        think_weight_mode=rl.think_weight_mode)
+        pg_weight=_or(rl.pg_weight, 0.0 if rl.algorithm in _TEACHER_ALGORITHMS else 1.0),
+        opsd_weight=_or(rl.opsd_weight, 1.0 if rl.algorithm in _TEACHER_ALGORITHMS else 0.0),
+        think_weight_mode=rl.think_weight_mode,
+        ogls_alpha=float(rl.ogls_alpha) if rl.algorithm == "ogls_sd" else None)
+
+
+_TEACHER_ALGORITHMS = ("opsd", "ogls_sd")  # distillation alone: pg weight 0, OPSD weight 1
 
 
 def _or(value, default: float) -> float:
@@ -151,6 +158,7 @@ _ADDED_FIELDS = {
     "rl.opsd_top_k": 0, "rl.teacher": "frozen", "rl.teacher_decay": 0.999, "data.solution_field": None,
     "data.teacher_template": None, "data.teacher_max_prompt_len": 1536,  # template: filled in migrate
     "rl.think_weight_mode": "signed",
+    "rl.ogls_alpha": 1.0, "rl.ogls_unit": "token", "rl.ogls_divergence": "reverse_kl",
 }
 
 
@@ -403,6 +411,9 @@ def _check_rl(c: Checker) -> None:
     c.number("rl.tau", gt=0)
     c.number("rl.adv_clip", gt=0)
     c.choice("rl.think_weight_mode", THINK_WEIGHT_MODES)
+    c.number("rl.ogls_alpha", gt=0)
+    c.choice("rl.ogls_unit", OGLS_UNITS)
+    c.choice("rl.ogls_divergence", OGLS_DIVERGENCES)
     c.boolean("rl.lens_norm")
     c.boolean("rl.bupo_lens_norm")
     for f in ("attn_steps", "attn_window", "attn_stride", "logit_chunk", "ppo_epochs"):
@@ -444,9 +455,9 @@ def _check_algorithm(c: Checker, num_layers: int | None) -> None:
 def _check_teacher(c: Checker, algo: str) -> None:
     """OPSD's weight and teacher, and the KL's reference (the frozen initial weights)."""
     opsd = c.valid.get("rl.opsd_weight")
-    opsd = (1.0 if algo == "opsd" else 0.0) if opsd is None else opsd
-    if algo == "opsd" and opsd == 0:
-        c.bad("rl.opsd_weight must be > 0 (or None) for rl.algorithm='opsd'")
+    opsd = (1.0 if algo in _TEACHER_ALGORITHMS else 0.0) if opsd is None else opsd
+    if algo in _TEACHER_ALGORITHMS and opsd == 0:
+        c.bad(f"rl.opsd_weight must be > 0 (or None) for rl.algorithm={algo!r}")
     if algo == "bupo" and opsd > 0:
         c.bad(f"rl.opsd_weight={opsd} does not combine with rl.algorithm='bupo' (the internal-policy phase)")
     kl, teacher = c.valid.get("rl.kl_coef"), c.valid.get("rl.teacher")

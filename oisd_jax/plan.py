@@ -78,6 +78,8 @@ def step_flops(setup: PlanSetup, mean_prompt: float, response_frac: float) -> di
         resp = tokens / seq * response_frac * setup.max_new_tokens
         teacher = (forward_flops(n, t_tokens, num_layers=m.num_layers, attn_dim=attn_dim, context_len=t_seq)
                    - 2.0 * m.hidden_size * m.vocab_size * (t_tokens - resp))
+        if setup.step_cfg.steer_on:  # OGLS-SD: the steering pass runs the same forward and head once more
+            teacher *= 2.0
     # rl.ppo_epochs passes of updates; the old log-probs and the samples once per step
     train = spec.train.ppo_epochs * ((3.0 + remat) * fwd + 4.0 * lens + teacher)
     out = {"train": train, "old_logprob": fwd, "sample": fwd, "tokens": tokens}

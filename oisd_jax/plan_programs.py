@@ -174,7 +174,12 @@ def abstract_batch(setup: PlanSetup):
         b = b.replace(head_positions=sds((M, R, Th), i32), teacher_tokens=sds((M, R, Tt), i32),
                       teacher_positions=sds((M, R, Tt), i32), teacher_segment_ids=sds((M, R, Tt), i32),
                       teacher_head_positions=sds((M, R, Th), i32))
-    return _with_sharding(b, batch_shardings(s.mesh, s.step_cfg.kl_coef > 0, with_teacher=teacher))
+    steer = s.step_cfg.steer_on  # OGLS-SD's pools per loss position
+    if steer:
+        b = b.replace(steer_group=sds((M, R, T), i32), steer_correct=sds((M, R, T), f32),
+                      steer_weight=sds((M, R, T), f32))
+    return _with_sharding(b, batch_shardings(s.mesh, s.step_cfg.kl_coef > 0, with_teacher=teacher,
+                                             with_steer=steer))
 
 
 def train_phase(setup: PlanSetup) -> Phase:

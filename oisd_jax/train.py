@@ -102,7 +102,8 @@ def rl_step(s: Setup, state, step: int, it, pool: RewardPool, key: jax.Array, ti
     adv = np.asarray(adv).reshape(-1)
     with timer("update"):
         teacher = [e["teacher_ids"] for e in examples] if algo.use_opsd else None
-        batches = [s.put_batch(b) for b in make_minibatches(s, ro, adv, step, teacher, think_w)]
+        steer_r = np.asarray(rewards).reshape(-1) if s.step_cfg.steer_on else None  # OGLS-SD's pools
+        batches = [s.put_batch(b) for b in make_minibatches(s, ro, adv, step, teacher, think_w, steer_r)]
         # old log-probs of every mini-batch come from the policy before this step's updates,
         # and stay fixed over the rl.ppo_epochs passes (PPO's pi_old)
         batches = [b.replace(old_logp=logp_fn(state.params, b)) for b in batches]

@@ -181,10 +181,12 @@ def packing_shape(seq_lens: Sequence[int], *, row_len: int, micro_batch_tokens: 
     return R, 2 ** math.ceil(math.log2(max(1, math.ceil(rows / R))))
 
 
-def _pack(s: Setup, prompts, responses, lengths, adv, rng, teacher_prompts=None, think_w=None) -> TrainBatch:
+def _pack(s: Setup, prompts, responses, lengths, adv, rng, teacher_prompts=None, think_w=None,
+          steer=None) -> TrainBatch:
     """Pack sequences into [M, R, row_len] (shapes from `packing_shape`); with
     teacher_prompts, OPSD's teacher rows [M, R, teacher_row_len] beside them; think_w: the
-    rollouts' OISD weights (None: the step clips the advantage, the signed mode)."""
+    rollouts' OISD weights (None: the step clips the advantage, the signed mode); steer:
+    OGLS-SD's (groups, correct) per rollout."""
     pk = s.spec.packing
     seq_lens = [len(p) + int(n) for p, n in zip(prompts, lengths) if n > 0]
     teacher = None
@@ -197,7 +199,8 @@ def _pack(s: Setup, prompts, responses, lengths, adv, rng, teacher_prompts=None,
                           attn_steps=pk.attn_steps, attn_window=pk.attn_window, attn_stride=pk.attn_stride,
                           max_seqs_per_row=max_per_row, rng=rng, head_len=0, teacher_prompt_tokens=teacher_prompts,
                           teacher_row_len=pk.teacher_row_len if teacher_prompts is not None else None,
-                          think_weights=think_w)
+                          think_weights=think_w, steer_groups=None if steer is None else steer[0],
+                          steer_correct=None if steer is None else steer[1], steer_unit=s.step_cfg.ogls_unit)
     return with_head_positions(b, row_len)
 
 
@@ -222,17 +225,24 @@ def with_head_positions(b: TrainBatch, row_len: int) -> TrainBatch:
 
 def make_minibatches(s: Setup, ro, adv: np.ndarray, step: int,
                      teacher_prompts: Sequence[np.ndarray] | None = None,
-                     think_w: np.ndarray | None = None) -> list[TrainBatch]:
+                     think_w: np.ndarray | None = None, rewards: np.ndarray | None = None) -> list[TrainBatch]:
     """The step's rollouts split into mini-batches of `mini_batch_prompts` prompts (x n).
     teacher_prompts: OPSD's teacher prompt of each prompt (Example["teacher_ids"]);
-    think_w: per-rollout OISD weights like `adv` (rl.think_weight_mode other than signed)."""
+    think_w: per-rollout OISD weights like `adv` (rl.think_weight_mode other than signed);
+    rewards: per-rollout rewards like `adv`, OGLS-SD's pools (correct = reward > 0.5; the
+    group is the prompt's index in its mini-batch, so a group never straddles two)."""
     t = s.spec.train
     per = t.mini_batch_prompts * ro.n
     rng = np.random.default_rng([t.seed, step])
     prompts = [p for p in ro.prompt_tokens for _ in range(ro.n)]
     tps = None if teacher_prompts is None else [p for p in teacher_prompts for _ in range(ro.n)]
+    groups = np.arange(per) // ro.n
+
+    def steer(i):
+        return None if rewards is None else (groups[:len(rewards[i:i + per])], np.asarray(rewards[i:i + per]) > 0.5)
     return [_pack(s, prompts[i:i + per], ro.tokens[i:i + per], ro.lengths[i:i + per], adv[i:i + per], rng,
-                  None if tps is None else tps[i:i + per], None if think_w is None else think_w[i:i + per])
+                  None if tps is None else tps[i:i + per], None if think_w is None else think_w[i:i + per],
+                  steer(i))
             for i in range(0, len(prompts), per)]
 
 

@@ -235,7 +235,8 @@ def test_algorithm_settings():
         "grpo": ("grpo", 0, 0, 0), "rloo": ("rloo", 0, 0, 0),
         "reinforce_pp": ("reinforce_pp", 0, 0, 0), "dr_grpo": ("dr_grpo", 0, 0, 0),
         "bupo": ("grpo", 0, 0, 1), "oisd": ("grpo", 1, 1, 0),
-        "oisd_think_only": ("grpo", 1, 0, 0), "oisd_attn_only": ("grpo", 0, 1, 0), "opsd": ("grpo", 0, 0, 0)}
+        "oisd_think_only": ("grpo", 1, 0, 0), "oisd_attn_only": ("grpo", 0, 1, 0), "opsd": ("grpo", 0, 0, 0),
+        "ogls_sd": ("grpo", 0, 0, 0)}
     assert set(expect) == set(ALGORITHMS)
     for algo, (adv, think, attn, bupo) in expect.items():
         s = algorithm_settings(load("tiny", f"{algo},rl.think_weight=0.5,rl.attn_weight=0.25"))
@@ -256,6 +257,10 @@ def test_algorithm_settings():
     assert (s.pg_weight, s.opsd_weight, s.use_think) == (0.8, 0.5, True)
     assert (algorithm_settings(load("tiny", "grpo")).pg_weight, algorithm_settings(load("tiny", "grpo")).opsd_weight) \
         == (1.0, 0.0)
+    # OGLS-SD: OPSD's weights, the steering scale only for it
+    s = algorithm_settings(load("tiny", "ogls_sd,rl.ogls_alpha=0.5"))
+    assert (s.pg_weight, s.opsd_weight, s.ogls_alpha) == (0.0, 1.0, 0.5)
+    assert algorithm_settings(load("tiny", "opsd,rl.ogls_alpha=0.5")).ogls_alpha is None
 
 
 def test_kl_coef_needs_the_frozen_reference():

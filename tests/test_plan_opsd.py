@@ -1,5 +1,6 @@
 """The planner with OPSD's teacher: its weights resident in the state, its rows in the
 batch (packed as the trainer packs them), its forward in the compiled step and the FLOPs."""
+import dataclasses
 import os
 
 import jax
@@ -40,6 +41,25 @@ def test_plan_counts_the_teacher_weights_rows_and_forward():
                - 2 * m.hidden_size * m.vocab_size * (tokens - 16 * 4 * 16))
     lens = 4 * 2 * m.hidden_size * m.vocab_size * fl0["tokens"]  # OISD's lens head, which OPSD has not
     assert fl["train"] == pytest.approx(fl0["train"] - lens + teacher)
+
+
+def test_plan_ogls_sd_batch_carries_the_pools_and_compiles():
+    """ogls_sd: the batch adds the three [M, R, T] pool fields to OPSD's; the two-pass step
+    compiles for the plan."""
+    target = plan.get_target("cpu")
+    ogls = pp.make_setup(load_config_file(OPSD.replace(":opsd,", ":ogls_sd,")), target.devices(8),
+                         micro_batch_tokens=2 * 8 * 80)
+    opsd = pp.make_setup(load_config_file(OPSD), target.devices(8), micro_batch_tokens=2 * 8 * 80)
+    b = pp.abstract_batch(ogls)
+    M, R, T = ogls.num_micro, ogls.rows_per_micro, ogls.row_len
+    assert b.steer_group.shape == b.steer_weight.shape == (M, R, T) and pp.abstract_batch(opsd).steer_group is None
+    assert pp.shard_bytes(b) - pp.shard_bytes(pp.abstract_batch(opsd)) == 3 * 4 * M * (R // 8) * T
+    tr = {r.phase.name: r for r in plan.run_phases(ogls, target, only=("train step",))}["train step"]
+    assert tr.compiled.arguments > 0
+    # FLOPs: the steering pass is a second teacher forward (and teacher head) per update
+    fl, fl_opsd, fl_none = (plan.step_flops(s, mean_prompt=16, response_frac=1.0)["train"]
+                            for s in (ogls, opsd, dataclasses.replace(opsd, teacher_row_len=None)))
+    assert fl - fl_opsd == pytest.approx(fl_opsd - fl_none) and fl > fl_opsd
 
 
 def test_planner_packs_opsd_like_the_trainer():

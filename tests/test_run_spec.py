@@ -18,7 +18,9 @@ ADDED = {"mesh.sampler_shape": None, "sampler.keep_cache": True, "sampler.decode
          # OPSD and the reference policy: none of those runs had a teacher or a KL
          "rl.pg_weight": None, "rl.opsd_weight": None, "rl.opsd_beta": 0.0, "rl.opsd_token_clip": 0.05,
          "rl.opsd_top_k": 0, "rl.teacher": "frozen", "rl.teacher_decay": 0.999, "data.solution_field": None,
-         "data.teacher_max_prompt_len": 1536, "data.teacher_template": DEFAULT_TEACHER_TEMPLATE}
+         "data.teacher_max_prompt_len": 1536, "data.teacher_template": DEFAULT_TEACHER_TEMPLATE,
+         # OGLS-SD: read only when rl.algorithm=ogls_sd, which no older run used
+         "rl.ogls_alpha": 1.0, "rl.ogls_unit": "token", "rl.ogls_divergence": "reverse_kl"}
 
 
 def _without(config, paths):

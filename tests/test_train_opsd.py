@@ -66,6 +66,25 @@ def test_presets_validate_and_refusals():
             validate(load_config_file(f"configs/tiny.py:{arg}"), check_paths=False)
 
 
+def test_ogls_presets_fields_and_refusals():
+    """`:ogls_sd` presets validate; its fields reach the StepConfig (reverse KL = beta 1, or
+    the JSD with rl.opsd_beta; groups = the prompts of a mini-batch); bad values are refused
+    naming the field."""
+    from oisd_jax.run_spec import step_config
+    for spec in ("configs/tiny.py:ogls_sd", "configs/qwen3_4b.py:ogls_sd", "configs/qwen3_8b.py:ogls_sd"):
+        validate(load_config_file(spec), check_paths=False)
+    sc = step_config(load_config_file("configs/tiny.py:ogls_sd,rl.ogls_unit=sequence"))
+    assert (sc.ogls_alpha, sc.ogls_unit, sc.ogls_groups, sc.opsd_beta, sc.pg_weight) == (1.0, "sequence", 16, 1.0, 0.0)
+    sc = step_config(load_config_file("configs/tiny.py:ogls_sd,rl.ogls_divergence=jsd,rl.opsd_beta=0.5"))
+    assert sc.opsd_beta == 0.5 and sc.steer_on
+    assert not step_config(load_config_file("configs/tiny.py:opsd")).steer_on
+    for arg, msg in [("ogls_sd,rl.ogls_alpha=0.0", "rl.ogls_alpha"), ("ogls_sd,rl.ogls_unit=word", "rl.ogls_unit"),
+                     ("ogls_sd,rl.ogls_divergence=kl", "rl.ogls_divergence"),
+                     ("ogls_sd,rl.opsd_weight=0.0", "rl.opsd_weight must be > 0")]:
+        with pytest.raises(ConfigError, match=msg):
+            validate(load_config_file(f"configs/tiny.py:{arg}"), check_paths=False)
+
+
 def test_teacher_prompt_from_the_data(tmp_path):
     """data.solution_field is read (and falls back to the answer), the template is filled
     without touching its other braces, and the teacher prompt goes through the chat template."""
@@ -92,3 +111,21 @@ def test_teacher_prompt_from_the_data(tmp_path):
     want = encode_prompt(tok, [{"role": "user", "content": "what is 2+3? the answer is 2+3=5 so \\boxed{5}"}])
     np.testing.assert_array_equal(ex["teacher_ids"], want)
     assert ex["teacher_cut"] == 0 and 3 not in want.tolist()  # no <unk>: the tiny template's words are known
+
+
+def test_tiny_ogls_sd_runs_end_to_end(tmp_path, monkeypatch):
+    """`--config=configs/tiny.py:ogls_sd` (shrunk): the two-pass step runs in train(), the
+    steered OPSD loss is logged and finite, L_pg has weight 0, groups get steered. Two
+    warm-up steps leave the model unable to box an answer (every reward 0: nothing to
+    steer), so the rewards alternate right / wrong within each group here."""
+    from oisd_jax import rollout
+    monkeypatch.setattr(rollout, "score", lambda pool, texts, answers: (np.arange(len(texts)) % 2).astype(np.float32))
+    config = tiny_config(rl__algorithm="ogls_sd", train__steps=2)
+    assert config.rl.ogls_alpha > 0 and config.rl.ogls_divergence == "reverse_kl"
+    last = train(config, str(tmp_path))
+    rec = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rec] == [1, 2]
+    assert all(np.isfinite(r["opsd_loss"]) and r["update_skipped"] == 0 for r in rec)
+    assert last["loss"] == pytest.approx(last["opsd_loss"], rel=1e-5)
+    # every group mixed, unless a rollout's empty response was dropped (its group lacks a pool)
+    assert all(1 <= r["ogls_steered_groups"] <= config.train.mini_batch_prompts for r in rec)

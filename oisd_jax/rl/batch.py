@@ -51,6 +51,14 @@ class TrainBatch:
     # [M, R, T] f32 OISD weight w of L_think on the loss positions (rl.think_weight_mode,
     # rl.advantages.oisd_weights); None = the step uses clip(advantages, -c, c) (signed).
     think_weight: jax.Array | None = None
+    # OGLS-SD's pools [M, R, T] on the loss positions: the rollout's group (its prompt's
+    # index in the mini-batch; -1 off the loss positions), whether its reward says right
+    # (1 / 0), and its vote in the pool mean (1 a token for unit "token", 1 / its response
+    # length for "sequence"). A group's rollouts may sit in several micro-batches, never in
+    # two mini-batches. None = no steering.
+    steer_group: jax.Array | None = None
+    steer_correct: jax.Array | None = None
+    steer_weight: jax.Array | None = None
 
     @property
     def targets(self) -> jax.Array:
@@ -144,6 +152,9 @@ def build_train_batch(
     teacher_prompt_tokens: Sequence[Sequence[int]] | None = None,
     teacher_row_len: int | None = None,
     think_weights: Sequence[float] | None = None,
+    steer_groups: Sequence[int] | None = None,
+    steer_correct: Sequence[bool] | None = None,
+    steer_unit: str = "token",
 ) -> TrainBatch:
     """Pack N rollouts (prompt + first `response_lengths[i]` response tokens) into a TrainBatch.
 
@@ -167,6 +178,9 @@ def build_train_batch(
     think_weights: each rollout's OISD weight (advantages.oisd_weights, already clipped):
         fills `think_weight` and is the probes' attn_weight. None: both come from the
         advantage, clipped in the step (the signed mode).
+    steer_groups / steer_correct: OGLS-SD's group (prompt index in the mini-batch) and
+        correctness of each rollout: fill steer_group / steer_correct / steer_weight with
+        steer_unit's pool votes ("token" | "sequence", losses.STEER_UNITS).
     Returns NumPy arrays (device_put them with the step's batch shardings).
     """
     n_seq = len(prompt_tokens)
@@ -190,7 +204,12 @@ def build_train_batch(
         head_len = 0
     if think_weights is not None and len(think_weights) != n_seq:
         raise ValueError(f"think_weights ({len(think_weights)}) must have one weight per rollout ({n_seq})")
-    seqs, adv, plen, tw, tseqs, tplen = [], [], [], [], [], []
+    steer = steer_groups is not None
+    if steer != (steer_correct is not None) or (steer and not len(steer_groups) == len(steer_correct) == n_seq):
+        raise ValueError(f"steer_groups and steer_correct go together, one per rollout ({n_seq})")
+    if steer and steer_unit not in ("token", "sequence"):
+        raise ValueError(f"steer_unit={steer_unit!r}: token | sequence")
+    seqs, adv, plen, tw, tseqs, tplen, sg, sc = [], [], [], [], [], [], [], []
     for i in range(n_seq):
         n = int(response_lengths[i])
         if n > len(response_tokens[i]) or n < 0:
@@ -204,6 +223,9 @@ def build_train_batch(
         adv.append(float(advantages[i]))
         tw.append(float(advantages[i] if think_weights is None else think_weights[i]))
         plen.append(len(p))
+        if steer:
+            sg.append(int(steer_groups[i]))
+            sc.append(float(bool(steer_correct[i])))
         if teacher:
             tp = np.asarray(teacher_prompt_tokens[i], np.int64)
             if len(tp) == 0:
@@ -229,9 +251,10 @@ def build_train_batch(
     q_idx = np.zeros((n_rows, Qr), np.int32)
     k_idx = np.full((n_rows, Qr, K), -1, np.int32)
     q_w, q_valid = np.zeros((n_rows, Qr), np.float32), np.zeros((n_rows, Qr), np.float32)
+    s_grp, s_cor, s_w = np.full(shape, -1, np.int32), np.zeros(shape, np.float32), np.zeros(shape, np.float32)
     next_seg = np.zeros(n_rows, np.int32)
     next_q = np.zeros(n_rows, np.int32)
-    for (row, off), s, a, p, w in zip(place, seqs, adv, plen, tw):
+    for j_seq, ((row, off), s, a, p, w) in enumerate(zip(place, seqs, adv, plen, tw)):
         n = len(s)
         next_seg[row] += 1
         tokens[row, off:off + n] = s
@@ -240,6 +263,10 @@ def build_train_batch(
         mask[row, off + p - 1:off + n - 1] = 1.0  # predicting positions of the response
         advs[row, off + p - 1:off + n - 1] = a
         tws[row, off + p - 1:off + n - 1] = w
+        if steer:
+            lo, hi = off + p - 1, off + n - 1
+            s_grp[row, lo:hi], s_cor[row, lo:hi] = sg[j_seq], sc[j_seq]
+            s_w[row, lo:hi] = 1.0 if steer_unit == "token" else 1.0 / (n - p)
         if attn_steps:
             steps = np.arange(p - 1, n - 1)  # decoding steps, relative to the sequence start
             if len(steps) > attn_steps:
@@ -280,7 +307,8 @@ def build_train_batch(
         ref_logp=np.zeros((M, R, row_len), np.float32) if ref_logp else None, head_positions=head,
         **(dict(zip(("teacher_tokens", "teacher_positions", "teacher_segment_ids", "teacher_head_positions"), tb))
            if tb is not None else {}),
-        think_weight=None if think_weights is None else mr(tws))
+        think_weight=None if think_weights is None else mr(tws),
+        **(dict(steer_group=mr(s_grp), steer_correct=mr(s_cor), steer_weight=mr(s_w)) if steer else {}))
 
 
 def _teacher_rows(place, tseqs, tplen, n_rows: int, t_len: int, th: int):

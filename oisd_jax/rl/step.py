@@ -34,6 +34,7 @@ from oisd_jax.model.params import Params, logical_axes
 from oisd_jax.rl import chunked
 from oisd_jax.rl.batch import TrainBatch, shift_left
 from oisd_jax.rl.step_config import StepConfig
+from oisd_jax.rl.steer_pass import steer_direction_pass, steered_groups
 from oisd_jax.rl.step_loss import Weights, micro_loss, token_weights
 from oisd_jax.rl.train_state import (MeshJit, TrainState, make_optimizer, make_schedule, row_sharding,
                                      state_shardings)
@@ -67,17 +68,21 @@ def compute_grads(params: Params, batch: TrainBatch, model_cfg: ModelConfig, cfg
         teacher = params if cfg.teacher == "current" else ref_params
         if teacher is None:
             raise ValueError(f"StepConfig.teacher={cfg.teacher!r} needs ref_params (TrainState.ref_params)")
+    # OGLS-SD: the steering direction needs the whole mini-batch, so a first pass (no gradient)
+    d_GV = steer_direction_pass(teacher, batch, model_cfg, cfg) if cfg.steer_on else None
 
     def body(acc, xs):
         mb, pg_weight, tok_weight = xs
         grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
         mb_weights = Weights(pg_weight, tok_weight, weights.attn_denom)
-        (loss, m), g = grad_fn(params, mb, mb_weights, model_cfg, cfg, fused, teacher)
+        (loss, m), g = grad_fn(params, mb, mb_weights, model_cfg, cfg, fused, teacher, d_GV)
         g = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc, g)
         return g, (loss, m)
 
     grads, (loss_m, m_m) = jax.lax.scan(body, zeros, (batch, weights.pg, weights.tok))
     metrics = {k: (jnp.max(v) if k == "ratio_max" else jnp.sum(v)) for k, v in m_m.items()}
+    if d_GV is not None:
+        metrics["ogls_steered_groups"] = steered_groups(d_GV)
     return jnp.sum(loss_m), grads, metrics
 
 

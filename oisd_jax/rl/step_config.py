@@ -30,6 +30,11 @@ class StepConfig:
     opsd_beta: float = 0.0            # its beta: 0 forward KL(T||S), 1 reverse KL(S||T), TRL's convention
     opsd_token_clip: float | None = None  # clamp of each per-vocabulary-entry term; None = off
     opsd_top_k: int | None = None     # both distributions over the teacher's top k; None = full vocabulary
+    # OGLS-SD (rl/steer_pass.py): the OPSD target is the teacher steered by alpha times its
+    # correct-minus-incorrect pool means per group; None = plain OPSD (0 = steering by 0).
+    ogls_alpha: float | None = None
+    ogls_unit: str = "token"          # one vote in a pool mean: a response token | a rollout (STEER_UNITS)
+    ogls_groups: int = 0              # groups (prompts) per mini-batch: the static size of the pools
     teacher: str = "frozen"           # OPSD teacher / KL reference: frozen | ema | current (TEACHERS)
     teacher_decay: float = 0.999      # ema: teacher <- d teacher + (1 - d) params after each update
     tap_layer: int | None = None      # l (1-based) for OISD / BuPO
@@ -75,6 +80,9 @@ class StepConfig:
                              f"policy), got {self.teacher!r}")
         if self.bupo and self.opsd_on:
             raise ValueError("StepConfig: bupo (internal-policy L_pg) does not combine with OPSD")
+        if self.steer_on and (not self.opsd_on or self.ogls_groups < 1 or self.ogls_unit not in losses.STEER_UNITS):
+            raise ValueError(f"StepConfig.ogls_alpha={self.ogls_alpha} needs opsd_weight != 0, ogls_groups >= 1 "
+                             f"(got {self.ogls_groups}) and ogls_unit in {losses.STEER_UNITS} (got {self.ogls_unit!r})")
         if not 0.0 <= self.opsd_beta <= 1.0:
             raise ValueError(f"StepConfig.opsd_beta={self.opsd_beta} must be in [0, 1]")
         if self.dual_clip is not None and self.dual_clip <= 1.0 + self.clip_high:
@@ -91,6 +99,11 @@ class StepConfig:
     @property
     def opsd_on(self) -> bool:
         return self.opsd_weight != 0
+
+    @property
+    def steer_on(self) -> bool:
+        """OGLS-SD: a first pass makes the steering direction; the OPSD target is steered."""
+        return self.ogls_alpha is not None
 
     @property
     def ref_resident(self) -> bool:

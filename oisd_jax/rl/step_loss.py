@@ -58,6 +58,7 @@ class HeadInputs(NamedTuple):
     tok_weight: Array              # Weights.tok at these tokens
     ref_logp: Array | None = None  # only with kl_coef
     think_w: Array | None = None   # TrainBatch.think_weight; None = clip(adv) (signed)
+    steer_group: Array | None = None  # OGLS-SD: TrainBatch.steer_group (-1 = not steered)
 
 
 class TokenTerms(NamedTuple):
@@ -139,23 +140,29 @@ def _objective(t: TokenTerms, x: HeadInputs, cfg: "StepConfig") -> tuple[Array, 
     return loss, HeadMetrics(sums, {"ratio_max": pm["ratio_max"]})
 
 
-def teacher_target(zt: Array, cfg: "StepConfig") -> Array:
+def teacher_target(zt: Array, cfg: "StepConfig", steer: tuple[Array, Array] | None = None) -> Array:
     """The hook between the teacher's logits and OPSD's target: f32 teacher logits of one
     chunk [N, C, V] -> the logits whose softmax (at the sampling temperature) the student
     is pulled to. Plain OPSD: the teacher's own. A steered teacher (e.g. OGLS-SD's
     `losses.steer_teacher_logits`) returns its steered logits here, reading its settings
-    from `cfg`; everything around it (chunking, the gradient, no teacher gradient) stays."""
-    del cfg
-    return zt
+    from `cfg`; everything around it (chunking, the gradient, no teacher gradient) stays.
+    steer: OGLS-SD's (d_GV [G, V] from rl/steer_pass.py, the chunk's groups [N, C]): the
+    target is zt + ogls_alpha * d_GV[group], unsteered where group < 0."""
+    if steer is None or not cfg.steer_on:
+        return zt
+    d_GV, g = steer
+    d = jnp.take(d_GV, jnp.clip(g, 0), axis=0)  # [N, C, V]: one chunk, like zt
+    return zt + jnp.where((g >= 0)[..., None], cfg.ogls_alpha * d, 0.0)
 
 
-def opsd_terms(z: Array, zt: Array, cfg: "StepConfig") -> Array:
+def opsd_terms(z: Array, zt: Array, cfg: "StepConfig", steer: tuple[Array, Array] | None = None) -> Array:
     """OPSD's per-token divergence from student / teacher f32 logits [..., V]."""
-    return losses.generalized_jsd(z, teacher_target(zt, cfg), cfg.opsd_beta, temperature=cfg.temperature,
+    return losses.generalized_jsd(z, teacher_target(zt, cfg, steer), cfg.opsd_beta, temperature=cfg.temperature,
                                   token_clip=cfg.opsd_token_clip, top_k=cfg.opsd_top_k)
 
 
-def _lean_terms(z: Array, zl: Array | None, tgt: Array, cfg: "StepConfig", zt: Array | None = None) -> TokenTerms:
+def _lean_terms(z: Array, zl: Array | None, tgt: Array, cfg: "StepConfig", zt: Array | None = None,
+                steer: tuple[Array, Array] | None = None) -> TokenTerms:
     """Per-token terms from f32 logits [N, C, V], written for few [N, C, V] passes.
 
     The log-softmaxes are spelled like losses.js_divergence's (x * (1 / temperature)), so
@@ -169,7 +176,7 @@ def _lean_terms(z: Array, zl: Array | None, tgt: Array, cfg: "StepConfig", zt: A
     logp = jnp.sum(jnp.where(hit, ls, 0.0), axis=-1)
     le = ls if cfg.entropy_coef else jax.lax.stop_gradient(ls)
     entropy = -jnp.sum(jnp.exp(le) * le, axis=-1)
-    opsd = None if zt is None else opsd_terms(z, zt, cfg)
+    opsd = None if zt is None else opsd_terms(z, zt, cfg, steer)
     if zl is None:
         return TokenTerms(logp, entropy, opsd=opsd)
     js = losses.js_divergence(zl, z, temperature=cfg.tau, assume_finite=True)
@@ -179,16 +186,18 @@ def _lean_terms(z: Array, zl: Array | None, tgt: Array, cfg: "StepConfig", zt: A
 
 def head_reference(h: Array, hl: Array | None, w_DV: Array, x: HeadInputs, cfg: "StepConfig",
                    compute_dtype, chunk: int | None, ht: Array | None = None,
-                   wt_DV: Array | None = None) -> tuple[Array, dict[str, Array]]:
+                   wt_DV: Array | None = None, d_GV: Array | None = None) -> tuple[Array, dict[str, Array]]:
     """The head via `chunked.token_terms` (chunk remat); differentiable term by term.
-    The OPSD term (ht: teacher hidden states, wt_DV: its unembedding) is unchunked here."""
+    The OPSD term (ht: teacher hidden states, wt_DV: its unembedding; d_GV: OGLS-SD's
+    steering direction) is unchunked here."""
     t = chunked.token_terms(h, w_DV, x.targets, temperature=cfg.temperature, chunk_size=chunk,
                             h_lens_NTD=hl, tau=cfg.tau, want_entropy=True,
                             entropy_grad=bool(cfg.entropy_coef), compute_dtype=compute_dtype)
     if ht is not None:
         mm = functools.partial(jnp.einsum, "ntd,dv->ntv", preferred_element_type=jnp.float32)
         z = mm(h.astype(compute_dtype), w_DV.astype(compute_dtype))
-        t["opsd"] = opsd_terms(z, mm(ht.astype(compute_dtype), wt_DV.astype(compute_dtype)), cfg)
+        steer = None if d_GV is None else (d_GV, x.steer_group)
+        t["opsd"] = opsd_terms(z, mm(ht.astype(compute_dtype), wt_DV.astype(compute_dtype)), cfg, steer)
     loss, metrics = _objective(TokenTerms(**t), x, cfg)
     return loss, metrics.flat()
 
@@ -208,12 +217,13 @@ def _unsplit(x: Array, t: int) -> Array:
 
 def make_fused_head(cfg: "StepConfig", compute_dtype, chunk: int | None):
     """head(h [N,T,D], hl [N,T,D] | None, w_DV [D,V] (master dtype), x: HeadInputs,
-    ht [N,T,D] | None, wt_DV [D,V] | None) -> (loss, metrics): the same function as
-    head_reference, with a custom VJP. ht / wt_DV are OPSD's teacher hidden states and
-    unembedding: the teacher's chunk logits live beside the student's and get no gradient."""
+    ht [N,T,D] | None, wt_DV [D,V] | None, d_GV [G,V] | None) -> (loss, metrics): the same
+    function as head_reference, with a custom VJP. ht / wt_DV are OPSD's teacher hidden
+    states and unembedding: the teacher's chunk logits live beside the student's and get no
+    gradient; d_GV is OGLS-SD's steering direction (rl/steer_pass.py), added to them."""
     mm = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
 
-    def run(h, hl, w_DV, x, ht, wt_DV, with_grad: bool):
+    def run(h, hl, w_DV, x, ht, wt_DV, d_GV, with_grad: bool):
         t_len = h.shape[1]
         c = t_len if chunk is None or chunk >= t_len else int(chunk)
         wc_DV = w_DV.astype(compute_dtype)  # cast once; chunks share it
@@ -229,7 +239,8 @@ def make_fused_head(cfg: "StepConfig", compute_dtype, chunk: int | None):
 
             def from_logits(z, zl):
                 tgt = jnp.clip(xc.targets, 0, w_DV.shape[1] - 1)
-                return _objective(_lean_terms(z, zl, tgt, cfg, zt), xc, cfg)
+                steer = None if d_GV is None else (d_GV, xc.steer_group)
+                return _objective(_lean_terms(z, zl, tgt, cfg, zt, steer), xc, cfg)
 
             z = mm("ncd,dv->ncv", hc.astype(compute_dtype), wc_DV)
             zl = None if hlc is None else mm("ncd,dv->ncv", hlc.astype(compute_dtype), wc_DV)
@@ -264,18 +275,18 @@ def make_fused_head(cfg: "StepConfig", compute_dtype, chunk: int | None):
         return (loss, HeadMetrics(sums, maxes).flat()), grads
 
     @jax.custom_vjp
-    def head(h, hl, w_DV, x, ht=None, wt_DV=None):
-        return run(h, hl, w_DV, x, ht, wt_DV, with_grad=False)[0]
+    def head(h, hl, w_DV, x, ht=None, wt_DV=None, d_GV=None):
+        return run(h, hl, w_DV, x, ht, wt_DV, d_GV, with_grad=False)[0]
 
-    def fwd(h, hl, w_DV, x, ht=None, wt_DV=None):
-        out, grads = run(h, hl, w_DV, x, ht, wt_DV, with_grad=True)
+    def fwd(h, hl, w_DV, x, ht=None, wt_DV=None, d_GV=None):
+        out, grads = run(h, hl, w_DV, x, ht, wt_DV, d_GV, with_grad=True)
         return out, grads
 
     def bwd(grads, ct):
         g = ct[0]  # metrics carry no gradient
         dh, dhl, dw = grads
         scale = lambda x: None if x is None else (g * x).astype(x.dtype)  # noqa: E731
-        return scale(dh), scale(dhl), scale(dw), None, None, None  # the teacher gets none
+        return scale(dh), scale(dhl), scale(dw), None, None, None, None  # the teacher gets none
 
     head.defvjp(fwd, bwd)
     return head
@@ -322,9 +333,11 @@ def teacher_hidden(teacher: Params, mb: "TrainBatch", model_cfg: "ModelConfig") 
 
 
 def micro_loss(params: Params, mb: "TrainBatch", weights: Weights, model_cfg: "ModelConfig",
-               cfg: "StepConfig", fused: bool = True, teacher: Params | None = None) -> tuple[Array, dict]:
+               cfg: "StepConfig", fused: bool = True, teacher: Params | None = None,
+               d_GV: Array | None = None) -> tuple[Array, dict]:
     """Loss of one micro-batch (fields [R, T], weights [R, T]) and its metric sums.
-    teacher: OPSD's teacher weights (cfg.opsd_on; the frozen / EMA copy, or the params)."""
+    teacher: OPSD's teacher weights (cfg.opsd_on; the frozen / EMA copy, or the params).
+    d_GV: OGLS-SD's steering direction of the mini-batch (cfg.steer_on; rl/steer_pass.py)."""
     L, l = model_cfg.num_layers, cfg.tap_layer
     think, attn = cfg.think_on or cfg.think_metrics, cfg.attn_on or cfg.attn_metrics
     taps = Taps(
@@ -349,7 +362,8 @@ def micro_loss(params: Params, mb: "TrainBatch", weights: Weights, model_cfg: "M
     unembed_DV = params.embed.T if model_cfg.tie_embeddings else params.lm_head
     x = HeadInputs(targets=mb.targets, old_logp=mb.old_logp, adv=mb.advantages, pg_weight=weights.pg,
                    tok_weight=weights.tok, ref_logp=mb.ref_logp if cfg.kl_coef else None,
-                   think_w=mb.think_weight if think else None)
+                   think_w=mb.think_weight if think else None,
+                   steer_group=mb.steer_group if d_GV is not None else None)
     ht = wt_DV = None
     if cfg.opsd_on:
         if mb.teacher_tokens is None or mb.head_positions is None or teacher is None:
@@ -360,9 +374,9 @@ def micro_loss(params: Params, mb: "TrainBatch", weights: Weights, model_cfg: "M
         h, hl, x = _compact(mb.head_positions, h, hl, x)
     cdt = jnp.dtype(model_cfg.dtype)
     if fused:
-        loss, metrics = make_fused_head(cfg, cdt, cfg.logit_chunk)(h, hl, unembed_DV, x, ht, wt_DV)
+        loss, metrics = make_fused_head(cfg, cdt, cfg.logit_chunk)(h, hl, unembed_DV, x, ht, wt_DV, d_GV)
     else:
-        loss, metrics = head_reference(h, hl, unembed_DV, x, cfg, cdt, cfg.logit_chunk, ht, wt_DV)
+        loss, metrics = head_reference(h, hl, unembed_DV, x, cfg, cdt, cfg.logit_chunk, ht, wt_DV, d_GV)
 
     if attn:
         s_l, s_L = out.attn_logits[l], out.attn_logits[L]
