@@ -18,6 +18,12 @@ with `attn_impl=cudnn` planned as `splash` (the TPU flash kernel). `cpu` compile
 are indicative only (XLA:CPU upcasts bf16 matmuls, 1.1-3.8x the GPU temporaries here, and
 its peak ignores temporaries).
 
+With `sampler.engine=continuous` (or `--engine=continuous`) the sampler phase is the
+continuous engine's program (`plan_continuous`): its KV pool is a temporary of that program
+(nothing beside the updates), the search finds the largest `sampler.slots` whose pool, sized
+to `--mean_response`, fits, and the sampling time is the engine's at that mean response
+(the static engine's runs every call to the budget).
+
 The budget is XLA's pool (`--mem_fraction` of device memory: the launchers set
 XLA_PYTHON_CLIENT_MEM_FRACTION to it; JAX's default is 0.75) minus `--reserve_gib` for
 what memory_analysis does not see (cuDNN/cuBLAS workspaces, fragmentation). The CUDA

@@ -50,8 +50,8 @@ def test_pool_is_a_temporary_split_over_tensor_and_not_beside_the_updates():
 
 def test_planned_pool_follows_the_mean_response():
     s = _setup(",sampler.page_size=4")
-    # 16 prompts x 16 pages of 4 tokens; per slot 2 x mean 4 = 8 tokens = 2 pages, + 1 copied.
-    assert pc.planned_pool_pages(s, slots=16, mean_response=4) == 256 + 16 * 3
+    # 16 prompts x 16 pages of 4 tokens; per slot 1.5 x mean 8 = 12 tokens = 3 pages, + 1 copied.
+    assert pc.planned_pool_pages(s, slots=16, mean_response=8) == 256 + 16 * 4
     # Never below one rollout at the full budget: 15 fed tokens from position 64 = 4 pages.
     assert pc.planned_pool_pages(s, slots=1, mean_response=1) == 256 + 4
     assert pc.default_mean_response(8192) == 1536 and pc.default_mean_response(3072) == 576
