@@ -18,6 +18,12 @@ with `attn_impl=cudnn` planned as `splash` (the TPU flash kernel). `cpu` compile
 are indicative only (XLA:CPU upcasts bf16 matmuls, 1.1-3.8x the GPU temporaries here, and
 its peak ignores temporaries).
 
+With `sampler.engine=continuous` (or `--engine=continuous`) the sampler phase is the
+continuous engine's program (`plan_continuous`): its KV pool is a temporary of that program
+(nothing beside the updates), the search finds the largest `sampler.slots` whose pool, sized
+to `--mean_response`, fits, and the sampling time is the engine's at that mean response
+(the static engine's runs every call to the budget).
+
 The budget is XLA's pool (`--mem_fraction` of device memory: the launchers set
 XLA_PYTHON_CLIENT_MEM_FRACTION to it; JAX's default is 0.75) minus `--reserve_gib` for
 what memory_analysis does not see (cuDNN/cuBLAS workspaces, fragmentation). The CUDA
@@ -89,7 +95,9 @@ def step_flops(setup: PlanSetup, mean_prompt: float, response_frac: float) -> di
 
 
 def sampling_seconds(setup: PlanSetup, sampler: Phase, bandwidth: float, response_frac: float = 1.0) -> float:
-    """Lower bound on one RL step's sampling time from HBM bandwidth.
+    """Lower bound on one RL step's sampling time from HBM bandwidth, static engine (a call
+    decodes until its longest row ends: response_frac 1, the budget, for calls of many rows;
+    the continuous engine's is `plan_continuous.engine_time`).
 
     Each decode step reads every weight of the device's decode-layout copy, the whole
     prompt part of its KV cache, and the generated part's chunks up to its segment's
@@ -123,7 +131,8 @@ def format_table(results: Sequence[PhaseResult], budget: Budget) -> str:
     rows = [("params (master)", lambda r: r.phase.params_bytes),
             ("optimizer state", lambda r: r.phase.opt_bytes),
             ("decode params", lambda r: r.phase.decode_params_bytes),
-            ("KV cache (sampler)", lambda r: r.phase.kv_bytes),
+            ("KV cache (sampler)", lambda r: 0 if r.phase.kv_in_temporaries else r.phase.kv_bytes),
+            ("KV pool (in temps)", lambda r: r.phase.kv_bytes if r.phase.kv_in_temporaries else 0),
             ("batch / other args", lambda r: r.phase.other_arg_bytes),
             ("temporaries (XLA)", lambda r: r.compiled.temporaries),
             ("XLA peak", lambda r: r.compiled.xla_peak),
@@ -181,7 +190,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "default 1.5 GPU, 0.5 TPU)")
     p.add_argument("--mfu", type=float, default=0.35, help="assumed MFU for the step-time estimate")
     p.add_argument("--mean_prompt", type=float, default=None, help="mean prompt tokens (default max_prompt_len/4)")
-    p.add_argument("--response_frac", type=float, default=1.0, help="mean response / max_new_tokens for FLOPs")
+    p.add_argument("--mean_response", type=float, default=None,
+                   help="mean response tokens, for the FLOPs and the continuous engine's time (default: the "
+                        "paper's 1536 of 8192 for Qwen3, the same fraction of other budgets)")
+    p.add_argument("--engine", choices=("static", "continuous"), default=None,
+                   help="override sampler.engine")
+    p.add_argument("--slots", type=int, default=None, help="override sampler.slots (continuous engine)")
+    p.add_argument("--pool_pages", default=None,
+                   help="override sampler.pool_pages (continuous engine): an int, or 'mean' for a pool sized to "
+                        "--mean_response (plan_continuous.planned_pool_pages)")
+    p.add_argument("--phases", default=None,
+                   help="compile only these phases, comma-separated ('sampler', 'train step', 'old log-probs'); "
+                        "the verdict then covers those only")
     p.add_argument("--no_suggest", action="store_true", help="skip the largest-fit search (fewer compiles)")
     p.add_argument("--sweep", action="store_true", help="also show temporaries vs micro-batch / remat / chunking")
     p.add_argument("--json", default=None, help="write the numbers to this JSON file")
@@ -213,6 +233,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                        sampler_batch=a.sampler_batch, model_overrides=overrides)
     if a.sampler_cache is not None:  # else the config's sampler.keep_cache
         setup = setup.replace(sampler_cache_kept=a.sampler_cache == "kept")
+    from oisd_jax import plan_continuous as pc
+    mean_response = a.mean_response if a.mean_response is not None else pc.default_mean_response(
+        setup.max_new_tokens)
+    setup = setup.replace(engine=a.engine or setup.engine, slots=a.slots or setup.slots)
+    if a.pool_pages is not None:
+        setup = setup.replace(pool_pages=pc.planned_pool_pages(setup, setup.slots, mean_response)
+                              if a.pool_pages == "mean" else int(a.pool_pages))
     budget = Budget(target.memory_bytes, a.mem_fraction, int(a.reserve_gib * GiB))
     m = setup.model
     from oisd_jax.plan_programs import planned_model
@@ -238,12 +265,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                  "optimizer state)" if sc.ref_resident else "the params themselves")
         print(f"teacher   rl.teacher={sc.teacher!r}: rows of {setup.teacher_row_len} tokens beside the student's; "
               f"weights {where}; its forward in the train step")
+    if setup.engine == "continuous":
+        pool = setup.pool_pages or pc.default_pool_pages(setup)
+        print(f"engine    continuous: {setup.slots} slots (every device of a (data, fsdp) group decodes all of "
+              f"them; KV heads over tensor={pc.kv_shards(setup)}), pool {pool} pages of {setup.page_size} tokens"
+              + ("" if setup.pool_pages else " (sampler.pool_pages=None: every slot at the full budget)"))
     print(f"budget    {budget.bytes / GiB:.2f} GiB/device = {a.mem_fraction:.2f} x {target.memory_bytes / GiB:.2f} GiB "
           f"- {a.reserve_gib:.1f} GiB reserve")
     if target.kind == "cpu":
         print("NOTE      --target=cpu: INDICATIVE ONLY. XLA:CPU upcasts bf16 matmuls (temporaries 1.1-3.8x a GPU's) "
               "and its peak ignores temporaries; use a GPU target for decisions.")
-    results = run_phases(setup, target)
+    only = [x.strip() for x in a.phases.split(",")] if a.phases else None
+    results = run_phases(setup, target, only)
+    if not results:
+        raise SystemExit(f"--phases={a.phases!r}: no such phase (train step, old log-probs, sampler)")
     print()
     print(format_table(results, budget))
     if tpu:
@@ -259,8 +294,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"\n{r.phase.name}: the TPU compiler refused it: {r.compiled.oom[:300]}")
     ok = all(r.total <= budget.bytes for r in results)
     kv = sampler_cache_bytes(setup)
-    tr = next(r for r in results if r.phase.name == "train step")
-    if setup.sampler_cache_kept:
+    tr = next((r for r in results if r.phase.name == "train step"), None)
+    if tr is None:
+        pass
+    elif setup.engine == "continuous":
+        print("\nthe continuous engine's KV pool lives inside the sampler program only: nothing of it stays "
+              "beside the updates (sampler.keep_cache does not apply)")
+    elif setup.sampler_cache_kept:
         print(f"\nthe sampler keeps its KV cache ({kv / GiB:.2f} GiB/device) through the updates (counted above); "
               f"with sampler.keep_cache=False (freed after sampling) the train step needs "
               f"{(tr.total - kv) / GiB:.2f} GiB")
@@ -269,28 +309,42 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"(sampler.keep_cache=False); kept, the train step would need {(tr.total + kv) / GiB:.2f} GiB")
 
     mean_prompt = a.mean_prompt if a.mean_prompt is not None else setup.max_prompt_len / 4
-    fl = step_flops(setup, mean_prompt, a.response_frac)
+    fl = step_flops(setup, mean_prompt, mean_response / setup.max_new_tokens)
     print(f"\nFLOPs per RL step (analytic; {fl['tokens'] / 1e6:.2f}M tokens = {setup.spec.train.prompts_per_step} x "
-          f"{setup.spec.sampler.sampling.n} x ({mean_prompt:.0f} + {a.response_frac:.2f} x {setup.max_new_tokens})):")
+          f"{setup.spec.sampler.sampling.n} x ({mean_prompt:.0f} + {mean_response:.0f} mean response of "
+          f"{setup.max_new_tokens})):")
     peak = target.peak_flops * a.devices
     for k in [k for k in ("train", "old_logprob", "ref_logprob", "sample") if k in fl]:
         t = f", {fl[k] / (peak * a.mfu):8.1f} s at {a.mfu:.0%} MFU" if peak else ""
         print(f"  {k:<12}{_si(fl[k]):>10}FLOP{t}")
     sres = next((r for r in results if r.phase.name == "sampler"), None)
-    if target.bandwidth and sres is not None:
-        t = sampling_seconds(setup, sres.phase, target.bandwidth, a.response_frac)
+    if target.bandwidth and sres is not None and setup.engine == "continuous":
+        et = pc.engine_time(setup, sres.phase, target.bandwidth, target.peak_flops, mean_prompt, mean_response)
+        fl.update(sample_hbm_s=et.hbm_s, sample_flop_s=et.flop_s, sample_gather_hbm_s=et.gather_hbm_s,
+                  sample_steps_per_call=et.steps_per_call, sample_calls=et.calls)
+        print(f"  sampling, continuous engine: >= {et.seconds:8.1f} s per step at {mean_response:.0f} mean response "
+              f"tokens (HBM {et.hbm_s:.1f} s: {et.calls} call(s) x {et.steps_per_call:.0f} decode steps reading "
+              f"{et.weight_bytes / GiB:.2f} GiB of weights + {et.kv_read_bytes / GiB:.0f} GiB of held KV per call; "
+              f"FLOP {et.flop_s:.1f} s at peak; at {target.bandwidth / 1e12:.2f} TB/s)")
+        print(f"  (today's gather attention reads every slot's table to the widest width: up to "
+              f"{et.gather_hbm_s:.0f} s; a paged-attention kernel reads the held pages only)")
+    elif target.bandwidth and sres is not None:
+        t = sampling_seconds(setup, sres.phase, target.bandwidth)
         fl["sample_hbm_s"] = t
-        print(f"  sampling is HBM-bound: >= {t:8.1f} s per step (every decode step reads the device's decode "
+        print(f"  sampling is HBM-bound: >= {t:8.1f} s per step (static engine: a call decodes until its longest "
+              f"row ends, counted at the budget; every decode step reads the device's decode "
               f"params, its KV cache's prompt part and, in {sres.phase.decode_segments} segment(s), the "
               f"generated part's chunks filled so far, at {target.bandwidth / 1e12:.2f} TB/s)")
 
     suggestions = {}
     if not a.no_suggest:
         from oisd_jax.plan_search import suggest
-        suggestions = suggest(setup, target, budget, results)
+        suggestions = suggest(setup, target, budget, results, mean_response)
+        what = (f"slots={suggestions.get('slots')} with pool_pages={suggestions.get('pool_pages')} (sized to the "
+                f"mean response)" if setup.engine == "continuous"
+                else f"sampler batch={suggestions.get('sampler_batch')} prompts")
         print(f"\nlargest that fit: micro_batch_tokens={suggestions.get('micro_batch_tokens')} "
-              f"({suggestions.get('rows_per_device')} row(s)/device), "
-              f"sampler batch={suggestions.get('sampler_batch')} prompts")
+              f"({suggestions.get('rows_per_device')} row(s)/device), {what}")
     from oisd_jax.plan_search import sweep
     sw = sweep(setup, target) if a.sweep else []
     if sw:
@@ -307,7 +361,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                            for r in results},
                    setup=dict(row_len=setup.row_len, micro_batch_tokens=setup.micro_batch_tokens,
                               rows_per_micro=setup.rows_per_micro, num_micro=setup.num_micro,
-                              sampler_batch=setup.sampler_batch, mesh=dict(setup.mesh.shape)),
+                              sampler_batch=setup.sampler_batch, mesh=dict(setup.mesh.shape),
+                              sampler_mesh=dict(setup.sampler_mesh.shape), engine=setup.engine,
+                              slots=setup.slots, page_size=setup.page_size,
+                              pool_pages=(setup.pool_pages or pc.default_pool_pages(setup))
+                              if setup.engine == "continuous" else None,
+                              mean_prompt=mean_prompt, mean_response=mean_response),
                    flops=fl, suggestions=suggestions,
                    sweep={label: dataclasses.asdict(c) for label, c in sw})
         with open(a.json, "w") as f:

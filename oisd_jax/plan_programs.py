@@ -41,6 +41,12 @@ class PlanSetup:
     # unless the trainer calls Sampler.release_cache() after sampling.
     sampler_cache_kept: bool = True
     teacher_row_len: int | None = None  # OPSD's teacher rows (teacher prompt + response budget)
+    # sampler.engine and the continuous engine's slots, tokens per page, pool (None = the
+    # Sampler's default: every prompt plus every slot at the full budget).
+    engine: str = "static"
+    slots: int = 64
+    page_size: int = 16
+    pool_pages: int | None = None
 
     @property
     def rows_per_micro(self) -> int:
@@ -81,6 +87,7 @@ class Phase:
     decode_segments: int = 1     # the sampler's S (decode steps read a prefix of the rest)
     other_arg_bytes: int = 0     # batch, prompts, keys
     resident_bytes: int = 0      # live beside the program but not its argument
+    kv_in_temporaries: bool = False  # the continuous engine's pool: built inside its program
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -118,7 +125,8 @@ def planned_model(model, preset: str | None = None) -> tuple[ModelConfig, str]:
 
 
 def make_setup(config, devices, *, preset: str | None = None, micro_batch_tokens: int | None = None,
-               sampler_batch: int | None = None, model_overrides: dict | None = None) -> PlanSetup:
+               sampler_batch: int | None = None, model_overrides: dict | None = None,
+               slots: int | None = None, pool_pages: int | None = None) -> PlanSetup:
     """The trainer's programs for `config` on `devices` (validated as the trainer would,
     paths aside: planning happens away from the data)."""
     from oisd_jax.run_spec import resolve
@@ -148,7 +156,8 @@ def make_setup(config, devices, *, preset: str | None = None, micro_batch_tokens
                      num_micro=num_micro, probes_per_row=pk.attn_steps * max_seqs_per_row(row_len),
                      sampler_batch=int(sampler_batch or sp.batch_size),
                      max_prompt_len=sp.max_prompt_len, max_new_tokens=sp.max_new_tokens,
-                     sampler_cache_kept=sp.keep_cache, teacher_row_len=t_len)
+                     sampler_cache_kept=sp.keep_cache, engine=sp.engine, slots=int(slots or sp.slots),
+                     page_size=sp.page_size, pool_pages=pool_pages or sp.pool_pages, teacher_row_len=t_len)
 
 
 # ----------------------------------------------------------------------------- train step
@@ -241,13 +250,13 @@ def sampler_phase(setup: PlanSetup) -> Phase:
     from oisd_jax.rl.train_state import abstract_train_state
     from oisd_jax.train_setup import make_sampler
     m, sampling = setup.model, setup.spec.sampler.sampling
-    if setup.spec.sampler.engine != "static":
-        raise ValueError(f"oisd_jax.plan models sampler.engine='static' only, got {setup.spec.sampler.engine!r} "
-                         "(plan the static engine: its KV cache bounds the continuous engine's default pool)")
     if setup.sampler_batch * sampling.n % setup.sampler_batch_shards or \
             setup.sampler_batch % setup.sampler_batch_shards:
         raise ValueError(f"sampler batch {setup.sampler_batch} prompts must split over the sampler mesh's "
                          f"{setup.sampler_batch_shards} batch shards (data x fsdp)")
+    if setup.engine == "continuous":
+        from oisd_jax.plan_continuous import continuous_phase
+        return continuous_phase(setup)
     smp, _ = make_sampler(setup.spec.sampler, m, setup.sampler_mesh)  # the trainer's Sampler
     a = abstract_sampler_inputs(setup)
     eos = np.asarray(m.eos_token_ids or (0,), np.int32)
@@ -268,7 +277,10 @@ def sampler_phase(setup: PlanSetup) -> Phase:
 
 
 def sampler_cache_bytes(setup: PlanSetup) -> int:
-    """Per-device KV cache a Sampler keeps between calls (keep_cache=True) unless released."""
+    """Per-device KV cache a Sampler keeps between calls (keep_cache=True) unless released;
+    the continuous engine's pool lives inside its program only."""
+    if setup.engine == "continuous":
+        return 0
     return shard_bytes(abstract_sampler_inputs(setup)["cache"])
 
 

@@ -76,10 +76,13 @@ def sweep(setup: PlanSetup, target: Target) -> list[tuple[str, Compiled]]:
     return out
 
 
-def suggest(setup: PlanSetup, target: Target, budget: Budget, results: Sequence[PhaseResult]) -> dict:
+def suggest(setup: PlanSetup, target: Target, budget: Budget, results: Sequence[PhaseResult],
+            mean_response: float | None = None) -> dict:
     """Largest micro-batch (rows/device) at the configured sampler batch, and largest
     sampler batch at the configured micro-batch, each checked against every phase (a
-    kept KV cache grows with the sampler batch and sits beside the updates)."""
+    kept KV cache grows with the sampler batch and sits beside the updates). With the
+    continuous engine, the largest slot count instead, its pool sized to `mean_response`
+    (`plan_continuous.planned_pool_pages`): the pool lives inside the sampler program."""
     out: dict[str, Any] = {}
     shards = setup.batch_shards
 
@@ -91,6 +94,9 @@ def suggest(setup: PlanSetup, target: Target, budget: Budget, results: Sequence[
     out["rows_per_device"] = k
     out["micro_batch_tokens"] = k * shards * setup.row_len if k else None
 
+    if setup.engine == "continuous":
+        out.update(suggest_slots(setup, target, budget, mean_response))
+        return out
     unit = setup.sampler_batch_shards  # prompts split over the sampler's batch shards
     others = [r for r in results if r.phase.name != "sampler"]
 
@@ -104,3 +110,26 @@ def suggest(setup: PlanSetup, target: Target, budget: Budget, results: Sequence[
     j, _ = suggest_linear(sampler_total, budget.bytes, max(1, setup.sampler_batch // unit))
     out["sampler_batch"] = j * unit if j else None
     return out
+
+
+SLOT_UNIT = 8  # slots are searched in multiples of 8 (rows of a decode step's matmuls)
+
+
+def suggest_slots(setup: PlanSetup, target: Target, budget: Budget, mean_response: float | None = None) -> dict:
+    """Largest continuous-engine slot count whose sampler phase fits, pool sized to the mean response."""
+    from oisd_jax import plan_continuous as pc
+    mean = mean_response if mean_response is not None else pc.default_mean_response(setup.max_new_tokens)
+    requests = setup.sampler_batch * setup.spec.sampler.sampling.n
+
+    def at(j: int) -> PlanSetup:
+        slots = j * SLOT_UNIT
+        return setup.replace(slots=slots, pool_pages=pc.planned_pool_pages(setup, slots, mean))
+
+    def total(j: int) -> int:
+        ph = sampler_phase(at(j))
+        return ph.resident_bytes + compile_program(f"sampler {j * SLOT_UNIT} slots", ph.lower, target).total
+
+    top = max(1, -(-requests // SLOT_UNIT))  # more slots than requests never run
+    j, _ = suggest_linear(total, budget.bytes, min(top, max(1, setup.slots // SLOT_UNIT)), max_calls=5,
+                          max_value=top)
+    return dict(slots=j * SLOT_UNIT if j else None, pool_pages=at(j).pool_pages if j else None)

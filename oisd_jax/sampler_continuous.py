@@ -227,7 +227,8 @@ def continuous_generate(params: Params, tokens_BP, start_B, budget_R, key, tempe
 
     # A bound that no schedule reaches (every request restarted R times): the host checks
     # all_done, so a scheduling bug is an error, never a silently cut rollout.
-    max_steps = (R + 1) * R * N + 1
+    # A float: stats count in f32, and the product passes int32 at 1024 rollouts of 8192 tokens.
+    max_steps = float((R + 1) * R * N + 1)
 
     def cond(s):
         return jnp.any(s[2] != 2) & (s[-1][0] < max_steps)
