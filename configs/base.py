@@ -58,7 +58,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     d.answer_field = "reward_model.ground_truth"  # dotted path to the ground-truth answer
     d.system_prompt = SYSTEM_PROMPT  # system message added to plain questions; None = none
     d.max_prompt_len = 1024  # prompt tokens after the chat template
-    d.truncation = "left"  # longer prompts: left = keep the end | error
+    d.truncation = "middle"  # longer prompts: middle = keep the template head + the end | left = the end | error
     d.on_bad_row = "skip"  # rows with missing/empty fields: skip (counted) | error
     d.seed = 0  # shuffle seed of the prompt stream
     d.synthetic = s = ml_collections.ConfigDict()

@@ -9,12 +9,12 @@ from oisd_jax.data.sources import (
 from oisd_jax.data.synthetic import (
     ArithmeticTask, make_problems, reference_response, sft_examples, solve, synthetic_tokenizer)
 from oisd_jax.data.tokenize import (
-    PromptTooLongError, encode_prompt, load_tokenizer, render_prompt)
+    PromptTooLongError, encode_prompt, load_tokenizer, render_prompt, template_head_len)
 
 __all__ = [
     "ArithmeticTask", "BadRowError", "CutCounter", "encode_example", "DEFAULT_SYSTEM_PROMPT", "Example", "FieldMap",
     "PromptIterator", "PromptTooLongError", "QA_FIELDS", "ReadStats", "Record", "VERL_FIELDS",
     "encode_prompt", "load_eval_set", "load_tokenizer", "make_problems", "make_prompt_dataset",
     "next_batch", "read_many", "read_records", "reference_response", "render_prompt",
-    "sft_examples", "solve", "stack_prompts", "synthetic_tokenizer",
+    "sft_examples", "solve", "stack_prompts", "synthetic_tokenizer", "template_head_len",
 ]
