@@ -29,7 +29,7 @@ from oisd_jax.divergence import DivergenceError, SkipGuard
 from oisd_jax.workdir_lock import WorkdirLock, WorkdirLocked
 from hf_fixtures import save_hf_model
 from test_checkpoint import abstract_of, make_state
-from tiny_run import tiny_config, tiny_run
+from tiny_run import config_leaf_fields, tiny_config, tiny_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
@@ -73,7 +73,7 @@ CONFIG_CORPUS = [  # (':arg' of configs/tiny.py, text the one line must contain)
     ("sampler.temperature=0.0", "sampler.temperature"),
     ("sampler.n=0", "sampler.n"),
     ("sampler.batch_size=3,sampler.n=3", "not divisible by the sampler mesh"),
-    ("data.truncation='middle'", "data.truncation"),
+    ("data.truncation='sideways'", "data.truncation='sideways'"),
     ("data.on_bad_row='ignore'", "data.on_bad_row"),
     ("data.format='csv'", "data.format"),
     ("data.format='jsonl'", "data.train_path is required"),
@@ -104,19 +104,11 @@ def test_config_corpus_one_clear_line(arg, needle):
     assert needle in user_error(_validated, arg)
 
 
-def _leaf_fields(d, prefix=""):
-    for k, v in d.items():
-        if hasattr(v, "items") and k != "eval_sets":
-            yield from _leaf_fields(v, f"{prefix}{k}.")
-        else:
-            yield f"{prefix}{k}"
-
-
 def test_every_field_with_hostile_values_fails_as_config_error_or_passes():
     """Each field of tiny.py set to values of the wrong kind: ConfigError or accepted, never a
     crash inside validation. (Reading what it accepted found mesh.shape=None and
     data.eval_sets=None, which crashed the trainer: in CONFIG_CORPUS now.)"""
-    fields = list(_leaf_fields(load_config_file(TINY)))
+    fields = list(config_leaf_fields(load_config_file(TINY)))
     assert len(fields) > 80
     for f in fields:
         for v in ("None", "-1", "1e999", "'x'", "()", "True"):
