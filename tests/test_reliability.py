@@ -390,6 +390,38 @@ def test_finding5_stuck_async_save_has_a_bounded_wait(tmp_path):
         ck.close()
 
 
+def test_failed_async_save_is_named_as_its_own_step(tmp_path, mesh):
+    """A full disk under step 1's background save surfaced at step 2's save as "checkpoint
+    step 2 could not be saved" (seen on a real full tmpfs, tests/test_real_fs.py)."""
+    with Checkpointer(tmp_path / "ck") as ck:
+        ck.save(1, make_state(mesh))
+        real_wait = ck._manager.wait_until_finished
+
+        def full_disk():
+            raise OSError(errno.ENOSPC, "No space left on device")
+        ck._manager.wait_until_finished = full_disk
+        line = user_error(ck.save, 2, make_state(mesh))
+        ck._manager.wait_until_finished = real_wait
+    assert "saving checkpoint step 1 to" in line and "No space left" in line
+
+
+def test_closed_event_loop_noise_of_a_failed_save_is_dropped(tmp_path, monkeypatch):
+    """tensorstore callbacks landing on orbax's closed loop printed dozens of tracebacks."""
+    from types import SimpleNamespace
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    Checkpointer(tmp_path / "ck", async_save=False).close()
+    Checkpointer(tmp_path / "ck", async_save=False).close()  # wrapped once
+    noise = SimpleNamespace(exc_type=RuntimeError, exc_value=RuntimeError("Event loop is closed"))
+    other = SimpleNamespace(exc_type=RuntimeError, exc_value=RuntimeError("something else"))
+    sys.unraisablehook(noise)
+    sys.unraisablehook(other)
+    assert seen == [other]
+    monkeypatch.setenv("OISD_DEBUG", "1")
+    sys.unraisablehook(noise)
+    assert seen == [other, noise]
+
+
 # ----------------------------------------------------------------------------- workdir lock
 def _lock_file(workdir, **owner):
     os.makedirs(workdir, exist_ok=True)
