@@ -54,6 +54,9 @@ def tb_tag(name: str) -> str:
     return re.sub(r"[^-/\w.]", "_", name)
 
 
+_TB_STOPPED = threading.Event()  # tensorboardX's writer thread died (a full disk)
+
+
 def _one_line_writer_thread_errors(previous):
     """threading.excepthook: tensorboardX's event-writer thread dies on a full disk with a
     15-line traceback (seen on a real full tmpfs); log it as one warning naming the TB folder
@@ -66,9 +69,11 @@ def _one_line_writer_thread_errors(previous):
         while tb is not None:
             frames.append(tb.tb_frame.f_code.co_filename)
             tb = tb.tb_next
-        if isinstance(args.exc_value, OSError) and any("tensorboardX" in f for f in frames) and not debug_requested():
-            logging.getLogger(__name__).warning("TensorBoard event writer stopped: %s", args.exc_value)
-            return
+        if isinstance(args.exc_value, OSError) and any("tensorboardX" in f for f in frames):
+            _TB_STOPPED.set()  # writers stop queueing events: nobody would take them off the queue
+            if not debug_requested():
+                logging.getLogger(__name__).warning("TensorBoard event writer stopped: %s", args.exc_value)
+                return
         previous(args)
     hook.oisd_tb_filter = True
     return hook
@@ -94,7 +99,9 @@ class MetricsWriter:
             from tensorboardX import SummaryWriter  # heavy import, only where it is used
             if not getattr(threading.excepthook, "oisd_tb_filter", False):
                 threading.excepthook = _one_line_writer_thread_errors(threading.excepthook)
-            self._tb = SummaryWriter(logdir=os.path.join(self.workdir, TB_DIR))
+            # an unbounded queue: with its writer thread dead, a full one (default 10 events)
+            # blocked the training loop forever in add_scalar
+            self._tb = SummaryWriter(logdir=os.path.join(self.workdir, TB_DIR), max_queue=2**30)
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, float | int]:
         """Log scalar metrics (nested dicts are flattened with '/'); returns what was logged."""
@@ -104,6 +111,8 @@ class MetricsWriter:
         record = {"step": int(step), "time": time.time(), **scalars}
         # NaN/inf are kept (Python's json reads them back) because they flag a broken run.
         self._jsonl.write(json.dumps(record) + "\n")
+        if self._tb is not None and _TB_STOPPED.is_set():
+            self._tb = None  # not closed: closing flushes through the dead thread
         if self._tb is not None:
             for k, v in scalars.items():
                 self._tb.add_scalar(tb_tag(k), v, global_step=int(step))

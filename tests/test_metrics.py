@@ -206,3 +206,11 @@ def test_tensorboard_thread_dying_on_a_full_disk_is_one_warning(tmp_path, monkey
         threading.excepthook(other)
     assert seen == [other]
     assert "TensorBoard event writer stopped: [Errno 28] No space left on device" in caplog.text
+    from oisd_jax import metrics
+    try:
+        w = MetricsWriter(tmp_path)
+        w.write(1, {"a": 1.0})  # stops queueing events for the dead thread
+        assert w._tb is None and "a" in open(tmp_path / "metrics.jsonl").read()
+        w.close()
+    finally:
+        metrics._TB_STOPPED.clear()
