@@ -43,7 +43,7 @@ def get_config(*, hf_path: str, tap_layer: int, max_new_tokens: int,
     c.data.format = "parquet"
     c.data.train_path = f"{data_dir}/deepmath-5k.parquet"
     c.data.max_prompt_len = 1024
-    c.data.truncation = "left"
+    c.data.truncation = "middle"  # the system prompt and the question's end survive a cut
     c.data.eval_sets = base.paper_eval_sets(data_dir)
 
     c.sampler.max_new_tokens = max_new_tokens

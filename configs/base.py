@@ -62,7 +62,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     d.teacher_template = DEFAULT_TEACHER_TEMPLATE  # OPSD teacher prompt: {problem}, {solution}; one user turn
     d.teacher_max_prompt_len = 1536  # teacher prompt tokens after the chat template (rl.opsd_weight > 0)
     d.max_prompt_len = 1024  # prompt tokens after the chat template
-    d.truncation = "left"  # longer prompts: left = keep the end | error
+    d.truncation = "middle"  # longer prompts: middle = keep the template head + the end | left = the end | error
     d.on_bad_row = "skip"  # rows with missing/empty fields: skip (counted) | error
     d.seed = 0  # shuffle seed of the prompt stream
     d.synthetic = s = ml_collections.ConfigDict()

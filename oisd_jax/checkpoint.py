@@ -31,6 +31,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 import threading
 import uuid
 import warnings
@@ -40,7 +41,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from oisd_jax.cli import UserError
+from oisd_jax.cli import UserError, debug_requested
 
 ITEMS = ("state", "data", "rng", "config")  # the orbax items of every step (run_files reads them too)
 _BYTES_KEY = "__bytes_b64__"
@@ -108,6 +109,35 @@ def _rng_from_json(d: dict | None) -> jax.Array | None:
     return jax.numpy.asarray(data)
 
 
+class _OneLineOrbaxErrors(logging.Filter):
+    """Drop the tracebacks orbax's background threads log (through absl) when a save fails,
+    4 of them, ~320 lines, for one full disk (measured, orbax 0.12.8): the failure reaches
+    the caller as one CheckpointError, and the log keeps orbax's one-line messages.
+    OISD_DEBUG=1 / --debug keeps the tracebacks."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and "orbax" in record.pathname and not debug_requested():
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+_ORBAX_FILTER = _OneLineOrbaxErrors()
+
+
+def _drop_closed_loop_errors(previous):
+    """sys.unraisablehook: after a failed async save, tensorstore's write callbacks may land on
+    the save thread's asyncio loop that orbax already closed, and each prints a 6-line
+    'RuntimeError: Event loop is closed' traceback (dozens on a full disk, measured); the
+    save's failure itself reaches the caller as a CheckpointError. Anything else, and
+    everything under OISD_DEBUG, goes to the previous hook."""
+    def hook(u):
+        if u.exc_type is RuntimeError and str(u.exc_value) == "Event loop is closed" and not debug_requested():
+            return
+        previous(u)
+    hook.oisd_closed_loop_filter = True
+    return hook
+
+
 class CheckpointError(UserError):
     """A checkpoint could not be written (or its folder cannot be)."""
 
@@ -145,6 +175,10 @@ class Checkpointer:
                  async_save: bool = True, wait_timeout_s: float = 1800.0):
         self.directory = os.fspath(directory)
         self.wait_timeout_s = float(wait_timeout_s)
+        self._in_flight: int | None = None  # the step of the save started last, until it is known done
+        logging.getLogger("absl").addFilter(_ORBAX_FILTER)  # once: a logger holds a filter once
+        if not getattr(sys.unraisablehook, "oisd_closed_loop_filter", False):
+            sys.unraisablehook = _drop_closed_loop_errors(sys.unraisablehook)
         if jax.process_index() == 0:
             check_writable(self.directory)
         options = ocp.CheckpointManagerOptions(
@@ -158,6 +192,7 @@ class Checkpointer:
     def save(self, step: int, state: Any, *, data_state: Any = None, rng: jax.Array | None = None,
              config: Any = None) -> bool:
         """Start saving `step` (async unless disabled). False if that step already exists."""
+        self.wait_until_finished()  # the previous async save's failure is named as its own step's
         if step in self.all_steps():
             warnings.warn(f"checkpoint step {step} already exists in {self.directory}; not saved",
                           RuntimeWarning, stacklevel=2)
@@ -168,6 +203,7 @@ class Checkpointer:
             rng=ocp.args.JsonSave(_rng_to_json(rng) or {}),
             config=ocp.args.JsonSave(_config_to_dict(config) or {}))
         try:
+            self._in_flight = step
             return bool(self._manager.save(step, args=args, force=True))
         except Exception as e:  # orbax/tensorstore/OS errors: the run must stop, not go on unsaved
             raise CheckpointError(f"checkpoint step {step} could not be saved to {self.directory}: "
@@ -239,12 +275,14 @@ class Checkpointer:
         t = threading.Thread(target=wait, name="checkpoint-wait", daemon=True)
         t.start()
         t.join(self.wait_timeout_s)
+        what = "a checkpoint" if self._in_flight is None else f"checkpoint step {self._in_flight}"
         if t.is_alive():
-            raise CheckpointError(f"saving a checkpoint to {self.directory} did not finish within "
+            raise CheckpointError(f"saving {what} to {self.directory} did not finish within "
                                   f"{self.wait_timeout_s:g} s (a full or unresponsive disk?)")
         if box:
-            raise CheckpointError(f"saving a checkpoint to {self.directory} failed: "
+            raise CheckpointError(f"saving {what} to {self.directory} failed: "
                                   f"{type(box[0]).__name__}: {box[0]}") from box[0]
+        self._in_flight = None
 
     def close(self) -> None:
         self.wait_until_finished()

@@ -18,7 +18,7 @@ LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mea
 KL_TYPES = ("k1", "k2", "k3")
 SCHEDULES = ("constant", "cosine")
 DATA_FORMATS = ("synthetic", "parquet", "jsonl")
-TRUNCATIONS = ("left", "error")
+TRUNCATIONS = ("middle", "left", "error")  # data.truncation: data/tokenize.fit_prompt
 BAD_ROW_POLICIES = ("skip", "error")
 REWARDS = ("math", "strict", "verl_math")  # verl_math: verl's math.compute_score (rewards_verl)
 # rl.think_weight_mode: the OISD weight of L_think and L_attn (rl.advantages.oisd_weights)

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import re
+import threading
 import time
 from collections import defaultdict
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -52,6 +54,31 @@ def tb_tag(name: str) -> str:
     return re.sub(r"[^-/\w.]", "_", name)
 
 
+_TB_STOPPED = threading.Event()  # tensorboardX's writer thread died (a full disk)
+
+
+def _one_line_writer_thread_errors(previous):
+    """threading.excepthook: tensorboardX's event-writer thread dies on a full disk with a
+    15-line traceback (seen on a real full tmpfs); log it as one warning naming the TB folder
+    instead (the run's own writes then fail loudly in the main thread). Other threads, and
+    everything under OISD_DEBUG, go to the previous hook."""
+    from oisd_jax.cli import debug_requested
+
+    def hook(args):
+        tb, frames = args.exc_traceback, []
+        while tb is not None:
+            frames.append(tb.tb_frame.f_code.co_filename)
+            tb = tb.tb_next
+        if isinstance(args.exc_value, OSError) and any("tensorboardX" in f for f in frames):
+            _TB_STOPPED.set()  # writers stop queueing events: nobody would take them off the queue
+            if not debug_requested():
+                logging.getLogger(__name__).warning("TensorBoard event writer stopped: %s", args.exc_value)
+                return
+        previous(args)
+    hook.oisd_tb_filter = True
+    return hook
+
+
 class MetricsWriter:
     """One JSON object per `write` in `<workdir>/metrics.jsonl` and TensorBoard scalars in
     `<workdir>/tb/`. Appends, so a resumed run continues the same files (readers keep the
@@ -70,7 +97,11 @@ class MetricsWriter:
                            encoding="utf-8")
         if tensorboard:
             from tensorboardX import SummaryWriter  # heavy import, only where it is used
-            self._tb = SummaryWriter(logdir=os.path.join(self.workdir, TB_DIR))
+            if not getattr(threading.excepthook, "oisd_tb_filter", False):
+                threading.excepthook = _one_line_writer_thread_errors(threading.excepthook)
+            # an unbounded queue: with its writer thread dead, a full one (default 10 events)
+            # blocked the training loop forever in add_scalar
+            self._tb = SummaryWriter(logdir=os.path.join(self.workdir, TB_DIR), max_queue=2**30)
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, float | int]:
         """Log scalar metrics (nested dicts are flattened with '/'); returns what was logged."""
@@ -80,6 +111,8 @@ class MetricsWriter:
         record = {"step": int(step), "time": time.time(), **scalars}
         # NaN/inf are kept (Python's json reads them back) because they flag a broken run.
         self._jsonl.write(json.dumps(record) + "\n")
+        if self._tb is not None and _TB_STOPPED.is_set():
+            self._tb = None  # not closed: closing flushes through the dead thread
         if self._tb is not None:
             for k, v in scalars.items():
                 self._tb.add_scalar(tb_tag(k), v, global_step=int(step))

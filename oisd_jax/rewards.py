@@ -325,6 +325,7 @@ class RewardPool:
             raise ValueError(f"need workers >= 1 and timeout_s > 0, got {workers}, {timeout_s}")
         self.kind, self.timeout_s = kind, float(timeout_s)
         self.num_timeouts = 0
+        self.num_nonfinite = 0  # NaN/inf rewards scored 0 by rollout.score
         self.num_worker_restarts = 0
         self.num_start_failures = 0  # in a row; a worker that comes up resets it
         self._workers = [_Worker(kind, self.timeout_s) for _ in range(workers)]

@@ -8,13 +8,21 @@ passes the same prompts and gets all rollouts back; reward checks are shared out
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Sequence
 
 import jax
 import numpy as np
 
 from oisd_jax import distributed
+from oisd_jax.cli import UserError
 from oisd_jax.sampler import Sampler, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class RewardNotFinite(UserError):
+    """Every reward of a batch was NaN/inf: the reward function is broken, not the model."""
 
 
 @dataclasses.dataclass
@@ -61,6 +69,25 @@ def generate(sampler: Sampler, params, tokenizer, prompts: Sequence[np.ndarray],
 
 
 def score(reward_pool, texts: Sequence[str], answers: Sequence[str]) -> np.ndarray:
-    """Rewards [len(texts)] float32, every process checking a share of the rollouts."""
+    """Rewards [len(texts)] float32, every process checking a share of the rollouts.
+
+    A NaN/inf reward (a broken reward function or worker result) would make its whole
+    group's advantages NaN: it scores 0 instead, like a timeout, and is counted in
+    `reward_pool.num_nonfinite` (the trainer's metric reward_nonfinite), with a warning the
+    first time. A batch with no finite reward at all raises RewardNotFinite.
+    """
     pairs = list(zip(texts, answers))
-    return distributed.split_map(lambda share: reward_pool.score([t for t, _ in share], [a for _, a in share]), pairs)
+    raw = distributed.split_map(lambda share: reward_pool.score([t for t, _ in share], [a for _, a in share]), pairs)
+    bad = ~np.isfinite(raw)
+    if not bad.any():
+        return raw
+    if bad.all():
+        raise RewardNotFinite(f"all {len(raw)} rewards of a batch are non-finite (first: {raw[0]}, for the response "
+                              f"{str(texts[0])[:80]!r}); the reward function ({reward_pool.kind!r}) "
+                              "is broken")
+    first = int(np.argmax(bad))
+    if not reward_pool.num_nonfinite:
+        log.warning("%d of %d rewards were non-finite (first: %s for the response %r); scored 0 and counted in "
+                    "the metric reward_nonfinite", int(bad.sum()), len(raw), raw[first], str(texts[first])[:80])
+    reward_pool.num_nonfinite += int(bad.sum())
+    return np.where(bad, np.float32(0), raw).astype(np.float32)

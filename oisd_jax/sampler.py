@@ -30,7 +30,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from oisd_jax import distributed, parallel
-from oisd_jax.choices import SAMPLER_ENGINES
+from oisd_jax.choices import SAMPLER_ENGINES, TRUNCATIONS
 from oisd_jax.model import decode
 from oisd_jax.model.config import ModelConfig
 from oisd_jax.model.decoder import logits as lm_logits
@@ -186,7 +186,8 @@ class Sampler:
     Args:
       cfg: the model.
       max_prompt_len: longer prompts are left-truncated (truncation='left': keep the end)
-        or rejected (truncation='error').
+        or rejected ('error', and 'middle', which needs the chat template: the data
+        pipeline fits such prompts when it encodes them, so none reaches here too long).
       max_new_tokens: the response budget N; outputs are [B*n, N].
       mesh: a ("data", "fsdp", "tensor") mesh: rows over (data, fsdp), heads over tensor,
         with params in `parallel.DECODE_RULES` layout (see `reshard`). None = one device.
@@ -226,8 +227,8 @@ class Sampler:
             raise ValueError(f"Sampler: max_prompt_len + max_new_tokens = {max_prompt_len} + {max_new_tokens} = "
                              f"{max_prompt_len + max_new_tokens} exceeds the model's max_position_embeddings="
                              f"{cfg.max_position_embeddings}")
-        if truncation not in ("left", "error"):
-            raise ValueError(f"Sampler: truncation={truncation!r}: supported 'left' | 'error'")
+        if truncation not in TRUNCATIONS:
+            raise ValueError(f"Sampler: truncation={truncation!r}: supported {' | '.join(TRUNCATIONS)}")
         self.cfg, self.mesh = cfg, mesh
         self.max_prompt_len, self.max_new_tokens = int(max_prompt_len), int(max_new_tokens)
         self.prompt_bucket, self.truncation, self.keep_cache = int(prompt_bucket), truncation, keep_cache
@@ -297,9 +298,10 @@ class Sampler:
             if a.min() < 0 or a.max() >= V:
                 raise ValueError(f"Sampler.generate: prompt {i} has token ids outside [0, {V})")
             if a.size > self.max_prompt_len:
-                if self.truncation == "error":
+                if self.truncation != "left":  # 'middle' needs the chat template: data/tokenize cuts it
                     raise ValueError(f"Sampler.generate: prompt {i} has {a.size} tokens > max_prompt_len="
-                                     f"{self.max_prompt_len} (truncation='error')")
+                                     f"{self.max_prompt_len} (truncation={self.truncation!r}: prompts are fitted "
+                                     "when encoded, data.tokenize.fit_prompt)")
                 a = a[-self.max_prompt_len:]
             kept.append(a.astype(np.int32))
             truncated.append(a.size < np.asarray(p).size)

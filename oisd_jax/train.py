@@ -122,6 +122,7 @@ def rl_step(s: Setup, state, step: int, it, pool: RewardPool, key: jax.Array, ti
     out.update(reward=float(rewards.mean()), response_len=float(ro.lengths.mean()),
                truncated=float(ro.truncated(s.sampling.eos_ids).mean()), tokens=tokens,
                bupo_phase=int(bupo_now), reward_timeouts=pool.num_timeouts, updates=len(step_metrics),
+               reward_nonfinite=pool.num_nonfinite,
                solve_none=float((rewards.max(1) == 0).mean()), solve_all=float((rewards.min(1) == 1).mean()))
     shown = range(0, len(ro.texts), max(1, ro.n))[:spec.train.log_samples]  # one per prompt
     samples = [f"reward {rewards.flat[i]:g} | answer {answers[i]}\n--- prompt ---\n"

@@ -47,6 +47,7 @@ class Setup:
     def __post_init__(self):
         if self.spec is None:
             self.spec = resolve(self.config, num_devices=None, check_paths=False)
+        self.prompt_cuts.truncation = self.spec.data.truncation  # its warning says what the cut kept
 
     @property
     def row_len(self) -> int:

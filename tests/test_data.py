@@ -361,3 +361,53 @@ def test_qwen_like_template_thinking_disabled(tmp_path, bpe_tok):
     bare = type(bpe_tok)(tokenizer_object=bpe_tok.backend_tokenizer)
     with pytest.raises(ValueError, match="chat template"):
         encode_prompt(bare, msgs)
+
+
+# ----------------------------------------------------------------------------- truncation=middle
+def test_middle_truncation_keeps_system_prompt_and_question_qwen_template(bpe_tok):
+    """Issue 16, finding 8: 'left' cut off the system prompt and the question's start; 'middle'
+    keeps the template head (system prompt, user header) and the end (the question, the
+    generation prompt) and cuts inside the long user message."""
+    passage = "Compute \\frac{1}{2} + \\sqrt{2}. " * 40
+    msgs = _chat(passage + "Find the sum of all integer bases b>9.")
+    full = encode_prompt(bpe_tok, msgs)
+    head = f"<|im_start|>system\n{SYS}<|im_end|>\n<|im_start|>user\n"
+    tail = "Find the sum of all integer bases b>9.<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    h = data.template_head_len(bpe_tok, msgs)
+    assert bpe_tok.decode(full[:h]) == head  # the template's head, found without parsing the template
+    limit = 2 * h + 10
+    cut = encode_prompt(bpe_tok, msgs, max_prompt_len=limit, truncation="middle")
+    np.testing.assert_array_equal(cut, np.concatenate([full[:h], full[len(full) - (limit - h):]]))
+    text = bpe_tok.decode(cut)
+    assert len(cut) == limit and text.startswith(head) and text.endswith(tail)
+    assert not bpe_tok.decode(encode_prompt(bpe_tok, msgs, max_prompt_len=limit)).startswith("<|im_start|>system")
+    # a limit below twice the head: the head is capped at half, the end keeps the other half
+    small = encode_prompt(bpe_tok, msgs, max_prompt_len=h, truncation="middle")
+    np.testing.assert_array_equal(small, np.concatenate([full[:h // 2], full[len(full) - (h - h // 2):]]))
+    # short prompts are untouched; a plain string has no template head ('middle' = 'left')
+    np.testing.assert_array_equal(encode_prompt(bpe_tok, msgs, max_prompt_len=len(full), truncation="middle"), full)
+    s = encode_prompt(bpe_tok, passage, max_prompt_len=9, truncation="middle")
+    np.testing.assert_array_equal(s, encode_prompt(bpe_tok, passage)[-9:])
+
+
+def test_middle_truncation_in_the_prompt_stream_counts_and_warns(caplog):
+    """The tiny tokenizer's own template: the stream cuts in the middle, counts the cut
+    prompts and says what the cut kept."""
+    import logging
+    tok = synthetic_tokenizer()
+    recs = [{**r, "prompt": _chat(r["prompt"][-1]["content"])} for r in make_problems(4, seed=0)]
+    full = encode_prompt(tok, recs[0]["prompt"])
+    h = data.template_head_len(tok, recs[0]["prompt"])
+    assert tok.decode(full[:h]) == f"<bos><|system|>{SYS}<|user|>"
+    limit = len(full) - 3
+    counter = data.CutCounter(truncation="middle")
+    with caplog.at_level(logging.WARNING):
+        batch = next_batch(make_prompt_dataset(recs, tok, max_prompt_len=limit, seed=0, shuffle=False,
+                                               truncation="middle"), 4)
+        assert counter.observe(batch) == 4
+    first = batch[0]
+    assert first["prompt_cut"] == 3 and len(first["prompt_ids"]) == limit
+    keep = min(h, limit // 2)
+    np.testing.assert_array_equal(first["prompt_ids"], np.concatenate([full[:keep], full[len(full) - (limit - keep):]]))
+    assert tok.decode(first["prompt_ids"]).endswith(recs[0]["prompt"][-1]["content"][-8:] + "<|assistant|>")
+    assert "lost up to 3 tokens from the middle" in caplog.text

@@ -183,3 +183,34 @@ def test_train_flops_and_mfu_closed_forms():
     assert peak_flops_per_device("TPU v5 lite") == 197e12
     assert peak_flops_per_device("cpu") is None
     assert metrics.flatten({"a": {"b": {"c": 1}}, "d": 2}) == {"a/b/c": 1, "d": 2}
+
+
+def test_tensorboard_thread_dying_on_a_full_disk_is_one_warning(tmp_path, monkeypatch, caplog):
+    """tensorboardX's writer thread died on a real full tmpfs with a 15-line traceback."""
+    import threading
+    from types import SimpleNamespace
+    seen = []
+    monkeypatch.setattr(threading, "excepthook", seen.append)
+    MetricsWriter(tmp_path).close()
+    MetricsWriter(tmp_path).close()  # wrapped once
+    ns = {}
+    exec(compile("def write(): raise OSError(28, 'No space left on device')", "/x/tensorboardX/record_writer.py",
+                 "exec"), ns)
+    try:
+        ns["write"]()
+    except OSError as e:
+        tb_args = SimpleNamespace(exc_type=OSError, exc_value=e, exc_traceback=e.__traceback__, thread=None)
+    other = SimpleNamespace(exc_type=OSError, exc_value=OSError("x"), exc_traceback=None, thread=None)
+    with caplog.at_level("WARNING"):
+        threading.excepthook(tb_args)
+        threading.excepthook(other)
+    assert seen == [other]
+    assert "TensorBoard event writer stopped: [Errno 28] No space left on device" in caplog.text
+    from oisd_jax import metrics
+    try:
+        w = MetricsWriter(tmp_path)
+        w.write(1, {"a": 1.0})  # stops queueing events for the dead thread
+        assert w._tb is None and "a" in open(tmp_path / "metrics.jsonl").read()
+        w.close()
+    finally:
+        metrics._TB_STOPPED.clear()

@@ -29,7 +29,7 @@ from oisd_jax.divergence import DivergenceError, SkipGuard
 from oisd_jax.workdir_lock import WorkdirLock, WorkdirLocked
 from hf_fixtures import save_hf_model
 from test_checkpoint import abstract_of, make_state
-from tiny_run import tiny_config, tiny_run
+from tiny_run import config_leaf_fields, tiny_config, tiny_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
@@ -73,7 +73,7 @@ CONFIG_CORPUS = [  # (':arg' of configs/tiny.py, text the one line must contain)
     ("sampler.temperature=0.0", "sampler.temperature"),
     ("sampler.n=0", "sampler.n"),
     ("sampler.batch_size=3,sampler.n=3", "not divisible by the sampler mesh"),
-    ("data.truncation='middle'", "data.truncation"),
+    ("data.truncation='sideways'", "data.truncation='sideways'"),
     ("data.on_bad_row='ignore'", "data.on_bad_row"),
     ("data.format='csv'", "data.format"),
     ("data.format='jsonl'", "data.train_path is required"),
@@ -104,19 +104,11 @@ def test_config_corpus_one_clear_line(arg, needle):
     assert needle in user_error(_validated, arg)
 
 
-def _leaf_fields(d, prefix=""):
-    for k, v in d.items():
-        if hasattr(v, "items") and k != "eval_sets":
-            yield from _leaf_fields(v, f"{prefix}{k}.")
-        else:
-            yield f"{prefix}{k}"
-
-
 def test_every_field_with_hostile_values_fails_as_config_error_or_passes():
     """Each field of tiny.py set to values of the wrong kind: ConfigError or accepted, never a
     crash inside validation. (Reading what it accepted found mesh.shape=None and
     data.eval_sets=None, which crashed the trainer: in CONFIG_CORPUS now.)"""
-    fields = list(_leaf_fields(load_config_file(TINY)))
+    fields = list(config_leaf_fields(load_config_file(TINY)))
     assert len(fields) > 80
     for f in fields:
         for v in ("None", "-1", "1e999", "'x'", "()", "True"):
@@ -396,6 +388,38 @@ def test_finding5_stuck_async_save_has_a_bounded_wait(tmp_path):
         release.set()
         ck._manager.wait_until_finished = real_wait
         ck.close()
+
+
+def test_failed_async_save_is_named_as_its_own_step(tmp_path, mesh):
+    """A full disk under step 1's background save surfaced at step 2's save as "checkpoint
+    step 2 could not be saved" (seen on a real full tmpfs, tests/test_real_fs.py)."""
+    with Checkpointer(tmp_path / "ck") as ck:
+        ck.save(1, make_state(mesh))
+        real_wait = ck._manager.wait_until_finished
+
+        def full_disk():
+            raise OSError(errno.ENOSPC, "No space left on device")
+        ck._manager.wait_until_finished = full_disk
+        line = user_error(ck.save, 2, make_state(mesh))
+        ck._manager.wait_until_finished = real_wait
+    assert "saving checkpoint step 1 to" in line and "No space left" in line
+
+
+def test_closed_event_loop_noise_of_a_failed_save_is_dropped(tmp_path, monkeypatch):
+    """tensorstore callbacks landing on orbax's closed loop printed dozens of tracebacks."""
+    from types import SimpleNamespace
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    Checkpointer(tmp_path / "ck", async_save=False).close()
+    Checkpointer(tmp_path / "ck", async_save=False).close()  # wrapped once
+    noise = SimpleNamespace(exc_type=RuntimeError, exc_value=RuntimeError("Event loop is closed"))
+    other = SimpleNamespace(exc_type=RuntimeError, exc_value=RuntimeError("something else"))
+    sys.unraisablehook(noise)
+    sys.unraisablehook(other)
+    assert seen == [other]
+    monkeypatch.setenv("OISD_DEBUG", "1")
+    sys.unraisablehook(noise)
+    assert seen == [other, noise]
 
 
 # ----------------------------------------------------------------------------- workdir lock

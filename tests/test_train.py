@@ -1,6 +1,7 @@
 """End-to-end training: a few steps run, write metrics/checkpoints, and resume exactly."""
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -62,10 +63,90 @@ T.train(tiny(), {str(workdir)!r})
     assert (workdir / "checkpoints" / str(committed_step)).is_dir()
 
 
-def test_few_steps_then_resume_equals_uninterrupted(tmp_path):
-    full = tmp_path / "full"
+# ----------------------------------------------------------------------------- fault injection
+PHASES = ("sample", "update", "save")
+# The child kills itself with SIGKILL at phase X of RL step N: the hooks are patched in by
+# the child's own code below (nothing in oisd_jax reads them, so no normal run can fire one).
+#   sample: the sampler has returned this step's rollouts, no reward or update done yet
+#   update: after the first of the step's two optimizer updates (params half-updated in memory)
+#   save:   every item of the step's checkpoint written to <step>.orbax-checkpoint-tmp-*, not yet
+#           renamed into place (orbax's atomic commit), so the step must not count as saved
+_KILL_CHILD = """
+import os, signal, sys
+sys.path.insert(0, 'tests')
+import jax
+from test_train import tiny
+from oisd_jax import train as T
+from oisd_jax.sampler import Sampler
+from orbax.checkpoint._src.path import atomicity
+PHASE, STEP = {phase!r}, {step}
+now = {{"step": -1}}
+def hit(phase):
+    if phase == PHASE and now["step"] == STEP:
+        print("KILL", phase, STEP, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+rl_step = T.rl_step
+def rl_step_(s, state, step, *a, **k):
+    now["step"] = step
+    return rl_step(s, state, step, *a, **k)
+T.rl_step = rl_step_
+generate = Sampler.generate
+def generate_(self, *a, **k):
+    out = generate(self, *a, **k)
+    hit("sample")
+    return out
+Sampler.generate = generate_
+build_setup = T.build_setup
+def build_setup_(*a, **k):
+    s = build_setup(*a, **k)
+    def wrap(fn):
+        def step_fn(state, batch):
+            out = jax.block_until_ready(fn(state, batch))
+            hit("update")
+            return out
+        return step_fn
+    s.step_fns = {{p: wrap(f) for p, f in s.step_fns.items()}}
+    return s
+T.build_setup = build_setup_
+finalize = atomicity.AtomicRenameTemporaryPath.finalize
+async def finalize_(self, *a, **k):
+    hit("save")
+    return await finalize(self, *a, **k)
+atomicity.AtomicRenameTemporaryPath.finalize = finalize_
+T.train(tiny(), {workdir!r})
+"""
+
+
+def kill_points(seed: int, steps: int = 4, every: int = 2) -> list[tuple[str, int]]:
+    """One SIGKILL per phase, in a seeded order at seeded RL steps, each reachable from the
+    checkpoint the previous kill left (a save happens after steps N with (N+1) % every == 0)."""
+    rng = random.Random(seed)
+    committed, out = 0, []
+    for phase in rng.sample(PHASES, len(PHASES)):
+        steps_ok = [n for n in range(committed, steps) if phase != "save" or (n + 1) % every == 0]
+        n = rng.choice(steps_ok)
+        out.append((phase, n))
+        committed = n // every * every  # killed before step n's own save committed
+    return out
+
+
+def _kill_at(workdir, phase: str, step: int) -> None:
+    proc = subprocess.run([sys.executable, "-c", _KILL_CHILD.format(phase=phase, step=step, workdir=str(workdir))],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL and f"KILL {phase} {step}" in proc.stdout, \
+        (phase, step, proc.returncode, proc.stderr[-2000:])
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """tiny() trained once, uninterrupted: (workdir, metrics records, last metrics)."""
+    full = tmp_path_factory.mktemp("full")
     last = train(tiny(), str(full))
-    records = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
+    return full, [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()], last
+
+
+def test_few_steps_then_resume_equals_uninterrupted(tmp_path, full_run):
+    full, records, last = full_run
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     for key in ("reward", "response_len", "loss", "grad_norm", "think_js", "attn_js", "tokens_per_s", "time/sample"):
         assert key in last, key
@@ -90,6 +171,50 @@ def test_few_steps_then_resume_equals_uninterrupted(tmp_path):
     resumed = [json.loads(x) for x in (part / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in resumed][-2:] == [3, 4]
     assert resumed[-1]["reward"] == records[-1]["reward"]  # same data order, same rollouts
+
+
+
+
+def _metrics_by_step(workdir) -> dict[int, dict]:
+    from oisd_jax.metrics import read_jsonl
+    noisy = ("time", "step_time_s", "tokens_per_s", "time/")  # wall-clock figures
+    return {r["step"]: {k: v for k, v in r.items() if not k.startswith(noisy)} for r in read_jsonl(workdir / "metrics.jsonl")}
+
+
+def test_sigkill_at_seeded_points_then_resume_equals_uninterrupted(tmp_path, full_run):
+    """kill -9 during sampling, during an update and during a checkpoint save (order and steps
+    drawn from OISD_FAULT_SEED, default 0), each followed by a rerun on the same workdir: the
+    final params equal the uninterrupted run's bit for bit, and so does every logged metric
+    except wall-clock times (each step reruns the same compiled programs on the same inputs:
+    the data iterator, the PRNG keys and the train state all come from the checkpoint)."""
+    seed = int(os.environ.get("OISD_FAULT_SEED", "0"))
+    points = kill_points(seed)
+    assert sorted(p for p, _ in points) == sorted(PHASES)
+    part = tmp_path / "part"
+    for phase, step in points:
+        _kill_at(part, phase, step)
+        if phase == "save":  # killed mid-save: written, not committed, so not a checkpoint
+            names = [p.name for p in (part / "checkpoints").iterdir()]
+            assert str(step + 1) not in names and any(n.startswith(f"{step + 1}.orbax-checkpoint-tmp")
+                                                      for n in names), names
+        assert not any(p.name.endswith(".corrupt-1") for p in (part / "checkpoints").iterdir())
+    train(tiny(), str(part))
+    assert not [p.name for p in (part / "checkpoints").iterdir() if "tmp" in p.name]  # half-saves dropped
+    full = full_run[0]
+    step_a, pa = _final_params(full, tiny())
+    step_b, pb = _final_params(part, tiny())
+    assert step_a == step_b == 4
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(pa), jax.tree.leaves(pb))), points
+    assert _metrics_by_step(part) == _metrics_by_step(full), points
+
+
+def test_kill_points_are_seeded_and_reachable():
+    assert kill_points(0) == kill_points(0) and len({tuple(kill_points(s)) for s in range(20)}) > 5
+    for seed in range(50):
+        committed = 0
+        for phase, n in kill_points(seed):
+            assert committed <= n < 4 and (phase != "save" or (n + 1) % 2 == 0)
+            committed = n // 2 * 2
 
 
 @pytest.mark.parametrize("algorithm", ["grpo", "bupo"])

@@ -46,3 +46,12 @@ def tiny_run(tmp_path_factory) -> str:
         train(tiny_config(), workdir)
         _CACHE["run"] = workdir
     return _CACHE["run"]
+
+
+def config_leaf_fields(d, prefix: str = ""):
+    """Dotted names of a config's leaf fields (data.eval_sets counts as one leaf)."""
+    for k, v in d.items():
+        if hasattr(v, "items") and k != "eval_sets":
+            yield from config_leaf_fields(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}"

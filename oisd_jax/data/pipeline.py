@@ -26,8 +26,9 @@ import grain
 import numpy as np
 
 from oisd_jax.data.sources import VERL_FIELDS, BadRowPolicy, FieldMap, Record, read_records
+from oisd_jax.choices import TRUNCATIONS
 from oisd_jax.data.teacher import TeacherPrompt
-from oisd_jax.data.tokenize import Truncation, encode_full_prompt, fit_prompt
+from oisd_jax.data.tokenize import Truncation, encode_full_prompt, fit_encoded
 
 # {"prompt_ids": int32 [T], "answer": str, "index": int, "prompt_cut": int} (+ "teacher_ids",
 # "teacher_cut" with a TeacherPrompt)
@@ -37,17 +38,18 @@ log = logging.getLogger(__name__)
 
 def encode_example(tokenizer, prompt, *, max_prompt_len: int | None, truncation: Truncation, where: str,
                    chat_template_kwargs: Mapping[str, Any] | None = None) -> tuple[np.ndarray, int]:
-    """(prompt ids, tokens cut from the left) -- the cut is counted, never silent."""
+    """(prompt ids, tokens cut) -- the cut is counted, never silent."""
     full = encode_full_prompt(tokenizer, prompt, chat_template_kwargs=chat_template_kwargs)
-    ids = fit_prompt(full, max_prompt_len, truncation, where=where)
+    ids = fit_encoded(tokenizer, prompt, full, max_prompt_len, truncation, where=where,
+                      chat_template_kwargs=chat_template_kwargs)
     return ids, len(full) - len(ids)
 
 
 class CutCounter:
     """Prompts cut to data.max_prompt_len: per batch (a metric), in total, warned once."""
 
-    def __init__(self, what: str = "training prompts"):
-        self.what, self.total, self.seen, self.warned = what, 0, 0, False
+    def __init__(self, what: str = "training prompts", truncation: Truncation = "left"):
+        self.what, self.truncation, self.total, self.seen, self.warned = what, truncation, 0, 0, False
         self.last = 0  # prompts cut in the latest batch
 
     def observe(self, batch: Sequence[Example]) -> int:
@@ -56,10 +58,12 @@ class CutCounter:
         self.total, self.seen, self.last = self.total + n, self.seen + len(batch), n
         if n and not self.warned:
             self.warned = True
-            log.warning("%d of %d %s were longer than data.max_prompt_len and lost up to %d tokens from the "
-                        "left (the system prompt / question start); counted in the metric prompts_truncated. "
-                        "Raise data.max_prompt_len or set data.truncation='error'", n, len(batch), self.what,
-                        max(cut))
+            lost = {"middle": "from the middle (the template head with the system prompt, and the end with "
+                              "the question, kept)",
+                    "left": "from the left (the system prompt / question start)"}.get(self.truncation, "")
+            log.warning("%d of %d %s were longer than data.max_prompt_len and lost up to %d tokens %s; counted "
+                        "in the metric prompts_truncated. Raise data.max_prompt_len or set data.truncation='error'",
+                        n, len(batch), self.what, max(cut), lost)
         return n
 
 
@@ -121,8 +125,8 @@ def make_prompt_dataset(
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     if repeat and n < process_count:
         raise ValueError(f"{n} records cannot be split over {process_count} processes")
-    if truncation not in ("left", "error"):
-        raise ValueError(f"truncation must be 'left' or 'error', got {truncation!r}")
+    if truncation not in TRUNCATIONS:
+        raise ValueError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}")
 
     ds = grain.MapDataset.range(n)
     if shuffle:
@@ -199,5 +203,5 @@ def load_eval_set(
                 tokenizer, rec["prompt"], max_prompt_len=max_prompt_len, truncation=truncation,
                 where=f"{path}: problem {i}", chat_template_kwargs=chat_template_kwargs)
         out.append(ex)
-    CutCounter(f"prompts of {path}").observe(out)
+    CutCounter(f"prompts of {path}", truncation).observe(out)
     return out

@@ -15,7 +15,7 @@ import numpy as np
 
 from oisd_jax.choices import TRUNCATIONS
 
-Truncation = Literal[TRUNCATIONS]  # "left" | "error", declared once in oisd_jax.choices
+Truncation = Literal[TRUNCATIONS]  # "middle" | "left" | "error", declared once in oisd_jax.choices
 DEFAULT_TEMPLATE_KWARGS: Mapping[str, Any] = {"enable_thinking": False}
 
 
@@ -66,11 +66,44 @@ def encode_prompt(
 
     Chat messages go through the chat template with the generation prompt; a plain
     string is encoded as is (the tokenizer's own special tokens, e.g. a BOS, included).
-    Over `max_prompt_len`: 'left' keeps the last tokens (the question's end and the
-    assistant header matter most), 'error' raises PromptTooLongError naming `where`.
+    Over `max_prompt_len`: 'middle' keeps the chat template's head (BOS, system prompt,
+    user header) and the end (the question's end and the assistant header) and cuts
+    between them; 'left' keeps the last tokens only; 'error' raises PromptTooLongError
+    naming `where` (see fit_prompt).
     """
     ids = encode_full_prompt(tokenizer, prompt, chat_template_kwargs=chat_template_kwargs)
-    return fit_prompt(ids, max_prompt_len, truncation, where=where)
+    return fit_encoded(tokenizer, prompt, ids, max_prompt_len, truncation, where=where,
+                       chat_template_kwargs=chat_template_kwargs)
+
+
+def template_head_len(tokenizer, prompt: Sequence[Mapping[str, str]] | str, *,
+                      chat_template_kwargs: Mapping[str, Any] | None = None) -> int:
+    """Tokens of the chat template before the last user message's content: BOS, the system
+    prompt, earlier turns and the user header. Found as the common prefix of the prompt's
+    ids and those of the same messages with that content emptied, so no template is parsed
+    (a token merging across the boundary just ends the head one token early). 0 for a
+    plain string or messages without a user turn."""
+    if isinstance(prompt, str):
+        return 0
+    msgs = [dict(m) for m in prompt]
+    users = [i for i, m in enumerate(msgs) if m.get("role") == "user"]
+    if not users:
+        return 0
+    full = encode_full_prompt(tokenizer, msgs, chat_template_kwargs=chat_template_kwargs)
+    msgs[users[-1]]["content"] = ""
+    empty = encode_full_prompt(tokenizer, msgs, chat_template_kwargs=chat_template_kwargs)
+    n = min(len(full), len(empty))
+    differ = np.nonzero(full[:n] != empty[:n])[0]
+    return int(differ[0]) if differ.size else n
+
+
+def fit_encoded(tokenizer, prompt, ids: np.ndarray, max_prompt_len: int | None, truncation: Truncation, *,
+                where: str = "prompt", chat_template_kwargs: Mapping[str, Any] | None = None) -> np.ndarray:
+    """fit_prompt of `prompt`'s full ids, with the template head measured when 'middle' cuts."""
+    over = max_prompt_len is not None and len(ids) > max_prompt_len
+    head = (template_head_len(tokenizer, prompt, chat_template_kwargs=chat_template_kwargs)
+            if over and truncation == "middle" else 0)
+    return fit_prompt(ids, max_prompt_len, truncation, where=where, head=head)
 
 
 def encode_full_prompt(tokenizer, prompt: Sequence[Mapping[str, str]] | str, *,
@@ -90,15 +123,22 @@ def encode_full_prompt(tokenizer, prompt: Sequence[Mapping[str, str]] | str, *,
 
 
 def fit_prompt(ids: np.ndarray, max_prompt_len: int | None, truncation: Truncation = "left", *,
-               where: str = "prompt") -> np.ndarray:
-    """`ids` cut to `max_prompt_len` ('left': keep the end) or PromptTooLongError ('error')."""
-    if truncation not in ("left", "error"):
-        raise ValueError(f"truncation must be 'left' or 'error', got {truncation!r}")
+               where: str = "prompt", head: int = 0) -> np.ndarray:
+    """`ids` cut to `max_prompt_len`, or PromptTooLongError ('error').
+
+    'left' keeps the last `max_prompt_len` tokens. 'middle' keeps the first `head` tokens
+    (the template head: template_head_len) and fills the rest with the last tokens, so the
+    cut falls inside the long user message; the head is capped at half the limit, so at
+    least half is always the prompt's end (the question and the generation prompt).
+    """
+    if truncation not in TRUNCATIONS:
+        raise ValueError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}")
     if max_prompt_len is not None and max_prompt_len < 1:
         raise ValueError(f"max_prompt_len must be >= 1, got {max_prompt_len}")
     if max_prompt_len is not None and len(ids) > max_prompt_len:
         if truncation == "error":
             raise PromptTooLongError(f"{where} has {len(ids)} tokens > data.max_prompt_len={max_prompt_len} "
                                      "(data.truncation='error')")
-        ids = ids[len(ids) - max_prompt_len:]
+        keep_head = min(int(head), max_prompt_len // 2) if truncation == "middle" else 0
+        ids = np.concatenate([ids[:keep_head], ids[len(ids) - (max_prompt_len - keep_head):]])
     return np.asarray(ids, dtype=np.int32)
