@@ -7,7 +7,8 @@ from oisd_jax.data.sources import (
     DEFAULT_SYSTEM_PROMPT, QA_FIELDS, VERL_FIELDS, BadRowError, FieldMap, ReadStats, Record,
     read_many, read_records)
 from oisd_jax.data.synthetic import (
-    ArithmeticTask, make_problems, reference_response, sft_examples, solve, synthetic_tokenizer)
+    ArithmeticTask, make_problems, reference_response, sft_examples, solve, synthetic_tokenizer,
+    worked_steps)
 from oisd_jax.data.tokenize import (
     PromptTooLongError, encode_prompt, load_tokenizer, render_prompt)
 
@@ -16,5 +17,5 @@ __all__ = [
     "PromptIterator", "PromptTooLongError", "QA_FIELDS", "ReadStats", "Record", "VERL_FIELDS",
     "encode_prompt", "load_eval_set", "load_tokenizer", "make_problems", "make_prompt_dataset",
     "next_batch", "read_many", "read_records", "reference_response", "render_prompt",
-    "sft_examples", "solve", "stack_prompts", "synthetic_tokenizer",
+    "sft_examples", "solve", "stack_prompts", "synthetic_tokenizer", "worked_steps",
 ]
