@@ -91,17 +91,20 @@ def rl_step(s: Setup, state, step: int, it, pool: RewardPool, key: jax.Array, ti
                               [e["prompt_ids"] for e in examples], key, s.sampling, spec.sampler.batch_size)
         if not spec.sampler.keep_cache:
             s.sampler.release_cache()  # the updates get the cache's memory
-    with timer("reward"):
+    with timer("reward"):  # scoring and the advantages (host-side: np.asarray waits for them)
         answers = [e["answer"] for e in examples for _ in range(ro.n)]
         rewards = rollout.score(pool, ro.texts, answers).reshape(len(examples), ro.n)
-    adv = advantages.compute(algo.adv_estimator, jnp.asarray(rewards),
-                             lengths_BG=jnp.asarray(ro.lengths.reshape(rewards.shape), jnp.float32))
-    adv = np.asarray(adv).reshape(-1)
-    with timer("update"):
-        batches = [s.put_batch(b) for b in make_minibatches(s, ro, adv, step)]
+        adv = advantages.compute(algo.adv_estimator, jnp.asarray(rewards),
+                                 lengths_BG=jnp.asarray(ro.lengths.reshape(rewards.shape), jnp.float32))
+        adv = np.asarray(adv).reshape(-1)
+    with timer("pack"):  # packing rollouts into TrainBatch rows and the host-to-device copies
+        batches = jax.block_until_ready([s.put_batch(b) for b in make_minibatches(s, ro, adv, step)])
+    with timer("old_logp"):
         # old log-probs of every mini-batch come from the policy before this step's updates,
-        # and stay fixed over the rl.ppo_epochs passes (PPO's pi_old)
-        batches = [b.replace(old_logp=logp_fn(state.params, b)) for b in batches]
+        # and stay fixed over the rl.ppo_epochs passes (PPO's pi_old). One wait per step, at
+        # the phase boundary, so the time is this phase's (the updates need them anyway).
+        batches = jax.block_until_ready([b.replace(old_logp=logp_fn(state.params, b)) for b in batches])
+    with timer("update"):
         step_metrics = []
         for _ in range(spec.train.ppo_epochs):
             for b in batches:
@@ -167,7 +170,9 @@ def train(config, workdir: str, spec: RunSpec | None = None) -> dict[str, float]
                 m["mfu"] = metrics.mfu(flops_per_token * m["tokens"], dt, s.peak_flops)
             done = step + 1
             if every and (done % every == 0 or done == t.steps):
+                t_eval = time.perf_counter()
                 m.update(run_eval(s, state.params, done, pool, jax.random.fold_in(rng, 10**9 + done)))
+                m["eval_time_s"] = time.perf_counter() - t_eval  # outside step_time_s and time/*
             if done % t.log_every == 0 or done == t.steps:
                 last = writer.write(done, m)
                 if samples:
