@@ -69,7 +69,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     s.digits = 2  # digits per operand
     s.ops = "+-"  # operators drawn from this set (of + - *)
     s.num_terms = 2  # operands per problem (>= 2)
-    s.reasoning = False  # reference responses with a short worked prefix before \boxed{}
+    s.reasoning = False  # worked reference responses: "7-3+5 -> 4+5 -> 9, \boxed{9}" (else "\boxed{9}")
     s.num_eval = 64  # held-out problems of an eval set with path None
     # name -> {path, k}: Avg@k / Pass@k benchmarks; path None = held-out synthetic problems.
     d.eval_sets = ml_collections.ConfigDict({"synthetic": {"path": placeholder(str), "k": 4}})

@@ -27,11 +27,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # GRPO has signal from the first step and room to improve.
     c.data.synthetic.digits = 1
     c.data.synthetic.num_terms = 3
+    # worked responses ("7-3+5 -> 4+5 -> 9, \boxed{9}", 23 tokens with the EOS): the warm-up teaches the
+    # chain, so OISD's lens and attention probes act on reasoning tokens, not a bare box
+    c.data.synthetic.reasoning = True
     c.data.synthetic.num_eval = 128
     c.data.max_prompt_len = 32
     c.data.eval_sets = ml_collections.ConfigDict({"synthetic": {"path": placeholder(str), "k": 4}})
 
-    c.sampler.max_new_tokens = 12  # "\boxed{-12}<eos>" is 6 tokens; slack for babble
+    c.sampler.max_new_tokens = 32  # the longest worked response ("1-9-9 -> -8-9 -> -17, \boxed{-17}<eos>") is 28
     c.sampler.n = 8
     c.sampler.prompt_bucket = 8
     c.sampler.batch_size = 32

@@ -306,11 +306,12 @@ def rollouts_for_analysis(run, *, prompts: Sequence[str] | None = None, num_prom
 
 def analyze(workdirs: Sequence[str], out_dir: str, *, layer: int | None = None, steps: Sequence[int] | None = None,
             prompts: Sequence[str] | None = None, num_prompts: int = 4, what: Sequence[str] = ("lens", "attn", "curves"),
-            labels: Sequence[str] | None = None) -> dict[str, str]:
+            labels: Sequence[str] | None = None, lens_layers: Sequence[int] | None = None) -> dict[str, str]:
     """Write the pictures of `what` for these runs into out_dir; returns name -> PNG path.
 
     lens / attn use the first run's checkpoints (`steps`, default every saved one; the
-    lens picture uses the newest); curves overlay every run's metrics.jsonl.
+    lens picture uses the newest, over `lens_layers`, default all); curves overlay every run's
+    metrics.jsonl.
     """
     from oisd_jax import run_files
     missing = [wd for wd in workdirs if not os.path.isdir(wd)]
@@ -330,7 +331,7 @@ def analyze(workdirs: Sequence[str], out_dir: str, *, layer: int | None = None, 
         seqs, plens = rollouts_for_analysis(run, prompts=prompts, num_prompts=num_prompts)
         numbers["rollouts"] = [run.tokenizer.decode(s[p:].tolist()) for s, p in zip(seqs, plens)]
         if "lens" in what:
-            lens = logit_lens_top(run.params, cfg, seqs[0])
+            lens = logit_lens_top(run.params, cfg, seqs[0], layers=lens_layers)
             written["logit_lens"] = plot_logit_lens(lens, seqs[0], run.tokenizer, os.path.join(out_dir, "logit_lens.png"),
                                                     tap_layer=layer, prompt_len=plens[0])
             resp = lens["agree"][:, max(plens[0] - 1, 0):max(len(seqs[0]) - 1, 1)]
@@ -372,6 +373,7 @@ def define_flags() -> None:
     flags.DEFINE_multi_string("prompt", None, "Prompt text(s) instead of the run's eval-set prompts.")
     flags.DEFINE_integer("num_prompts", 4, "Eval-set prompts to analyse.")
     flags.DEFINE_list("what", ["lens", "attn", "curves"], "Pictures: lens, attn, curves.")
+    flags.DEFINE_list("lens_layers", None, "Layers in the logit-lens picture (the output is always added); default all.")
 
 
 def main(argv):
@@ -382,7 +384,8 @@ def main(argv):
         raise app.UsageError("--workdir is required")
     out = FLAGS.out or os.path.join(FLAGS.workdir[0], "analysis")
     written = analyze(FLAGS.workdir, out, layer=FLAGS.layer, steps=[int(s) for s in FLAGS.steps or []] or None,
-                      prompts=FLAGS.prompt, num_prompts=FLAGS.num_prompts, what=FLAGS.what)
+                      prompts=FLAGS.prompt, num_prompts=FLAGS.num_prompts, what=FLAGS.what,
+                      lens_layers=[int(x) for x in FLAGS.lens_layers] if FLAGS.lens_layers else None)
     for name, path in written.items():
         print(f"{name}: {path}")
 

@@ -123,7 +123,8 @@ class MetricsWriter:
         if not self.active:
             return
         if self._samples is None:
-            self._samples = open(os.path.join(self.workdir, SAMPLES_FILE), "a", encoding="utf-8")
+            # line-buffered like metrics.jsonl: a killed run kept none of its rollouts otherwise
+            self._samples = open(os.path.join(self.workdir, SAMPLES_FILE), "a", buffering=1, encoding="utf-8")
         self._samples.write(json.dumps({"step": int(step), "name": name, "texts": list(texts)}) + "\n")
         if self._tb is not None:
             body = "\n\n---\n\n".join(f"```\n{t}\n```" for t in texts)

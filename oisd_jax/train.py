@@ -91,24 +91,30 @@ def rl_step(s: Setup, state, step: int, it, pool: RewardPool, key: jax.Array, ti
                               [e["prompt_ids"] for e in examples], key, s.sampling, spec.sampler.batch_size)
         if not spec.sampler.keep_cache:
             s.sampler.release_cache()  # the updates get the cache's memory
-    with timer("reward"):
+    with timer("reward"):  # scoring and the advantages (host-side: np.asarray waits for them)
         answers = [e["answer"] for e in examples for _ in range(ro.n)]
         rewards = rollout.score(pool, ro.texts, answers).reshape(len(examples), ro.n)
-    adv = advantages.compute(algo.adv_estimator, jnp.asarray(rewards),
-                             lengths_BG=jnp.asarray(ro.lengths.reshape(rewards.shape), jnp.float32))
-    think_w = None  # signed: the step clips the advantage itself
-    if algo.think_weight_mode != "signed" and (algo.use_think or algo.use_attn):
-        think_w = np.asarray(advantages.oisd_weights(adv, algo.think_weight_mode, s.spec.step.adv_clip)).reshape(-1)
-    adv = np.asarray(adv).reshape(-1)
-    with timer("update"):
+        adv = advantages.compute(algo.adv_estimator, jnp.asarray(rewards),
+                                 lengths_BG=jnp.asarray(ro.lengths.reshape(rewards.shape), jnp.float32))
+        think_w = None  # signed: the step clips the advantage itself
+        if algo.think_weight_mode != "signed" and (algo.use_think or algo.use_attn):
+            think_w = np.asarray(advantages.oisd_weights(adv, algo.think_weight_mode,
+                                                         s.spec.step.adv_clip)).reshape(-1)
+        adv = np.asarray(adv).reshape(-1)
+    with timer("pack"):  # packing rollouts into TrainBatch rows and the host-to-device copies
         teacher = [e["teacher_ids"] for e in examples] if algo.use_opsd else None
         steer_r = np.asarray(rewards).reshape(-1) if s.step_cfg.steer_on else None  # OGLS-SD's pools
-        batches = [s.put_batch(b) for b in make_minibatches(s, ro, adv, step, teacher, think_w, steer_r)]
+        batches = jax.block_until_ready([s.put_batch(b) for b in make_minibatches(s, ro, adv, step, teacher,
+                                                                                   think_w, steer_r)])
+    with timer("old_logp"):
         # old log-probs of every mini-batch come from the policy before this step's updates,
-        # and stay fixed over the rl.ppo_epochs passes (PPO's pi_old)
+        # and stay fixed over the rl.ppo_epochs passes (PPO's pi_old). One wait per step, at
+        # the phase boundary, so the time is this phase's (the updates need them anyway).
         batches = [b.replace(old_logp=logp_fn(state.params, b)) for b in batches]
         if s.step_cfg.kl_coef:  # the KL's reference: the frozen initial weights in the state
             batches = [b.replace(ref_logp=logp_fn(state.ref_params, b)) for b in batches]
+        batches = jax.block_until_ready(batches)
+    with timer("update"):
         step_metrics = []
         for _ in range(spec.train.ppo_epochs):
             for b in batches:
@@ -117,7 +123,7 @@ def rl_step(s: Setup, state, step: int, it, pool: RewardPool, key: jax.Array, ti
         step_metrics = jax.device_get(step_metrics)
     tokens = int(sum(m["tokens"] for m in step_metrics))
     out = {k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0] if k != "tokens"}
-    if algo.use_opsd:  # teacher prompts cut to data.teacher_max_prompt_len (from the left)
+    if algo.use_opsd:  # teacher prompts cut to data.teacher_max_prompt_len (as data.truncation says)
         out["teacher_prompts_truncated"] = sum(e.get("teacher_cut", 0) > 0 for e in examples)
     out.update(reward=float(rewards.mean()), response_len=float(ro.lengths.mean()),
                truncated=float(ro.truncated(s.sampling.eos_ids).mean()), tokens=tokens,
@@ -177,7 +183,9 @@ def train(config, workdir: str, spec: RunSpec | None = None) -> dict[str, float]
                 m["mfu"] = metrics.mfu(flops_per_token * m["tokens"], dt, s.peak_flops)
             done = step + 1
             if every and (done % every == 0 or done == t.steps):
+                t_eval = time.perf_counter()
                 m.update(run_eval(s, state.params, done, pool, jax.random.fold_in(rng, 10**9 + done)))
+                m["eval_time_s"] = time.perf_counter() - t_eval  # outside step_time_s and time/*
             if done % t.log_every == 0 or done == t.steps:
                 last = writer.write(done, m)
                 if samples:

@@ -251,6 +251,11 @@ def sft_batches(s: Setup) -> Iterator[TrainBatch]:
     """Supervised warm-up batches of reference responses (synthetic task), advantage 1."""
     t = s.spec.train
     examples = D.sft_examples(s.records[:4096], s.tokenizer, reasoning=s.spec.data.task.reasoning)
+    longest = max(len(r) for _, r in examples)
+    if longest > s.spec.sampler.max_new_tokens:  # the policy could never write what it is taught
+        raise ValueError(f"sampler.max_new_tokens={s.spec.sampler.max_new_tokens} is shorter than the warm-up's "
+                         f"reference responses (up to {longest} tokens with data.synthetic.reasoning="
+                         f"{s.spec.data.task.reasoning}); raise it or set train.sft_warmup_steps=0")
     rng = np.random.default_rng(t.seed)
     n = t.sft_batch_size
     for _ in range(t.sft_warmup_steps):

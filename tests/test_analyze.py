@@ -122,6 +122,10 @@ def test_analyze_tiny_run(tmp_path_factory, tmp_path):
     assert "reward" in info["curve_keys"] and "think_js" in info["curve_keys"]
     assert set(info["lens_top1_agreement"]) == {str(i) for i in range(run.model_cfg.num_layers + 1)}
     assert info["lens_top1_agreement"][str(run.model_cfg.num_layers)] == 1.0
+    # a subset of layers (a 30-layer model's picture would be 31 rows): those, plus the output
+    A.analyze([run_dir], str(tmp_path / "sub"), num_prompts=2, what=("lens",), lens_layers=[0, 2])
+    sub = json.loads((tmp_path / "sub" / "analysis.json").read_text())["lens_top1_agreement"]
+    assert sub == {k: info["lens_top1_agreement"][k] for k in ("0", "2", str(run.model_cfg.num_layers))}
     # column 1 is step 1's weights on the same rollouts (re-tokenised from the saved texts
     # would differ; recompute from the greedy rollouts of the newest checkpoint instead)
     seqs, plens = A.rollouts_for_analysis(run, num_prompts=2)

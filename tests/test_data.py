@@ -242,7 +242,7 @@ def test_synthetic_tokenizer_roundtrip(tmp_path, tok):
     assert len(tok) < 64
     assert tok.convert_ids_to_tokens(tok("\\boxed{42}", add_special_tokens=False)["input_ids"]) \
         == ["\\boxed{", "4", "2", "}"]
-    texts = ["what is 12+7*3?", "7*3=21, 12+21=33 so \\boxed{33}", SYS, "so\n(1,2): -5/4."]
+    texts = ["what is 12+7*3?", "12+7*3 -> 12+21 -> 33, \\boxed{33}", SYS, "so\n(1,2): -5/4."]
     for t in texts:
         ids = tok(t, add_special_tokens=False)["input_ids"]
         assert tok.unk_token_id not in ids and tok.decode(ids) == t
@@ -310,6 +310,15 @@ def test_synthetic_task_validation():
     with pytest.raises(ValueError):
         ArithmeticTask(num_terms=1)
     assert data.solve("2+3*4-5")[0] == 9
+    # the worked chain reduces one operation at a time in solve's order, and only a running
+    # value can go negative (it then leads)
+    assert data.worked_steps("2+3*4-5") == ["2+3*4-5", "2+12-5", "14-5", "9"]
+    assert data.worked_steps("3-7+5*2") == ["3-7+5*2", "3-7+10", "-4+10", "6"]
+    assert data.reference_response("7-3+5", reasoning=True) == "7-3+5 -> 4+5 -> 9, \\boxed{9}"
+    for expr in ("1-2*3+4*5", "9-9-9", "2*3*4"):  # every step keeps the value; the last is it
+        chain = data.worked_steps(expr)
+        assert {_independent_value(e) for e in chain} == {int(chain[-1])} == {_independent_value(expr)}
+        assert len(chain) == expr.count("+") + expr.count("-") + expr.count("*") + 1
     assert operator.eq(data.solve("2*3*4")[1], ["2*3=6", "6*4=24"])
 
 

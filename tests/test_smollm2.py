@@ -78,6 +78,9 @@ def test_one_oisd_step_with_real_text_then_export(tmp_path, hf_model):
         c.sampler.n = 2
         c.sampler.batch_size = 4  # x n = 8 rollouts: one per fake device
         c.sampler.max_new_tokens = 48
+        # the draws the prose check below was measured on; at the demo's T=0.7 one response
+        # was a bare "16 is the sum of 1 + 6 + 8 + 9 = 27." (10 letters)
+        c.sampler.temperature = 1.0
         c.optim.lr = 1e-4  # a visible change after one update
         # The entropy bonus gives a gradient even when every rollout scores the same (then all
         # advantages, and the advantage-weighted OISD terms, are 0).

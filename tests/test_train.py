@@ -151,6 +151,13 @@ def test_few_steps_then_resume_equals_uninterrupted(tmp_path, full_run):
     for key in ("reward", "response_len", "loss", "grad_norm", "think_js", "attn_js", "tokens_per_s", "time/sample"):
         assert key in last, key
     assert (full / "reward.png").stat().st_size > 0
+    # the step's wall time by phase, each measured with its results waited on: the phases are
+    # disjoint parts of the step, so they sum to no more than it
+    phases = ("time/sample", "time/reward", "time/pack", "time/old_logp", "time/update")
+    for r in records:
+        assert all(r[k] > 0 for k in phases), r
+        assert r["time/total"] == pytest.approx(sum(r[k] for k in phases))
+        assert r["time/total"] <= r["step_time_s"], r
     # a few rollouts per logged step, one per prompt, with their reward and the reference answer
     samples = [json.loads(x) for x in (full / "samples.jsonl").read_text().splitlines()]
     assert [r["step"] for r in samples] == [1, 2, 3, 4] and {r["name"] for r in samples} == {"rollouts"}
@@ -424,3 +431,36 @@ def test_think_weight_modes_train(tmp_path, mode):
 def test_think_weight_mode_is_validated():
     with pytest.raises(ConfigError, match="rl.think_weight_mode"):
         tiny(rl__think_weight_mode="absolute")
+
+
+def test_warmup_targets_are_the_worked_chains_of_the_default():
+    """configs/tiny.py (the README's command) warms up on `7-3+5 -> 4+5 -> 9, \\boxed{9}`
+    chains; a response budget they do not fit is refused, naming the fields."""
+    from oisd_jax.config_files import load_config_file
+    from oisd_jax.data import worked_steps
+    from oisd_jax.rewards import math_reward
+    from oisd_jax.train_setup import sft_batches
+    c = load_config_file("configs/tiny.py")
+    with c.unlocked():
+        c.train.sft_warmup_steps = 1
+    s = build_setup(c)
+    b = jax.device_get(next(sft_batches(s)))
+    mask, tokens, targets = np.asarray(b.loss_mask), np.asarray(b.tokens), np.asarray(b.targets)
+    texts = []
+    for m, r in zip(*np.nonzero(mask.any(-1))):
+        seg = np.asarray(b.segment_ids)[m, r]
+        for sid in set(seg[mask[m, r] > 0].tolist()):
+            on = (seg == sid) & (mask[m, r] > 0)
+            prompt = s.tokenizer.decode(tokens[m, r][(seg == sid) & (mask[m, r] == 0)].tolist())
+            texts.append((prompt, s.tokenizer.decode(targets[m, r][on].tolist(), skip_special_tokens=True)))
+    assert len(texts) == c.train.sft_batch_size
+    for prompt, text in texts:
+        expression = prompt.split("what is ")[1].split("?")[0]
+        chain = worked_steps(expression)
+        assert text == " -> ".join(chain) + ", \\boxed{" + chain[-1] + "}", (prompt, text)
+        assert math_reward(text, chain[-1]) == 1.0 and len(chain) == 3  # two operations: two steps
+    short = tiny(train__sft_warmup_steps=1)
+    with short.unlocked():
+        short.data.synthetic.reasoning = True
+    with pytest.raises(ValueError, match=r"sampler.max_new_tokens=8 is shorter .*up to 28 tokens .*reasoning=True"):
+        next(sft_batches(build_setup(short)))

@@ -31,6 +31,9 @@ def tiny_config(**over):
         c.sampler.max_new_tokens = 8
         c.sampler.prompt_bucket = 8
         c.data.max_prompt_len = 24
+        # bare-box warm-up targets (6 tokens): these runs test the trainer's mechanics in seconds;
+        # the worked chains (~23 tokens) of configs/tiny.py would not fit 8 new tokens
+        c.data.synthetic.reasoning = False
         for k, v in over.items():
             sec, name = k.split("__")
             c[sec][name] = v

@@ -7,7 +7,8 @@ from oisd_jax.data.sources import (
     DEFAULT_SYSTEM_PROMPT, QA_FIELDS, VERL_FIELDS, BadRowError, FieldMap, ReadStats, Record,
     read_many, read_records)
 from oisd_jax.data.synthetic import (
-    ArithmeticTask, make_problems, reference_response, sft_examples, solve, synthetic_tokenizer)
+    ArithmeticTask, make_problems, reference_response, sft_examples, solve, synthetic_tokenizer,
+    worked_steps)
 from oisd_jax.data.teacher import DEFAULT_TEACHER_TEMPLATE, TeacherPrompt, problem_text
 from oisd_jax.data.tokenize import (
     PromptTooLongError, encode_prompt, load_tokenizer, render_prompt, template_head_len)
@@ -17,5 +18,5 @@ __all__ = [
     "PromptIterator", "PromptTooLongError", "QA_FIELDS", "ReadStats", "Record", "VERL_FIELDS",
     "encode_prompt", "load_eval_set", "load_tokenizer", "make_problems", "make_prompt_dataset",
     "next_batch", "read_many", "read_records", "reference_response", "render_prompt",
-    "sft_examples", "solve", "stack_prompts", "synthetic_tokenizer", "template_head_len",
+    "sft_examples", "solve", "stack_prompts", "synthetic_tokenizer", "template_head_len", "worked_steps",
 ]

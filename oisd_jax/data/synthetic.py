@@ -7,8 +7,8 @@ chat template, so the synthetic task runs the same code path as Qwen3/Llama:
 apply_chat_template, decode, save_pretrained / AutoTokenizer reload, math reward.
 
 Prompt:   <bos><|user|>what is 12+7*3?<|assistant|>
-Response: \\boxed{33}<eos>            (or, with reasoning: 7*3=21, 12+21=33 so \\boxed{33}<eos>)
-`\\boxed{` is a single token, and so is `}`.
+Response: \\boxed{33}<eos>            (or, with reasoning: 12+7*3 -> 12+21 -> 33, \\boxed{33}<eos>)
+`\\boxed{` is a single token; every other character, `}` included, is one token.
 """
 from __future__ import annotations
 
@@ -25,7 +25,9 @@ BOXED_TOKEN = "\\boxed{"
 CHARS = tuple(string.digits) + tuple("+-*/=().,?: \n{}")
 WORDS = ("Please", "reason", "step", "by", "and", "put", "your", "final", "answer", "within",
          "what", "is", "the", "so", "compute")
-VOCAB = SPECIAL_TOKENS + (BOXED_TOKEN,) + CHARS + WORDS
+ARROW = " -> "  # between the rewritten expressions of a worked response
+# ">" comes last so the ids of the older tokens (and saved runs' tokenizers) stay as they were
+VOCAB = SPECIAL_TOKENS + (BOXED_TOKEN,) + CHARS + WORDS + (">",)
 OPS = ("+", "-", "*")
 
 CHAT_TEMPLATE = (
@@ -65,8 +67,9 @@ class ArithmeticTask:
     num_terms >= 2.
 
     The default (2-digit + and -, two terms) is learnable by a 2-layer d=64 model within
-    minutes but not by a bigram lookup. `reasoning` adds intermediate steps to the
-    reference response (for warm-up); the answer format is unchanged.
+    minutes but not by a bigram lookup. `reasoning` makes the reference response (the
+    warm-up's target) a worked chain, the expression rewritten one operation at a time
+    (`7-3+5 -> 4+5 -> 9, \\boxed{9}`); the reward still reads only the box.
     """
 
     digits: int = 2
@@ -118,11 +121,25 @@ def solve(expression: str) -> tuple[int, list[str]]:
     return acc, steps
 
 
+def worked_steps(expression: str) -> list[str]:
+    """The expression rewritten one operation at a time, in solve's order (the leftmost
+    product first, then left to right): "12+7*3-5" -> ["12+7*3-5", "12+21-5", "33-5", "28"]."""
+    nums, ops = _tokens(expression)
+    chain = [expression]
+    while ops:
+        i = ops.index("*") if "*" in ops else 0
+        a, b = nums[i], nums[i + 1]
+        nums[i:i + 2] = [a * b if ops[i] == "*" else a + b if ops[i] == "+" else a - b]
+        del ops[i]
+        # a negative running value only ever leads (products are of non-negative operands)
+        chain.append(str(nums[0]) + "".join(f"{o}{n}" for o, n in zip(ops, nums[1:])))
+    return chain
+
+
 def reference_response(expression: str, *, reasoning: bool = False) -> str:
     """The response the reward scores 1 (without the EOS, which the template appends)."""
-    value, steps = solve(expression)
-    answer = f"{BOXED_TOKEN}{value}}}"
-    return f"{', '.join(steps)} so {answer}" if reasoning and steps else answer
+    answer = f"{BOXED_TOKEN}{solve(expression)[0]}}}"
+    return f"{ARROW.join(worked_steps(expression))}, {answer}" if reasoning else answer
 
 
 def make_problems(n: int, *, seed: int, task: ArithmeticTask = ArithmeticTask()) -> list[Record]:
