@@ -22,7 +22,7 @@ import ml_collections
 from oisd_jax.choices import (  # noqa: F401
     ADV_ESTIMATORS, ALGORITHMS, ATTN_IMPLS, BAD_ROW_POLICIES, COMPUTE_DTYPES, DATA_FORMATS, KL_TYPES,
     LOSS_AGGS, MESH_AXES, PARAM_DTYPES, REMAT_POLICIES, REWARDS, SAMPLER_ENGINES, SCHEDULES, SYNTHETIC_OPS,
-    TRUNCATIONS)
+    TRUNCATIONS, PAGED_IMPLS)
 from oisd_jax.config_checker import MISSING, Checker
 
 _SUFFIXES = {"parquet": (".parquet",), "jsonl": (".jsonl", ".json")}
@@ -132,6 +132,7 @@ _ADDED_FIELDS = {
     "optim.end_lr_factor": 0.0, "train.log_samples": 0,
     "train.max_skipped_updates": 0, "train.allow_config_change": False,
     "sampler.engine": "static", "sampler.slots": 64, "sampler.page_size": 16, "sampler.pool_pages": None,
+    "sampler.paged_impl": "gather",
 }
 
 
@@ -345,6 +346,7 @@ def _check_sampler(c: Checker) -> None:
     c.number("sampler.slots", ge=1, integer=True)
     c.number("sampler.page_size", ge=1, integer=True)
     c.number("sampler.pool_pages", ge=1, integer=True, optional=True)
+    c.choice("sampler.paged_impl", PAGED_IMPLS)
 
 
 def _check_rl(c: Checker) -> None:
