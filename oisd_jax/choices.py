@@ -31,3 +31,5 @@ REMAT_POLICIES = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_bat
 ATTN_IMPLS = ("xla", "cudnn", "blocked", "splash")
 MESH_AXES = ("data", "fsdp", "tensor")
 SAMPLER_ENGINES = ("static", "continuous")  # oisd_jax.sampler: Sampler(engine=...)
+# oisd_jax.model.paged: attention over KV pages; auto = the platform's kernel (paged.resolve_impl)
+PAGED_IMPLS = ("auto", "gather", "pallas_gpu", "pallas_tpu")

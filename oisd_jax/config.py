@@ -22,7 +22,7 @@ import ml_collections
 from oisd_jax.choices import (  # noqa: F401
     ADV_ESTIMATORS, ALGORITHMS, ATTN_IMPLS, BAD_ROW_POLICIES, COMPUTE_DTYPES, DATA_FORMATS, KL_TYPES,
     LOSS_AGGS, MESH_AXES, PARAM_DTYPES, REMAT_POLICIES, REWARDS, SAMPLER_ENGINES, SCHEDULES, SYNTHETIC_OPS,
-    TEACHERS, TRUNCATIONS, THINK_WEIGHT_MODES)
+    TEACHERS, TRUNCATIONS, THINK_WEIGHT_MODES, PAGED_IMPLS)
 from oisd_jax.choices import OGLS_DIVERGENCES, OGLS_UNITS
 from oisd_jax.config_checker import MISSING, Checker
 
@@ -159,6 +159,7 @@ _ADDED_FIELDS = {
     "data.teacher_template": None, "data.teacher_max_prompt_len": 1536,  # template: filled in migrate
     "rl.think_weight_mode": "signed",
     "rl.ogls_alpha": 1.0, "rl.ogls_unit": "token", "rl.ogls_divergence": "reverse_kl",
+    "sampler.paged_impl": "gather",
 }
 
 
@@ -383,6 +384,7 @@ def _check_sampler(c: Checker) -> None:
     c.number("sampler.slots", ge=1, integer=True)
     c.number("sampler.page_size", ge=1, integer=True)
     c.number("sampler.pool_pages", ge=1, integer=True, optional=True)
+    c.choice("sampler.paged_impl", PAGED_IMPLS)
 
 
 def _check_rl(c: Checker) -> None:

@@ -70,6 +70,7 @@ class SamplerSpec:
     slots: int                        # continuous: rollouts in flight
     page_size: int                    # continuous: tokens per KV page
     pool_pages: int | None            # continuous: pages in the pool; None = never runs dry
+    paged_impl: str                   # continuous: attention over pages (auto | gather | pallas_gpu | pallas_tpu)
     sampling: SamplingParams          # eos_ids None: the model's (filled once the tokenizer is known)
 
     @property
@@ -78,7 +79,7 @@ class SamplerSpec:
         return dict(max_prompt_len=self.max_prompt_len, max_new_tokens=self.max_new_tokens,
                     prompt_bucket=self.prompt_bucket, kv_dtype=self.kv_dtype, truncation=self.truncation,
                     decode_segments=self.decode_segments, engine=self.engine, slots=self.slots,
-                    page_size=self.page_size, pool_pages=self.pool_pages)
+                    page_size=self.page_size, pool_pages=self.pool_pages, paged_impl=self.paged_impl)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,7 +190,7 @@ def _sampler(config, temperature: float) -> SamplerSpec:
                        kv_dtype=sp.kv_dtype, truncation=config.data.truncation,
                        decode_segments=_opt(sp.decode_segments, int), keep_cache=bool(sp.keep_cache),
                        engine=sp.engine, slots=int(sp.slots), page_size=int(sp.page_size),
-                       pool_pages=_opt(sp.pool_pages, int), sampling=sampling)
+                       pool_pages=_opt(sp.pool_pages, int), paged_impl=sp.paged_impl, sampling=sampling)
 
 
 def _data(config, algo: AlgorithmSettings) -> DataSpec:

@@ -30,8 +30,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from oisd_jax import distributed, parallel
-from oisd_jax.choices import SAMPLER_ENGINES, TRUNCATIONS
-from oisd_jax.model import decode
+from oisd_jax.choices import PAGED_IMPLS, SAMPLER_ENGINES, TRUNCATIONS
+from oisd_jax.model import decode, paged
 from oisd_jax.model.config import ModelConfig
 from oisd_jax.model.decoder import logits as lm_logits
 from oisd_jax.model.params import Params, abstract, cast
@@ -206,14 +206,20 @@ class Sampler:
       slots, page_size, pool_pages: the continuous engine's concurrent rollouts, tokens per
         KV page, and pages in the pool (None = enough for every prompt plus `slots` rollouts
         at the full budget: it never waits for pages).
+      paged_impl: the continuous engine's attention over pages (`paged.resolve_impl`):
+        "auto" (the Pallas kernel of a GPU or TPU backend, else "gather"), "gather",
+        "pallas_gpu" or "pallas_tpu"; a kernel off its platform runs in Pallas interpret
+        mode (tests only: orders of magnitude slower).
     """
 
     def __init__(self, cfg: ModelConfig, max_prompt_len: int, max_new_tokens: int, mesh: Mesh | None = None,
                  prompt_bucket: int = 64, kv_dtype=jnp.bfloat16, truncation: str = "left", keep_cache: bool = True,
                  decode_segments: int | None = None, engine: str = "static", slots: int = 64,
-                 page_size: int = 16, pool_pages: int | None = None):
+                 page_size: int = 16, pool_pages: int | None = None, paged_impl: str = "auto"):
         if engine not in SAMPLER_ENGINES:
             raise ValueError(f"Sampler: engine={engine!r}: supported {SAMPLER_ENGINES}")
+        if paged_impl not in PAGED_IMPLS:
+            raise ValueError(f"Sampler: paged_impl={paged_impl!r}: supported {PAGED_IMPLS}")
         for name, v in (("slots", slots), ("page_size", page_size)) + ((("pool_pages", pool_pages),) if pool_pages
                                                                        is not None else ()):
             if not (isinstance(v, (int, np.integer)) and v >= 1):
@@ -238,8 +244,11 @@ class Sampler:
                             static_argnames=("cfg", "n", "greedy", "top_k", "max_new_tokens"))
         self.engine, self.slots, self.page_size = engine, int(slots), int(page_size)
         self.pool_pages = None if pool_pages is None else int(pool_pages)
+        self.paged_impl = paged.resolve_impl(paged_impl)  # concrete, for this process's backend
+        self.paged_interpret = paged.interpreted(self.paged_impl)
         self._cjit = jax.jit(self._trace_continuous, static_argnames=(
-            "cfg", "n", "greedy", "top_k", "max_new_tokens", "slots", "page_size", "pool_pages", "kv_dtype"))
+            "cfg", "n", "greedy", "top_k", "max_new_tokens", "slots", "page_size", "pool_pages", "kv_dtype",
+            "paged_impl", "interpret"))
         self.last_stats: dict | None = None  # the continuous engine's last call (steps, occupancy, pages)
         self._cache: decode.KVCache | None = None
         self.compiled_shapes: set[tuple] = set()  # (prompts, prompt slots, n, greedy, top_k, #eos)
@@ -373,7 +382,8 @@ class Sampler:
                 np.int32(sp.pad_id))
         if self.engine == "continuous":
             statics.update(slots=self.slots, page_size=self.page_size, kv_dtype=self.kv_dtype.name,
-                           pool_pages=self.check_pool(P, P - start_B, budget_R, n))
+                           pool_pages=self.check_pool(P, P - start_B, budget_R, n), paged_impl=self.paged_impl,
+                           interpret=self.paged_interpret)
         self.compiled_shapes.add((B, P, n, statics["greedy"], statics["top_k"], len(eos)))
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
             if self.engine == "continuous":

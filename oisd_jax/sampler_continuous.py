@@ -36,7 +36,7 @@ from oisd_jax.sampling import rollout_keys, sample_logits
 # for 64 slots on this CPU). Refilling every K steps from the host instead leaves a finished
 # slot idle K/2 steps on average: ~8% of the slot-steps at K=16 and 100-token rollouts.
 SLOT_REFILL = "in_loop"
-# The gather path reads every slot's table up to a width: the step picks (lax.switch) the
+# The gather path (paged_impl="gather") reads every slot's table up to a width: the step picks (lax.switch) the
 # narrowest of ATTENTION_WIDTHS evenly spaced widths that holds the longest running slot,
 # so steps while every rollout is short read a fraction of the pages.
 ATTENTION_WIDTHS = 3
@@ -64,7 +64,8 @@ def _first_free(free_N: jax.Array, k: int, trash: int) -> jax.Array:
 
 def continuous_generate(params: Params, tokens_BP, start_B, budget_R, key, temperature, top_p, eos_E, pad_id, *,
                         cfg: ModelConfig, n: int, greedy: bool, top_k: int, max_new_tokens: int, slots: int,
-                        page_size: int, pool_pages: int, kv_dtype: str):
+                        page_size: int, pool_pages: int, kv_dtype: str, paged_impl: str = "gather",
+                        interpret: bool = False):
     """The whole continuous rollout program (jitted by Sampler). Returns (tokens [R, N],
     log-probs [R, N], lengths [R], all_done, stats [6]: steps, slot-steps decoding, page-steps
     in use, token-steps held, slot-steps waiting for a page, preemptions)."""
@@ -106,11 +107,13 @@ def continuous_generate(params: Params, tokens_BP, start_B, budget_R, key, tempe
     m_M, c_C = jnp.arange(M, dtype=i32), jnp.arange(C, dtype=i32)
     ptab_pad_BC = jnp.pad(ptab_BC, ((0, 0), (0, max(C - PP, 0))), constant_values=TRASH)[:, :C]
     drop = dict(mode="drop")  # index R / TRASH: an update that lands nowhere
-    widths = sorted({-(-C * (w + 1) // ATTENTION_WIDTHS) for w in range(ATTENTION_WIDTHS)})
+    # A kernel reads only the pages below each length: one width, no switch over copies.
+    widths = ([C] if paged_impl != "gather" else
+              sorted({-(-C * (w + 1) // ATTENTION_WIDTHS) for w in range(ATTENTION_WIDTHS)}))
 
     def attend_to(w):
         return lambda q, k, v, table, length: paged.paged_attention(q, pool.read(k), pool.read(v), table[:, :w],
-                                                                    length, cfg)
+                                                                    length, cfg, paged_impl, interpret)
 
     attend = [attend_to(w) for w in widths]
     buckets = sorted({-(-M // 2 ** i) for i in range(SLOT_BUCKETS)})

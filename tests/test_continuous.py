@@ -162,9 +162,115 @@ def test_paged_attention_matches_dense_reference():
             s = ks[h // G] @ q[m, h] / np.sqrt(Dh)
             w = np.exp(s - s.max())
             np.testing.assert_allclose(out[m, h], w @ vs[h // G] / w.sum(), atol=1e-5)
-    # The Pallas GPU kernel in interpret mode (CPU) reads the same pages.
-    kern = paged.paged_attention(q, k, v, table, lengths, cfg, impl="pallas_gpu", interpret=True)
-    np.testing.assert_allclose(np.asarray(kern), out, atol=1e-5)
+    # The Pallas GPU and TPU kernels in interpret mode (CPU) read the same pages.
+    # The TPU kernel's dots run at the default precision, which rounds f32 operands to bf16
+    # (its interpret mode too: measured 7.8e-3 here, 2.4e-7 on bf16 pages, below).
+    for impl, atol in (("pallas_gpu", 1e-5), ("pallas_tpu", 2e-2)):
+        kern = paged.paged_attention(q, k, v, table, lengths, cfg, impl=impl, interpret=True)
+        np.testing.assert_allclose(np.asarray(kern), out, atol=atol, err_msg=impl)
+
+
+@pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])
+def test_paged_kernels_equal_gather_uneven_bf16(impl):
+    """Both kernels (interpret mode) against the gather path on bf16 pages, the width the
+    engine passes (not a multiple of the kernels' block, so the table is padded), uneven
+    lengths from 1 to the full table, shared and repeated pages, trash entries past each length."""
+    cfg = ModelConfig.preset("tiny")
+    KV, Dh, Nh = cfg.num_kv_heads, cfg.head_dim, cfg.num_heads
+    rng = np.random.default_rng(1)
+    pages, ps, M, C = 40, 8, 6, 11
+    k = jnp.asarray(rng.standard_normal((KV, pages + 1, ps, Dh)), jnp.bfloat16)
+    v = jnp.asarray(rng.standard_normal((KV, pages + 1, ps, Dh)), jnp.bfloat16)
+    q = jnp.asarray(rng.standard_normal((M, Nh, Dh)), jnp.float32)
+    lengths = np.array([1, C * ps, 9, 37, 64, 8], np.int32)
+    table = np.full((M, C), pages, np.int32)  # trash
+    for m, L in enumerate(lengths):
+        used = -(-L // ps)
+        table[m, :used] = rng.choice(pages, used, replace=False)
+    table[2, 0] = table[3, 0] = table[4, 1]  # a page shared by three sequences
+    ref = paged.paged_attention(q, k, v, table, lengths, cfg)
+    out = paged.paged_attention(q, k, v, table, lengths, cfg, impl=impl, interpret=True)
+    assert out.shape == ref.shape == (M, Nh, Dh) and out.dtype == q.dtype
+    # The GPU kernel takes the query in the entries' dtype (bf16 here); the TPU kernel upcasts.
+    atol = {"pallas_tpu": 1e-5, "pallas_gpu": 2e-2}[impl]
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=atol)
+    # Not vacuous: a sequence's output depends on the pages its table names.
+    other = paged.paged_attention(q, k, v, table[::-1], lengths[::-1], cfg, impl=impl, interpret=True)
+    assert np.abs(np.asarray(other) - np.asarray(out)).max() > 0.1
+
+
+def test_paged_impl_resolution():
+    assert [paged.resolve_impl("auto", p) for p in ("gpu", "tpu", "cpu")] == ["pallas_gpu", "pallas_tpu", "gather"]
+    assert paged.resolve_impl("gather", "gpu") == "gather" and paged.resolve_impl("pallas_tpu", "cpu") == "pallas_tpu"
+    assert paged.interpreted("pallas_tpu", "cpu") and not paged.interpreted("pallas_tpu", "tpu")
+    assert not paged.interpreted("gather", "cpu") and paged.interpreted("pallas_gpu", "tpu")
+    with pytest.raises(ValueError, match="impl='triton'"):
+        paged.resolve_impl("triton")
+    s = Sampler(ModelConfig.preset("tiny"), 8, 8, engine="continuous")
+    assert s.paged_impl == "gather" and not s.paged_interpret  # auto on this CPU backend
+    with pytest.raises(ValueError, match="paged_impl='triton'"):
+        Sampler(ModelConfig.preset("tiny"), 8, 8, paged_impl="triton")
+
+
+def test_continuous_with_tpu_kernel_equals_gather(pair):
+    """The engine with the TPU kernel (interpreted on CPU) decodes the gather path's greedy
+    rollouts on bf16 pages (the default KV dtype): refills, copy-on-write prompt pages,
+    uneven budgets. (f32 pages would not do: see the kernel's precision above.) Small: the
+    interpreted kernel costs ~1 min here. The GPU kernel is checked at the attention level
+    only: it takes the query in the entries' dtype, so its log-probs differ at bf16 level."""
+    kind, cfg, params = pair
+    if kind != "qwen3":
+        pytest.skip("one model is enough for the kernel path")
+    impl, N, n = "pallas_tpu", 6, 2
+    prompts, budgets, _ = case(cfg, 4, n, N)
+    prompts = prompts[:2]  # 3 and 10 tokens: pages of 4 split both mid-page (copy-on-write)
+    budgets = np.array([6, 2, 5, 3])
+    key = jax.random.key(9)
+    sp = SamplingParams(n=n, eos_ids=(), greedy=True)
+    kw = dict(prompt_bucket=8, engine="continuous", slots=2, page_size=4)
+    ref = Sampler(cfg, 12, N, paged_impl="gather", **kw).generate(params, prompts, key, sp, budgets=budgets)
+    s = Sampler(cfg, 12, N, paged_impl=impl, **kw)
+    assert s.paged_impl == impl and s.paged_interpret
+    out = s.generate(params, prompts, key, sp, budgets=budgets)
+    assert_same(out, ref)
+    assert s.last_stats["steps"] < ref.lengths.sum() and len(set(ref.lengths)) >= 3
+
+
+def test_tpu_kernel_compiles_deviceless_for_v5p():
+    """The TPU decode kernel through `paged_attention(impl="pallas_tpu")` lowers to a Mosaic
+    custom call and XLA:TPU compiles it for one v5p chip (compile-only, libtpu; nothing
+    runs), at Qwen3-4B's attention shape: 32 query / 8 KV heads of 128, bf16 pages of 16
+    tokens, 64 sequences of up to 64 pages (the engine's default slots and page size)."""
+    from oisd_jax import tpu_targets
+    if not tpu_targets.libtpu_available():
+        pytest.skip("needs libtpu: pip install -r requirements-tpu-plan.txt")
+    cfg = ModelConfig.preset("tiny").replace(num_heads=32, num_kv_heads=8, head_dim=128)
+    dev = tpu_targets.compile_only_devices("v5p", 1)
+    sh = jax.sharding.NamedSharding(jax.sharding.Mesh(np.asarray(dev), ("x",)), jax.sharding.PartitionSpec())
+    M, C, pages, ps = 64, 64, 2048, 16
+    arg = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=sh)
+    pool = arg((8, pages + 1, ps, 128), jnp.bfloat16)
+    lowered = jax.jit(lambda q, k, v, t, n: paged.paged_attention(q, k, v, t, n, cfg, impl="pallas_tpu")).lower(
+        arg((M, 32, 128), jnp.bfloat16), pool, pool, arg((M, C), jnp.int32), arg((M,), jnp.int32))
+    assert lowered.as_text().count("@tpu_custom_call") == 1
+    compiled = lowered.compile()
+    assert compiled.memory_analysis().argument_size_in_bytes >= 2 * pages * ps * 8 * 128 * 2
+    # The whole continuous rollout program with it (a 2-layer bf16 model of head_dim 128).
+    from oisd_jax.model.params import abstract
+    from oisd_jax.sampler_continuous import continuous_generate
+    cfg = ModelConfig.preset("tiny", num_layers=2, num_heads=4, num_kv_heads=2, head_dim=128, dtype="bfloat16")
+    mesh = jax.sharding.Mesh(np.asarray(dev).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+    sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    B, P, n = 2, 32, 4
+    statics = dict(cfg=cfg, n=n, greedy=False, top_k=0, max_new_tokens=48, slots=4, page_size=16, pool_pages=32,
+                   kv_dtype="bfloat16", paged_impl="pallas_tpu", interpret=False)
+    program = jax.jit(continuous_generate, static_argnames=tuple(statics))
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sh)
+    lowered = program.lower(abstract(cfg, mesh, rules=parallel.DECODE_RULES), arg((B, P), jnp.int32),
+                            arg((B,), jnp.int32), arg((B * n,), jnp.int32), key, arg((), jnp.float32),
+                            arg((), jnp.float32), arg((1,), jnp.int32), arg((), jnp.int32), **statics)
+    assert "@tpu_custom_call" in lowered.as_text()
+    lowered.compile()
 
 
 # ----------------------------------------------------------------------------- trainer level
@@ -181,7 +287,7 @@ def test_trainer_step_with_continuous_engine_equals_static():
     for engine in ("static", "continuous"):
         s = build_setup(tiny_config(train__steps=1, train__sft_warmup_steps=0, sampler__engine=engine,
                                     sampler__slots=3, sampler__page_size=4, sampler__kv_dtype="float32"))
-        assert s.sampler.engine == engine
+        assert s.sampler.engine == engine and s.sampler.paged_impl == "gather"  # auto, on this CPU
         state = init_train_state(s.init_params(jax.random.key(0)), s.step_cfg, s.mesh, s.model_cfg)
         with RewardPool("strict", workers=1) as pool:
             _, m, texts = rl_step(s, state, 0, train_prompt_iterator(s), pool, jax.random.key(1), metrics.Timer())
@@ -198,7 +304,8 @@ def test_trainer_step_with_continuous_engine_equals_static():
 def test_config_validates_engine_fields():
     from oisd_jax.config import ConfigError, validate
     from tiny_run import tiny_config
-    for field, bad in (("engine", "paged"), ("slots", 0), ("page_size", 0), ("pool_pages", 0)):
+    for field, bad in (("engine", "paged"), ("slots", 0), ("page_size", 0), ("pool_pages", 0),
+                       ("paged_impl", "triton")):
         c = tiny_config()
         with c.unlocked():
             c.sampler[field] = bad

@@ -13,12 +13,14 @@ bf16 scatter and rewrites the whole buffer).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 
+from oisd_jax.choices import PAGED_IMPLS
 from oisd_jax.model.config import ModelConfig
 from oisd_jax.model.decode import storage_dtype
 
@@ -86,25 +88,53 @@ def copy_pages(pages_KNSH: jax.Array, src_M: jax.Array, dst_M: jax.Array) -> jax
     return pages_KNSH.at[:, dst_M].set(pages_KNSH[:, src_M])
 
 
-PALLAS_PAGES_PER_BLOCK = 8  # the kernel's default pages_per_compute_block
+PALLAS_PAGES_PER_BLOCK = 8  # the kernels' pages per compute block (a table is padded to whole blocks)
+# The kernels' platforms. Both take the pool's own layout ([KV, pages, page_size, Dh] per
+# layer, one query per sequence), so nothing is converted per step. jax's other TPU kernel,
+# ragged_paged_attention (mixed prefill + decode), wants K and V interleaved in one
+# [pages, page_size, 2 x KV, Dh] array: the pool would have to be rewritten in that layout
+# (a copy of every layer's pages per step if converted inside the loop), for a decode-only
+# engine that gains nothing from its ragged queries.
+KERNEL_PLATFORMS = {"pallas_gpu": "gpu", "pallas_tpu": "tpu"}
+
+
+def resolve_impl(impl: str, platform: str | None = None) -> str:
+    """`impl` with "auto" made concrete for `platform` (None = jax's default backend): the
+    Pallas GPU kernel on GPU, the TPU kernel on TPU, the gather path elsewhere."""
+    if impl not in PAGED_IMPLS:
+        raise ValueError(f"paged attention impl={impl!r}: supported {PAGED_IMPLS}")
+    if impl != "auto":
+        return impl
+    platform = jax.default_backend() if platform is None else platform
+    return {v: k for k, v in KERNEL_PLATFORMS.items()}.get(platform, "gather")
+
+
+def interpreted(impl: str, platform: str | None = None) -> bool:
+    """Whether a concrete `impl` runs in Pallas interpret mode here: a kernel off its own
+    platform (for tests on CPU; orders of magnitude slower than the gather path)."""
+    platform = jax.default_backend() if platform is None else platform
+    return impl in KERNEL_PLATFORMS and KERNEL_PLATFORMS[impl] != platform
 
 
 def paged_attention(q_MNH: jax.Array, k_KNSH: jax.Array, v_KNSH: jax.Array, table_MC: jax.Array,
                     lengths_M: jax.Array, cfg: ModelConfig, impl: str = "gather", interpret: bool = False) -> jax.Array:
     """One query per sequence over its first lengths[m] (>= 1) logical slots: [M, N, Dh].
 
-    k, v: one layer's pages, read in the entries' dtype. `impl`: "gather" (plain JAX: the
-    table's pages gathered into a dense [KV, M, C*page_size, Dh] copy, then one softmax;
-    runs on every backend; scores and softmax in f32, the dots in the wider of the query
-    and entry dtypes, as `decode.cache_attention`) or "pallas_gpu" (JAX's Pallas GPU
-    paged-attention kernel, which reads only the pages below each length; `interpret`
-    runs it on CPU for tests). The rollout engine uses "gather": the kernel path is tested
-    against it in interpret mode only, not yet on a GPU.
+    k, v: one layer's pages, read in the entries' dtype. `impl` (concrete, see
+    `resolve_impl`): "gather" (plain JAX: the table's pages gathered into a dense
+    [KV, M, C*page_size, Dh] copy, then one softmax; runs on every backend; scores and
+    softmax in f32, the dots in the wider of the query and entry dtypes, as
+    `decode.cache_attention`), "pallas_gpu" (jax's Pallas GPU paged-attention kernel) or
+    "pallas_tpu" (jax's Pallas TPU paged-attention kernel, Mosaic): the kernels read only
+    the pages below each length, in blocks of PALLAS_PAGES_PER_BLOCK. `interpret` runs a
+    kernel in Pallas interpret mode (CPU tests).
     """
     if impl == "pallas_gpu":
         return _pallas_gpu(q_MNH, k_KNSH, v_KNSH, table_MC, lengths_M, interpret)
+    if impl == "pallas_tpu":
+        return _pallas_tpu(q_MNH, k_KNSH, v_KNSH, table_MC, lengths_M, interpret)
     if impl != "gather":
-        raise ValueError(f"paged_attention: impl={impl!r}: supported 'gather' | 'pallas_gpu'")
+        raise ValueError(f"paged_attention: impl={impl!r}: supported 'gather' | 'pallas_gpu' | 'pallas_tpu'")
     M, N, Dh = q_MNH.shape
     KV = cfg.num_kv_heads
     C, S = table_MC.shape[1], k_KNSH.shape[2]
@@ -122,14 +152,36 @@ def paged_attention(q_MNH: jax.Array, k_KNSH: jax.Array, v_KNSH: jax.Array, tabl
     return o.reshape(M, N, Dh).astype(q_MNH.dtype)
 
 
-def _pallas_gpu(q_MNH, k_KNSH, v_KNSH, table_MC, lengths_M, interpret: bool) -> jax.Array:
-    from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention as kernel
-    M, N, Dh = q_MNH.shape
+def _whole_blocks(table_MC: jax.Array, trash: int) -> tuple[jax.Array, int]:
+    """The table padded to whole compute blocks (the padding names the trash page, past
+    every length, so no kernel reads it) and the pages per block."""
     C = table_MC.shape[1]
     per_block = min(PALLAS_PAGES_PER_BLOCK, C)
-    pad = -C % per_block  # whole compute blocks; the padding names the trash page, past every length
-    table = jnp.pad(table_MC, ((0, 0), (0, pad)), constant_values=k_KNSH.shape[1] - 1)
+    table = jnp.pad(table_MC, ((0, 0), (0, -C % per_block)), constant_values=trash)
+    return table.astype(jnp.int32), per_block
+
+
+def _pallas_gpu(q_MNH, k_KNSH, v_KNSH, table_MC, lengths_M, interpret: bool) -> jax.Array:
+    from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention as kernel
+    Dh = q_MNH.shape[-1]
+    table, per_block = _whole_blocks(table_MC, k_KNSH.shape[1] - 1)
     q = (q_MNH * (Dh ** -0.5)).astype(k_KNSH.dtype)  # the kernel does not scale
-    o = kernel(q, k_KNSH, v_KNSH, table.astype(jnp.int32), lengths_M.astype(jnp.int32),
+    o = kernel(q, k_KNSH, v_KNSH, table, lengths_M.astype(jnp.int32),
                pages_per_compute_block=per_block, k_splits=1, interpret=interpret)
+    return o.astype(q_MNH.dtype)
+
+
+def _pallas_tpu(q_MNH, k_KNSH, v_KNSH, table_MC, lengths_M, interpret: bool) -> jax.Array:
+    """jax's TPU decode kernel: scores and softmax in f32 (it upcasts q), the query
+    pre-scaled (it does not scale). megacore_mode stays None: its docstring warns that the
+    megacore splits may hang where megacore is off, and a decode step's rows are already
+    split over chips by the mesh."""
+    from jax.experimental.pallas import tpu as pltpu
+    from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention as kernel
+    Dh = q_MNH.shape[-1]
+    table, per_block = _whole_blocks(table_MC, k_KNSH.shape[1] - 1)
+    q = q_MNH * (Dh ** -0.5)
+    # Interpret mode is a tracing context for TPU kernels (no interpret= argument).
+    with pltpu.force_tpu_interpret_mode() if interpret else contextlib.nullcontext():
+        o = kernel(q, k_KNSH, v_KNSH, lengths_M.astype(jnp.int32), table, pages_per_compute_block=per_block)
     return o.astype(q_MNH.dtype)
