@@ -22,6 +22,7 @@ mean^2. The static engine's bound (`plan.sampling_seconds`) runs every call to t
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 import math
 
 import jax
@@ -31,7 +32,11 @@ import numpy as np
 from oisd_jax import parallel
 from oisd_jax.model import paged
 from oisd_jax.model import params as mparams
-from oisd_jax.plan_programs import Phase, PlanSetup, shard_bytes
+from oisd_jax.plan_phase import Phase, shard_bytes
+
+# plan_programs.PlanSetup, not imported: plan_programs dispatches to this module, and no
+# import cycle is allowed (tests/test_imports.py).
+PlanSetup = Any
 
 # The paper's Qwen3 responses average 1.3-1.6k tokens against the 8192-token budget (its
 # Fig. 5): 1536 / 8192. Other budgets are scaled by the same fraction (OctoThinker's 3072

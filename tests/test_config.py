@@ -170,7 +170,7 @@ def test_divisibility_and_sizes():
     assert "rl.tau is missing" in problems(ml_collections.ConfigDict(d))
     assert problems(load("tiny", "rl.micro_batch_tokens=40")) == \
         ["rl.micro_batch_tokens=40 is smaller than one sequence (data.max_prompt_len + "
-         "sampler.max_new_tokens = 44)"]
+         "sampler.max_new_tokens = 64)"]
     assert problems(load("tiny", "oisd_attn_only,rl.attn_weight=0.0")) == \
         ["rl.attn_weight must be > 0 for rl.algorithm='oisd_attn_only'"]
     assert problems(load("tiny", "bupo,rl.bupo_steps=0")) == \

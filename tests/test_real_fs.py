@@ -25,7 +25,7 @@ _TINY = [  # tests/tiny_run.py's seconds-long run, as CLI flags; async checkpoin
     "--config=configs/tiny.py", "--config.train.sft_warmup_steps=1", "--config.train.sft_batch_size=8",
     "--config.train.prompts_per_step=4", "--config.train.mini_batch_prompts=4", "--config.train.eval_every=0",
     "--config.train.checkpoint_every=1", "--config.train.reward=strict", "--config.train.reward_workers=1",
-    "--config.sampler.n=2", "--config.sampler.batch_size=4", "--config.sampler.max_new_tokens=8",
+    "--config.sampler.n=2", "--config.sampler.batch_size=4", "--config.sampler.max_new_tokens=8", "--config.data.synthetic.reasoning=False",
     "--config.sampler.prompt_bucket=8", "--config.data.max_prompt_len=24"]
 
 
