@@ -1,6 +1,7 @@
 """The compiled RL update: losses and gradients vs a float64 PyTorch reference on the
 same checkpoint, term isolation (OISD touches only blocks <= l), GRPO equality, micro-
 batching, chunking, memory, sharding, skipped updates."""
+import contextlib
 import functools
 
 import jax
@@ -175,19 +176,27 @@ def test_loss_and_grads_match_torch_float64(setup):
     think + attention) vs transformers autograd in float64 on the unpacked sequences."""
     cfg, params, batch = setup["cfg"], setup["params"], setup["batch"]
     [(loss, grads, m)] = _grads_fn(cfg, ((FULL, True),))(params, batch)
-    model = setup["model"].double()
-    try:
+    with in_float64(setup["model"]) as (model,):
         model.zero_grad()
         t_loss, t_m = _torch_loss(model, batch, FULL)
         t_loss.backward()
         t_grads = _torch_grads_as_params(model, cfg)
-    finally:
-        setup["model"].float()
     assert t_m["clip_frac_high"] > 0 and t_m["clip_frac_low"] > 0 and t_m["clip_frac_dual"] > 0
     np.testing.assert_allclose(float(loss), float(t_loss.detach()), rtol=1e-5, atol=1e-6)
     for k, v in t_m.items():
         np.testing.assert_allclose(float(m[k]), v, rtol=1e-5, atol=1e-6, err_msg=k)
     assert_grads_match_torch(grads, t_grads)
+
+
+@contextlib.contextmanager
+def in_float64(*models):
+    """The torch models in float64 for a reference computation, back in float32 after
+    (they are module fixtures shared by later tests)."""
+    try:
+        yield tuple(m.double() for m in models)
+    finally:
+        for m in models:
+            m.float()
 
 
 def assert_grads_match_torch(grads, t_grads, rel: float = 2e-5):

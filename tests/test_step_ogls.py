@@ -11,7 +11,7 @@ from oisd_jax.rl import losses
 from oisd_jax.rl.batch import build_train_batch
 from oisd_jax.rl.steer_pass import steer_direction_pass
 from oisd_jax.rl.step import StepConfig, compute_grads
-from test_step import _torch_grads_as_params, assert_grads_match_torch
+from test_step import _torch_grads_as_params, assert_grads_match_torch, in_float64
 from test_step_opsd import TEMP
 from test_step_opsd import setup as opsd_setup  # noqa: F401  (the module fixture: student, teacher, rollouts)
 
@@ -98,15 +98,11 @@ def test_steered_loss_and_grads_match_float64(opsd_setup, unit):  # noqa: F811 (
     d = np.asarray(jax.jit(lambda t, b: steer_direction_pass(t, b, cfg, sc))(t_params, b))
     both = jax.jit(lambda p, t, b: [compute_grads(p, b, cfg, sc, fused, ref_params=t) for fused in (True, False)])
     (loss, grads, m), (loss_r, _, _) = both(params, t_params, b)
-    student, _ = setup["student"].double(), setup["teacher"].double()
-    try:
+    with in_float64(setup["student"], setup["teacher"]) as (student, _):
         student.zero_grad()
         t_loss, d_ref = _reference(setup, sc, unit)
         t_loss.backward()
         t_grads = _torch_grads_as_params(student, cfg)
-    finally:
-        setup["student"].float()
-        setup["teacher"].float()
     np.testing.assert_allclose(d, d_ref, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(float(loss), float(t_loss.detach()), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(float(loss_r), float(loss), rtol=1e-5, atol=1e-7)  # fused == reference head

@@ -15,7 +15,7 @@ from oisd_jax.model import load_hf
 from oisd_jax.rl.batch import build_train_batch
 from oisd_jax.rl.step import StepConfig, compute_grads, make_logprob_fn, make_train_step
 from oisd_jax.rl.train_state import init_train_state
-from test_step import _maxabs, _torch_grads_as_params, assert_grads_match_torch
+from test_step import _maxabs, _torch_grads_as_params, assert_grads_match_torch, in_float64
 
 TEMP = 1.1
 OPSD = StepConfig(temperature=TEMP, pg_weight=0.0, opsd_weight=1.0, opsd_beta=0.0, opsd_token_clip=0.05,
@@ -128,15 +128,11 @@ def _grads_fn(cfg, variants):
 def test_opsd_loss_and_grads_match_torch_float64(setup, sc):
     cfg, params, t_params, batch = setup["cfg"], setup["params"], setup["t_params"], setup["batch"]
     (loss, grads, m), (loss_r, grads_r, m_r) = _grads_fn(cfg, ((sc, True), (sc, False)))(params, t_params, batch)
-    student, teacher = setup["student"].double(), setup["teacher"].double()
-    try:
+    with in_float64(setup["student"], setup["teacher"]) as (student, teacher):
         student.zero_grad()
         t_loss, t_m = _torch_opsd(student, teacher, setup, sc)
         t_loss.backward()
         t_grads = _torch_grads_as_params(student, cfg)
-    finally:
-        setup["student"].float()
-        setup["teacher"].float()
     assert t_m["opsd_loss"] != 0
     np.testing.assert_allclose(float(loss), float(t_loss.detach()), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(float(loss_r), float(loss), rtol=1e-5, atol=1e-7)  # fused == reference head
