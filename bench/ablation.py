@@ -1,7 +1,7 @@
 """The paper's comparison in miniature on the embedded task (configs/tiny.py):
 
-    python bench/ablation.py            # GRPO, BuPO, OISD think-only / attention-only / full, 5 seeds,
-                                        # and OISD (full) with the positive and group-centred weights
+    python bench/ablation.py            # GRPO, OISD (full) with each think-weight mode, OPSD, OGLS-SD,
+                                        # BuPO, OISD think-only / attention-only: 5 seeds
     python bench/ablation.py --quick    # 2 algorithms x 1 seed x a few steps: a smoke run
 
 Every algorithm of a seed starts from the same supervised warm-up (done once per seed and
@@ -30,12 +30,12 @@ from oisd_jax.config import validate  # noqa: E402
 from oisd_jax.config_files import load_config_file  # noqa: E402
 
 # "<algorithm>@<rl.think_weight_mode>" is the algorithm with that OISD weight (docs/method.md §7).
-ALGORITHMS = ("grpo", "bupo", "oisd_think_only", "oisd_attn_only", "oisd", "oisd@positive", "oisd@group_centered")
+# Ordered by what a partial run should have first (runs go seed by seed, algorithm by algorithm).
+ALGORITHMS = ("grpo", "oisd", "oisd@positive", "oisd@group_centered", "opsd", "ogls_sd",
+              "bupo", "oisd_think_only", "oisd_attn_only")
 LABELS = {"grpo": "GRPO", "bupo": "BuPO", "oisd_think_only": "OISD think-only",
-          "oisd_attn_only": "OISD attention-only", "oisd": "OISD (full)", "opsd": "OPSD",
+          "oisd_attn_only": "OISD attention-only", "oisd": "OISD (full)", "opsd": "OPSD", "ogls_sd": "OGLS-SD",
           "oisd@positive": "OISD (full), positive w", "oisd@group_centered": "OISD (full), group-centred w"}
-# OPSD (`--algorithms=grpo,opsd,...`) is selectable but not in the default set: its rows are not
-# measured yet (bench/README.md has no OPSD figures).
 
 
 def make_config(algorithm: str, seed: int, args, warm_dir: str | None):

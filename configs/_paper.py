@@ -71,4 +71,10 @@ def get_config(*, hf_path: str, tap_layer: int, max_new_tokens: int,
     c.train.prompts_per_step = 128
     c.train.mini_batch_prompts = 32
     c.train.sft_warmup_steps = 0
+    # The paper follows BuPO for every shared setting, and BuPO's public verl fork (github
+    # Trae1ounG/BuPO; its data files are byte-identical to ours) routes all five files to verl's
+    # math.compute_score: deepmath-5k's data_source is math_dapo, whose call the fork comments out,
+    # and a `startswith("qwen")` branch it adds catches the four qwen_* evaluation sets. Upstream
+    # verl would score deepmath with math_dapo ("Answer:" extraction, +-1) instead.
+    c.train.reward = "verl_math"
     return c

@@ -61,6 +61,7 @@ def test_paper_settings(name, tap, max_new):
         (1e-6, 128, 8, 32)
     assert (c.data.max_prompt_len, c.sampler.temperature, c.sampler.top_p, c.train.steps) == \
         (1024, 1.0, 1.0, 300)
+    assert c.train.reward == "verl_math"  # BuPO's verl fork scores all five data files with math.compute_score
     assert (c.rl.clip_low, c.rl.clip_high, c.rl.dual_clip, c.rl.kl_coef) == (0.2, 0.2, 10.0, 0.0)
     assert (c.model.dtype, c.model.param_dtype) == ("bfloat16", "float32")
     assert (c.optim.b1, c.optim.b2, c.optim.weight_decay, c.optim.grad_clip) == \
