@@ -191,7 +191,9 @@ def main():
     ap.add_argument("--eval_every", type=int, default=10)
     ap.add_argument("--eval_prompts", type=int, default=128, help="held-out problems (x k=4 samples)")
     ap.add_argument("--checkpoint_every", type=int, default=10)
-    ap.add_argument("--warmup_steps", type=int, default=600, help="supervised steps before RL (tiny.py: 200)")
+    # 600 (the bare-answer task's setting) starts RL at 90% held-out Avg@4 on the worked-steps task
+    # (seed 0, measured), where 7 of 8 groups are all right and GRPO has almost no signal.
+    ap.add_argument("--warmup_steps", type=int, default=300, help="supervised steps before RL (tiny.py: 300)")
     ap.add_argument("--bupo_steps", type=int, default=10)
     ap.add_argument("--root", default="runs/ablation", help="run folders (not committed)")
     ap.add_argument("--out", default="bench/results/ablation", help="JSON + PNG prefix")
