@@ -51,7 +51,18 @@ LENGTH_CV = 1.0
 # preempts when the pool runs dry, never corrupts a rollout). Measured cost of a pool page
 # on an H100 (Qwen3-4B, 256 slots): ~2x its bytes in the program's temporaries.
 POOL_MARGIN = 1.5
-STATICS = ("cfg", "n", "greedy", "top_k", "max_new_tokens", "slots", "page_size", "pool_pages", "kv_dtype")
+STATICS = ("cfg", "n", "greedy", "top_k", "max_new_tokens", "slots", "page_size", "pool_pages", "kv_dtype",
+           "paged_impl", "interpret")
+
+
+def planned_paged_impl(setup: PlanSetup) -> str:
+    """The attention the engine would run on the target: `sampler.paged_impl` resolved for the
+    mesh's platform, so a TPU plan compiles the Mosaic kernel (per device, under its shard_map).
+    GPU plans keep the gather path: the Triton kernel's deviceless GPU compile is not verified
+    here, and the gather path's dense per-layer copy makes its temporaries an upper figure."""
+    platform = setup.sampler_mesh.devices.flat[0].platform
+    impl = paged.resolve_impl(setup.spec.sampler.paged_impl, platform, setup.model.head_dim)
+    return "gather" if impl == "pallas_gpu" else impl
 
 
 def default_mean_response(max_new_tokens: int) -> float:
@@ -97,7 +108,8 @@ def continuous_phase(setup: PlanSetup) -> Phase:
     eos = np.asarray(m.eos_token_ids or (0,), np.int32)
     statics = dict(cfg=m, n=sp.sampling.n, greedy=False, top_k=sp.sampling.top_k,
                    max_new_tokens=setup.max_new_tokens, slots=setup.slots, page_size=setup.page_size,
-                   pool_pages=pool, kv_dtype=jnp.dtype(sp.kv_dtype).name)
+                   pool_pages=pool, kv_dtype=jnp.dtype(sp.kv_dtype).name, paged_impl=planned_paged_impl(setup),
+                   interpret=False)
     fn = jax.jit(continuous_generate, static_argnames=STATICS)  # the program Sampler jits
 
     def lower():

@@ -244,7 +244,7 @@ class Sampler:
                             static_argnames=("cfg", "n", "greedy", "top_k", "max_new_tokens"))
         self.engine, self.slots, self.page_size = engine, int(slots), int(page_size)
         self.pool_pages = None if pool_pages is None else int(pool_pages)
-        self.paged_impl = paged.resolve_impl(paged_impl)  # concrete, for this process's backend
+        self.paged_impl = paged.resolve_impl(paged_impl, head_dim=cfg.head_dim)  # concrete, for this backend
         self.paged_interpret = paged.interpreted(self.paged_impl)
         self._cjit = jax.jit(self._trace_continuous, static_argnames=(
             "cfg", "n", "greedy", "top_k", "max_new_tokens", "slots", "page_size", "pool_pages", "kv_dtype",

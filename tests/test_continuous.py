@@ -199,11 +199,46 @@ def test_paged_kernels_equal_gather_uneven_bf16(impl):
     assert np.abs(np.asarray(other) - np.asarray(out)).max() > 0.1
 
 
+@pytest.mark.parametrize("impl,shape", [("pallas_tpu", (2, 2, 2)), ("pallas_tpu", (1, 4, 1)), ("pallas_gpu", (1, 1, 2))])
+def test_paged_kernels_under_a_mesh_equal_gather(impl, shape):
+    """Under a mesh (jax.set_mesh, as the Sampler calls the engine) a kernel runs per device
+    through a shard_map over KV heads (Mosaic cannot be partitioned by XLA): pools split over
+    `tensor` as the engine lays them out, or replicated where `tensor` is 1; the result equals
+    the gather path on one device (interpret mode)."""
+    cfg = ModelConfig.preset("tiny")
+    KV, Dh, Nh = cfg.num_kv_heads, cfg.head_dim, cfg.num_heads
+    rng = np.random.default_rng(2)
+    pages, ps, M, C = 24, 8, 4, 5
+    k = jnp.asarray(rng.standard_normal((KV, pages + 1, ps, Dh)), jnp.bfloat16)
+    v = jnp.asarray(rng.standard_normal((KV, pages + 1, ps, Dh)), jnp.bfloat16)
+    q = jnp.asarray(rng.standard_normal((M, Nh, Dh)), jnp.float32)
+    lengths = np.array([1, C * ps, 13, 30], np.int32)
+    table = np.full((M, C), pages, np.int32)
+    for m, L in enumerate(lengths):
+        table[m, :-(-L // ps)] = rng.choice(pages, -(-L // ps), replace=False)
+    ref = paged.paged_attention(q, k, v, table, lengths, cfg)
+    mesh = parallel.make_mesh(shape, jax.devices()[:int(np.prod(shape))])
+    pool_sh = parallel.sharding_for(("kv_heads", None, None, None), mesh, k.shape, parallel.DECODE_RULES)
+    assert pool_sh.spec[0] == ("tensor" if shape[2] > 1 else None)
+    fn = jax.jit(lambda *a: paged.paged_attention(*a, cfg, impl=impl, interpret=True))
+    with jax.set_mesh(mesh):
+        lowered = fn.lower(q, jax.device_put(k, pool_sh), jax.device_put(v, pool_sh), table, lengths)
+        assert "shard_map" in str(lowered.as_text()) or "manual" in str(lowered.as_text()).lower()
+        out = lowered.compile()(q, jax.device_put(k, pool_sh), jax.device_put(v, pool_sh), table, lengths)
+    atol = {"pallas_tpu": 1e-5, "pallas_gpu": 2e-2}[impl]
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=atol)
+
+
 def test_paged_impl_resolution():
     assert [paged.resolve_impl("auto", p) for p in ("gpu", "tpu", "cpu")] == ["pallas_gpu", "pallas_tpu", "gather"]
     assert paged.resolve_impl("gather", "gpu") == "gather" and paged.resolve_impl("pallas_tpu", "cpu") == "pallas_tpu"
     assert paged.interpreted("pallas_tpu", "cpu") and not paged.interpreted("pallas_tpu", "tpu")
     assert not paged.interpreted("gather", "cpu") and paged.interpreted("pallas_gpu", "tpu")
+    # The TPU kernel's blocks need head_dim % 128 == 0: auto falls back (SmolLM2's 64), explicit does not.
+    assert paged.resolve_impl("auto", "tpu", head_dim=128) == "pallas_tpu"
+    assert paged.resolve_impl("auto", "tpu", head_dim=64) == "gather"
+    assert paged.resolve_impl("auto", "gpu", head_dim=64) == "pallas_gpu"
+    assert paged.resolve_impl("pallas_tpu", "tpu", head_dim=64) == "pallas_tpu"
     with pytest.raises(ValueError, match="impl='triton'"):
         paged.resolve_impl("triton")
     s = Sampler(ModelConfig.preset("tiny"), 8, 8, engine="continuous")
@@ -213,8 +248,8 @@ def test_paged_impl_resolution():
 
 
 def test_continuous_with_tpu_kernel_equals_gather(pair):
-    """The engine with the TPU kernel (interpreted on CPU) decodes the gather path's greedy
-    rollouts on bf16 pages (the default KV dtype): refills, copy-on-write prompt pages,
+    """The engine with the TPU kernel (interpreted on CPU), on a mesh, decodes the gather path's
+    greedy rollouts (one device) on bf16 pages (the default KV dtype): refills, copy-on-write prompt pages,
     uneven budgets. (f32 pages would not do: see the kernel's precision above.) Small: the
     interpreted kernel costs ~1 min here. The GPU kernel is checked at the attention level
     only: it takes the query in the entries' dtype, so its log-probs differ at bf16 level."""
@@ -229,9 +264,10 @@ def test_continuous_with_tpu_kernel_equals_gather(pair):
     sp = SamplingParams(n=n, eos_ids=(), greedy=True)
     kw = dict(prompt_bucket=8, engine="continuous", slots=2, page_size=4)
     ref = Sampler(cfg, 12, N, paged_impl="gather", **kw).generate(params, prompts, key, sp, budgets=budgets)
-    s = Sampler(cfg, 12, N, paged_impl=impl, **kw)
+    # On a 2-device mesh with KV heads over `tensor`: the kernel runs per device (shard_map).
+    s = Sampler(cfg, 12, N, paged_impl=impl, mesh=parallel.make_mesh((1, 1, 2), jax.devices()[:2]), **kw)
     assert s.paged_impl == impl and s.paged_interpret
-    out = s.generate(params, prompts, key, sp, budgets=budgets)
+    out = s.generate(s.reshard(params), prompts, key, sp, budgets=budgets)
     assert_same(out, ref)
     assert s.last_stats["steps"] < ref.lengths.sum() and len(set(ref.lengths)) >= 3
 
@@ -271,6 +307,21 @@ def test_tpu_kernel_compiles_deviceless_for_v5p():
                             arg((), jnp.float32), arg((1,), jnp.int32), arg((), jnp.int32), **statics)
     assert "@tpu_custom_call" in lowered.as_text()
     lowered.compile()
+    # Under 4-chip v5p meshes (a v5p-8): without the shard_map Mosaic
+    # refuses to lower ("Mosaic kernels cannot be automatically partitioned").
+    dev4 = tpu_targets.compile_only_devices("v5p", 4)
+    for shape in ((1, 2, 2), (1, 4, 1)):  # KV heads over tensor; heads whole, 4 devices
+        mesh = jax.sharding.Mesh(np.asarray(dev4).reshape(shape), ("data", "fsdp", "tensor"))
+        sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        arg = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=sh)  # noqa: E731
+        key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sh)
+        with jax.set_mesh(mesh):
+            lowered = program.lower(abstract(cfg, mesh, rules=parallel.DECODE_RULES), arg((B, P), jnp.int32),
+                                    arg((B,), jnp.int32), arg((B * n,), jnp.int32), key, arg((), jnp.float32),
+                                    arg((), jnp.float32), arg((1,), jnp.int32), arg((), jnp.int32), **statics)
+        text = lowered.as_text()
+        assert "@tpu_custom_call" in text and "shard_map" in text or "manual" in text.lower()
+        lowered.compile()
 
 
 # ----------------------------------------------------------------------------- trainer level

@@ -94,3 +94,26 @@ def test_compiler_hbm_refusal_is_a_fail_not_a_crash():
     c = plan_compile.compile_program("big", lambda: jax.jit(lambda a: jnp.sin(a) * 2 + a.T).lower(x), target)
     assert "CompileTimeHbmOom" in c.oom and c.temporaries == 32 * 2 ** 30
     assert c.total > target.memory_bytes
+
+
+@needs_libtpu
+def test_continuous_engine_plan_compiles_the_tpu_decode_kernel(tmp_path):
+    """The continuous engine's TPU plan compiles the attention the engine runs there: the
+    Mosaic paged-attention kernel (`sampler.paged_impl=auto` on TPU), per device under its
+    shard_map on a 4-chip mesh with KV heads over `tensor`; `gather` compiles none of it. The
+    kernel needs head_dim % 128 == 0, so a 3-layer HF folder with 128-wide heads (the tiny
+    preset's 32-wide heads take the gather path under auto: test_continuous)."""
+    from hf_fixtures import save_hf_model
+    save_hf_model("qwen3", tmp_path / "m", num_hidden_layers=3, head_dim=128, num_attention_heads=4,
+                  num_key_value_heads=2)
+    kernels = {}
+    for name, extra in (("auto", f"model.hf_path='{tmp_path / 'm'}',sampler.paged_impl=auto"),
+                        ("gather", f"model.hf_path='{tmp_path / 'm'}',sampler.paged_impl=gather")):
+        cfg = TINY + f",sampler.engine=continuous,sampler.slots=8,mesh.sampler_shape=(1,2,2),{extra}"
+        out = tmp_path / f"{name}.json"
+        assert plan.main(["--config", cfg, "--devices", "4", "--target", "v5p", "--no_suggest",
+                          "--phases", "sampler", "--json", str(out)]) == 0
+        rec = json.loads(out.read_text())
+        assert rec["ok"], rec["phases"]
+        kernels[name] = rec["phases"]["sampler"]["tpu_kernels"]
+    assert kernels["auto"] > kernels["gather"], kernels

@@ -14,15 +14,18 @@ bf16 scatter and rewrites the whole buffer).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jax.sharding import PartitionSpec as P
 
 from oisd_jax.choices import PAGED_IMPLS
 from oisd_jax.model.config import ModelConfig
 from oisd_jax.model.decode import storage_dtype
+from oisd_jax.parallel import DECODE_RULES, logical_to_spec
 
 
 @struct.dataclass
@@ -96,17 +99,23 @@ PALLAS_PAGES_PER_BLOCK = 8  # the kernels' pages per compute block (a table is p
 # (a copy of every layer's pages per step if converted inside the loop), for a decode-only
 # engine that gains nothing from its ragged queries.
 KERNEL_PLATFORMS = {"pallas_gpu": "gpu", "pallas_tpu": "tpu"}
+TPU_LANES = 128
 
 
-def resolve_impl(impl: str, platform: str | None = None) -> str:
+def resolve_impl(impl: str, platform: str | None = None, head_dim: int | None = None) -> str:
     """`impl` with "auto" made concrete for `platform` (None = jax's default backend): the
-    Pallas GPU kernel on GPU, the TPU kernel on TPU, the gather path elsewhere."""
+    Pallas GPU kernel on GPU, the TPU kernel on TPU, the gather path elsewhere. The TPU
+    kernel's blocks need head_dim to be a multiple of 128 (Mosaic's lane width; Qwen3 and
+    the OctoThinker/Llama 3 models have 128, SmolLM2 64): "auto" takes the gather path there."""
     if impl not in PAGED_IMPLS:
         raise ValueError(f"paged attention impl={impl!r}: supported {PAGED_IMPLS}")
     if impl != "auto":
         return impl
     platform = jax.default_backend() if platform is None else platform
-    return {v: k for k, v in KERNEL_PLATFORMS.items()}.get(platform, "gather")
+    chosen = {v: k for k, v in KERNEL_PLATFORMS.items()}.get(platform, "gather")
+    if chosen == "pallas_tpu" and head_dim is not None and head_dim % TPU_LANES:
+        return "gather"
+    return chosen
 
 
 def interpreted(impl: str, platform: str | None = None) -> bool:
@@ -129,10 +138,9 @@ def paged_attention(q_MNH: jax.Array, k_KNSH: jax.Array, v_KNSH: jax.Array, tabl
     the pages below each length, in blocks of PALLAS_PAGES_PER_BLOCK. `interpret` runs a
     kernel in Pallas interpret mode (CPU tests).
     """
-    if impl == "pallas_gpu":
-        return _pallas_gpu(q_MNH, k_KNSH, v_KNSH, table_MC, lengths_M, interpret)
-    if impl == "pallas_tpu":
-        return _pallas_tpu(q_MNH, k_KNSH, v_KNSH, table_MC, lengths_M, interpret)
+    if impl in KERNEL_PLATFORMS:
+        kernel = functools.partial(_pallas_gpu if impl == "pallas_gpu" else _pallas_tpu, interpret=interpret)
+        return _per_device(kernel, q_MNH, k_KNSH, v_KNSH, table_MC, lengths_M)
     if impl != "gather":
         raise ValueError(f"paged_attention: impl={impl!r}: supported 'gather' | 'pallas_gpu' | 'pallas_tpu'")
     M, N, Dh = q_MNH.shape
@@ -150,6 +158,26 @@ def paged_attention(q_MNH: jax.Array, k_KNSH: jax.Array, v_KNSH: jax.Array, tabl
     o = jnp.einsum("mkqs,kmsh->mkqh", p.astype(dt), v, preferred_element_type=f32)
     o = o / jnp.sum(p, axis=-1)[..., None]
     return o.reshape(M, N, Dh).astype(q_MNH.dtype)
+
+
+def _per_device(kernel, q_MNH, k_KNSH, v_KNSH, table_MC, lengths_M) -> jax.Array:
+    """A kernel under the context mesh (jax.set_mesh), each device on its own KV heads.
+
+    XLA cannot partition a Pallas kernel: Mosaic TPU refuses to lower one under a mesh of
+    more than one device ("Mosaic kernels cannot be automatically partitioned"), and a GPU
+    custom call would be run on gathered, replicated operands. So the call goes through a
+    shard_map: the pool's KV heads split as the engine lays them out (`kv_heads` under
+    DECODE_RULES: over `tensor` when it divides them) and the query heads with them (each
+    device keeps whole GQA groups); slots, tables and lengths are whole on every device,
+    as the engine replicates them over (data, fsdp).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return kernel(q_MNH, k_KNSH, v_KNSH, table_MC, lengths_M)
+    heads = logical_to_spec(("kv_heads",), DECODE_RULES, shape=k_KNSH.shape[:1], mesh=mesh)[0]
+    qs, kv, whole = P(None, heads, None), P(heads, None, None, None), P()
+    return jax.shard_map(kernel, mesh=mesh, in_specs=(qs, kv, kv, whole, whole), out_specs=qs,
+                         check_vma=False)(q_MNH, k_KNSH, v_KNSH, table_MC, lengths_M)
 
 
 def _whole_blocks(table_MC: jax.Array, trash: int) -> tuple[jax.Array, int]:
