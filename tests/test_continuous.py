@@ -320,7 +320,7 @@ def test_tpu_kernel_compiles_deviceless_for_v5p():
                                     arg((B,), jnp.int32), arg((B * n,), jnp.int32), key, arg((), jnp.float32),
                                     arg((), jnp.float32), arg((1,), jnp.int32), arg((), jnp.int32), **statics)
         text = lowered.as_text()
-        assert "@tpu_custom_call" in text and "shard_map" in text or "manual" in text.lower()
+        assert "@tpu_custom_call" in text and ("shard_map" in text or "manual" in text.lower())
         lowered.compile()
 
 
