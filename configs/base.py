@@ -70,6 +70,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     s.ops = "+-"  # operators drawn from this set (of + - *)
     s.num_terms = 2  # operands per problem (>= 2)
     s.reasoning = False  # worked reference responses: "7-3+5 -> 4+5 -> 9, \boxed{9}" (else "\boxed{9}")
+    # The system message of synthetic prompts (None: none; data.system_prompt is for files' plain
+    # questions) and solved examples as earlier chat turns, worked in prose. Both are for a real
+    # tokenizer: the synthetic one spells only the task's characters and a few words.
+    s.system_prompt = placeholder(str)
+    s.few_shot = 0
     s.num_eval = 64  # held-out problems of an eval set with path None
     # name -> {path, k}: Avg@k / Pass@k benchmarks; path None = held-out synthetic problems.
     d.eval_sets = ml_collections.ConfigDict({"synthetic": {"path": placeholder(str), "k": 4}})

@@ -347,6 +347,15 @@ def _check_synthetic(c: Checker) -> None:
     c.number("data.synthetic.num_terms", ge=2, integer=True)
     c.number("data.synthetic.num_eval", ge=1, integer=True)
     c.boolean("data.synthetic.reasoning")
+    c.number("data.synthetic.few_shot", ge=0, integer=True)
+    sp = c.get("data.synthetic.system_prompt")
+    if sp is not MISSING and sp is not None and not isinstance(sp, str):
+        c.bad(f"data.synthetic.system_prompt={sp!r} must be a string or None")
+    shots = c.get("data.synthetic.few_shot")
+    if (isinstance(shots, int) and shots > 0 and c.get("model.hf_path") is None
+            and c.get("model.tokenizer_path") is None):
+        c.bad(f"data.synthetic.few_shot={shots} writes its examples in prose, which the synthetic "
+              "tokenizer cannot spell: set model.hf_path or model.tokenizer_path, or few_shot=0")
     ops = c.get("data.synthetic.ops")
     if not isinstance(ops, str) or not ops or set(ops) - set(SYNTHETIC_OPS):
         c.bad(f"data.synthetic.ops={ops!r} must be a non-empty string of {SYNTHETIC_OPS!r}")

@@ -290,6 +290,11 @@ def test_field_mapping_and_synthetic_knobs():
     assert problems(load("tiny", "data.synthetic.ops='+/',data.synthetic.num_terms=1")) == [
         "data.synthetic.num_terms=1 must be >= 2",
         "data.synthetic.ops='+/' must be a non-empty string of '+-*'"]
+    # prose examples need a tokenizer that spells prose; the synthetic one is refused by name
+    assert problems(load("tiny", "data.synthetic.few_shot=2")) == [
+        "data.synthetic.few_shot=2 writes its examples in prose, which the synthetic tokenizer "
+        "cannot spell: set model.hf_path or model.tokenizer_path, or few_shot=0"]
+    assert problems(load("tiny", "data.synthetic.few_shot=-1")) == ["data.synthetic.few_shot=-1 must be >= 0"]
 
 
 def test_num_layers_from_the_model_preset():

@@ -1,4 +1,5 @@
 """Data: parquet/jsonl sources, chat templates, grain streams, the synthetic task."""
+import dataclasses
 import json
 import operator
 
@@ -304,7 +305,31 @@ def test_synthetic_problems_and_reference_reward(tok, task):
         recs[0]["expression"], reasoning=task.reasoning)
 
 
+def test_few_shot_prompts_are_solved_examples_in_prose():
+    task = ArithmeticTask(digits=1, ops="+", num_terms=3, system_prompt=SYS, few_shot=2)
+    recs = make_problems(30, seed=3, task=task)
+    other = make_problems(30, seed=4, task=task)
+    shots = recs[0]["prompt"][1:5]
+    assert [m["role"] for m in recs[0]["prompt"]] == ["system", "user", "assistant", "user", "assistant", "user"]
+    # the same two examples in every prompt of every seed (train and held-out see one format)
+    assert all(r["prompt"][1:5] == shots for r in recs + other)
+    for question, answer in zip(shots[0::2], shots[1::2]):
+        expr = question["content"].removeprefix("what is ").removesuffix("?")
+        assert math_reward(answer["content"], str(_independent_value(expr))) == 1.0
+        a, b, c = (int(x) for x in expr.split("+"))
+        assert answer["content"] == (f"We compute one operation at a time. First, {a}+{b} = {a + b}. "
+                                     f"Then, {a + b}+{c} = {a + b + c}. The answer is \\boxed{{{a + b + c}}}.")
+    # the problems themselves are those of few_shot=0: adding examples does not move the seeds
+    plain = make_problems(30, seed=3, task=dataclasses.replace(task, few_shot=0))
+    assert [r["expression"] for r in recs] == [r["expression"] for r in plain]
+    assert [r["prompt"][-1] for r in recs] == [r["prompt"][-1] for r in plain]
+    assert data.prose_response("2*3-1") == ("We compute one operation at a time. First, 2*3 = 6. "
+                                            "Then, 6-1 = 5. The answer is \\boxed{5}.")
+
+
 def test_synthetic_task_validation():
+    with pytest.raises(ValueError):
+        ArithmeticTask(few_shot=-1)
     with pytest.raises(ValueError):
         ArithmeticTask(ops=("/",))
     with pytest.raises(ValueError):

@@ -94,7 +94,11 @@ def test_one_oisd_step_with_real_text_then_export(tmp_path, hf_model):
     assert texts
     for t in texts:  # "reward R | answer A\n--- prompt ---\n...\n--- response ---\nTEXT"
         reward = float(t.split(" | ", 1)[0].removeprefix("reward "))
-        response = t.split("--- response ---\n", 1)[1]
+        prompt, response = t.split("--- prompt ---\n", 1)[1].split("--- response ---\n", 1)
+        # the config's system prompt and its two solved examples reach the sampled prompt
+        assert prompt.startswith("<|im_start|>system\nPlease reason step by step"), prompt
+        assert prompt.count("We compute one operation at a time. First, ") == 2, prompt
+        assert prompt.count("<|im_start|>user\nwhat is ") == 3, prompt
         assert sum(ch.isalpha() for ch in response) > 10, response  # prose, decoded from BPE
         if extract_boxed(response) is None:
             assert reward == 0.0, t

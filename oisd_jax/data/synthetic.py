@@ -70,6 +70,11 @@ class ArithmeticTask:
     minutes but not by a bigram lookup. `reasoning` makes the reference response (the
     warm-up's target) a worked chain, the expression rewritten one operation at a time
     (`7-3+5 -> 4+5 -> 9, \\boxed{9}`); the reward still reads only the box.
+    `few_shot` puts that many solved problems before the question, as earlier chat turns whose
+    answers are worked in prose (`prose_response`): a pretrained instruct model sees the format
+    it is scored on. Measured on SmolLM2-135M-Instruct (1-digit, 3 terms, +, T=0.7, 96 samples):
+    the system prompt alone gives 0% boxed and correct, one shot 12.5%, two shots 47%.
+    The shots use their own fixed seed, so every prompt of every split shows the same examples.
     """
 
     digits: int = 2
@@ -77,12 +82,15 @@ class ArithmeticTask:
     num_terms: int = 2
     reasoning: bool = False
     system_prompt: str | None = None
+    few_shot: int = 0
 
     def __post_init__(self):
         if isinstance(self.ops, str):  # configs spell ops as a string, e.g. "+-"
             object.__setattr__(self, "ops", tuple(self.ops))
-        if self.digits < 1 or self.num_terms < 2 or not self.ops or set(self.ops) - set(OPS):
-            raise ValueError(f"bad ArithmeticTask {self}: digits >= 1, num_terms >= 2, ops in {OPS}")
+        if (self.digits < 1 or self.num_terms < 2 or not self.ops or set(self.ops) - set(OPS)
+                or self.few_shot < 0):
+            raise ValueError(f"bad ArithmeticTask {self}: digits >= 1, num_terms >= 2, ops in {OPS}, "
+                             "few_shot >= 0")
 
 
 def _tokens(expression: str) -> tuple[list[int], list[str]]:
@@ -142,16 +150,36 @@ def reference_response(expression: str, *, reasoning: bool = False) -> str:
     return f"{ARROW.join(worked_steps(expression))}, {answer}" if reasoning else answer
 
 
-def make_problems(n: int, *, seed: int, task: ArithmeticTask = ArithmeticTask()) -> list[Record]:
-    """n seeded problems: {"prompt": chat messages, "answer": str, "expression": str, "solution": str}."""
-    rng = np.random.default_rng(seed)
+def prose_response(expression: str) -> str:
+    """A worked answer in sentences, one operation each, in solve's order:
+    "3+4+5" -> "We compute one operation at a time. First, 3+4 = 7. Then, 7+5 = 12. The answer is \\boxed{12}." """
+    value, steps = solve(expression)
+    said = [f"{'First' if i == 0 else 'Then'}, {s.replace('=', ' = ')}." for i, s in enumerate(steps)]
+    return f"We compute one operation at a time. {' '.join(said)} The answer is {BOXED_TOKEN}{value}}}."
+
+
+_SHOT_SEED = 2**31 - 1  # the few-shot examples' own stream, apart from every problem seed
+
+
+def _expressions(rng: np.random.Generator, task: ArithmeticTask, n: int) -> list[str]:
     lo, hi = (10 ** (task.digits - 1) if task.digits > 1 else 0), 10 ** task.digits
-    records = []
+    out = []
     for _ in range(n):
         nums = rng.integers(lo, hi, size=task.num_terms)
         ops = rng.choice(list(task.ops), size=task.num_terms - 1)
-        expression = str(nums[0]) + "".join(f"{o}{b}" for o, b in zip(ops, nums[1:]))
-        prompt = [{"role": "user", "content": f"what is {expression}?"}]
+        out.append(str(nums[0]) + "".join(f"{o}{b}" for o, b in zip(ops, nums[1:])))
+    return out
+
+
+def make_problems(n: int, *, seed: int, task: ArithmeticTask = ArithmeticTask()) -> list[Record]:
+    """n seeded problems: {"prompt": chat messages, "answer": str, "expression": str, "solution": str}."""
+    rng = np.random.default_rng(seed)
+    shots = []
+    for e in _expressions(np.random.default_rng(_SHOT_SEED), task, task.few_shot):
+        shots += [{"role": "user", "content": f"what is {e}?"}, {"role": "assistant", "content": prose_response(e)}]
+    records = []
+    for expression in _expressions(rng, task, n):
+        prompt = [*shots, {"role": "user", "content": f"what is {expression}?"}]
         if task.system_prompt:
             prompt.insert(0, {"role": "system", "content": task.system_prompt})
         # "solution": the worked steps, OPSD's privileged teacher context for this task
