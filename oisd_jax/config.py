@@ -337,9 +337,15 @@ def _check_train_file(c: Checker, fmt: str, check_paths: bool) -> None:
               f"(data.format={fmt!r})")
     elif check_paths:
         c.path_exists("data.train_path", directory=False)
-    if c.get("model.hf_path") is None and c.get("model.tokenizer_path") is None:
+    if not _real_tokenizer(c):
         c.bad(f"data.format={fmt!r} needs a real tokenizer: set model.hf_path or "
               "model.tokenizer_path (the synthetic tokenizer only covers the synthetic task)")
+
+
+def _real_tokenizer(c: Checker) -> bool:
+    """Whether the run names a tokenizer of its own (else the synthetic one, which spells only
+    the arithmetic task's characters and a few words)."""
+    return c.get("model.hf_path") is not None or c.get("model.tokenizer_path") is not None
 
 
 def _check_synthetic(c: Checker) -> None:
@@ -347,13 +353,11 @@ def _check_synthetic(c: Checker) -> None:
     c.number("data.synthetic.num_terms", ge=2, integer=True)
     c.number("data.synthetic.num_eval", ge=1, integer=True)
     c.boolean("data.synthetic.reasoning")
-    c.number("data.synthetic.few_shot", ge=0, integer=True)
     sp = c.get("data.synthetic.system_prompt")
     if sp is not MISSING and sp is not None and not isinstance(sp, str):
         c.bad(f"data.synthetic.system_prompt={sp!r} must be a string or None")
-    shots = c.get("data.synthetic.few_shot")
-    if (isinstance(shots, int) and shots > 0 and c.get("model.hf_path") is None
-            and c.get("model.tokenizer_path") is None):
+    shots = c.number("data.synthetic.few_shot", ge=0, integer=True)
+    if shots and not _real_tokenizer(c):
         c.bad(f"data.synthetic.few_shot={shots} writes its examples in prose, which the synthetic "
               "tokenizer cannot spell: set model.hf_path or model.tokenizer_path, or few_shot=0")
     ops = c.get("data.synthetic.ops")
