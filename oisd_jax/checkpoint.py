@@ -124,6 +124,31 @@ class _OneLineOrbaxErrors(logging.Filter):
 _ORBAX_FILTER = _OneLineOrbaxErrors()
 
 
+def _raised_in_orbax(exc_info) -> bool:
+    tb = exc_info[2] if exc_info else None
+    while tb is not None:
+        if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+class _DropOrbaxOrphanTasks(logging.Filter):
+    """Drop asyncio's 'Task exception was never retrieved' records for orbax's write tasks.
+    When a save hits a full disk, each tensorstore fragment write that fails after the first
+    is an orphaned task; when the garbage collector reaches it (before exit or not, so the
+    count varies run to run) asyncio logs it with a full traceback: one per fragment, 20+
+    for the tiny model (seen in CI, orbax 0.12.8). The first failure reaches the caller as
+    a CheckpointError. Other asyncio records, and all under OISD_DEBUG, pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return (debug_requested() or not str(record.msg).startswith("Task exception was never retrieved")
+                or not _raised_in_orbax(record.exc_info))
+
+
+_ASYNCIO_FILTER = _DropOrbaxOrphanTasks()
+
+
 def _drop_closed_loop_errors(previous):
     """sys.unraisablehook: after a failed async save, tensorstore's write callbacks may land on
     the save thread's asyncio loop that orbax already closed, and each prints a 6-line
@@ -177,6 +202,7 @@ class Checkpointer:
         self.wait_timeout_s = float(wait_timeout_s)
         self._in_flight: int | None = None  # the step of the save started last, until it is known done
         logging.getLogger("absl").addFilter(_ORBAX_FILTER)  # once: a logger holds a filter once
+        logging.getLogger("asyncio").addFilter(_ASYNCIO_FILTER)
         if not getattr(sys.unraisablehook, "oisd_closed_loop_filter", False):
             sys.unraisablehook = _drop_closed_loop_errors(sys.unraisablehook)
         if jax.process_index() == 0:

@@ -422,6 +422,43 @@ def test_closed_event_loop_noise_of_a_failed_save_is_dropped(tmp_path, monkeypat
     assert seen == [other, noise]
 
 
+def test_orphaned_orbax_write_tasks_of_a_failed_save_are_dropped(tmp_path, monkeypatch):
+    """A full disk left 20+ orbax fragment-write tasks whose exceptions nobody retrieved;
+    when the collector reached them asyncio logged each with a traceback (seen in CI). Here a
+    real orphaned task fails in a frame whose file sits under orbax/, and one outside it."""
+    import asyncio
+    import gc
+    import logging
+    ns: dict = {}
+    exec(compile("async def write_fragment():\n    raise ValueError('RESOURCE_EXHAUSTED')\n",
+                 os.path.join(os.sep, "site-packages", "orbax", "checkpoint", "serialization.py"), "exec"), ns)
+
+    async def ours():
+        raise ValueError("not orbax")
+
+    def orphan(coro):  # run a task to its failure, never look at it, let it be collected
+        loop = asyncio.new_event_loop()
+        loop.run_until_complete(asyncio.wait([loop.create_task(coro)]))
+        loop.close()
+        gc.collect()
+
+    Checkpointer(tmp_path / "ck", async_save=False).close()
+    seen = []
+    handler = logging.Handler()
+    handler.emit = seen.append
+    logging.getLogger("asyncio").addHandler(handler)
+    try:
+        orphan(ns["write_fragment"]())
+        orphan(ours())
+        assert [str(r.msg).splitlines()[0] for r in seen] == ["Task exception was never retrieved"]
+        assert "not orbax" in str(seen[0].exc_info[1])
+        monkeypatch.setenv("OISD_DEBUG", "1")
+        orphan(ns["write_fragment"]())
+        assert len(seen) == 2 and "RESOURCE_EXHAUSTED" in str(seen[1].exc_info[1])
+    finally:
+        logging.getLogger("asyncio").removeHandler(handler)
+
+
 # ----------------------------------------------------------------------------- workdir lock
 def _lock_file(workdir, **owner):
     os.makedirs(workdir, exist_ok=True)
