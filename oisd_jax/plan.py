@@ -326,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"tokens (HBM {et.hbm_s:.1f} s: {et.calls} call(s) x {et.steps_per_call:.0f} decode steps reading "
               f"{et.weight_bytes / GiB:.2f} GiB of weights + {et.kv_read_bytes / GiB:.0f} GiB of held KV per call; "
               f"FLOP {et.flop_s:.1f} s at peak; at {target.bandwidth / 1e12:.2f} TB/s)")
-        print(f"  (today's gather attention reads every slot's table to the widest width: up to "
+        print(f"  (the gather attention reads every slot's table up to the longest running slot: up to "
               f"{et.gather_hbm_s:.0f} s; a paged-attention kernel reads the held pages only)")
     elif target.bandwidth and sres is not None:
         t = sampling_seconds(setup, sres.phase, target.bandwidth)

@@ -130,7 +130,7 @@ class EngineTime:
     steps_per_call: float     # decode steps: full-occupancy queue + the longest rollout's tail
     weight_bytes: float       # per device per step
     kv_read_bytes: float      # per device per call, a kernel reading held pages only
-    gather_kv_bytes: float    # per device per call, the gather path (every slot's table to the widest width)
+    gather_kv_bytes: float    # per device per call, the gather path (every slot's table to the longest slot's length)
     hbm_s: float              # per RL step: (steps x weights + KV) / bandwidth
     flop_s: float             # per RL step: 2 N per generated token (+ attention) at peak
     gather_hbm_s: float
@@ -154,9 +154,8 @@ def engine_time(setup: PlanSetup, phase: Phase, bandwidth: float, peak_flops: fl
     kv_tok = paged.page_bytes(m, 1, sp.kv_dtype) / kv_shards(setup)
     ctx_sum = R * (L * mean_prompt + (1 + LENGTH_CV ** 2) * L * L / 2)  # token-contexts read per call
     kv = ctx_sum * kv_tok
-    # The gather path reads M x width tokens per step; width is the narrowest of the
-    # engine's evenly spaced widths holding the longest running slot, the widest once a
-    # long rollout runs: counted at the full table (an upper figure).
+    # The gather path reads M x (the longest running slot's length) tokens per step, the
+    # whole table once a long rollout runs: counted at the full table (an upper figure).
     gather = steps * M * (setup.max_prompt_len + N) * kv_tok
     W = phase.decode_params_bytes
     hbm = calls * (steps * W + kv) / bandwidth

@@ -1,9 +1,10 @@
 """Continuous-batching rollout program over paged KV (the Sampler's engine="continuous").
 
 Every (prompt b, rollout j) of a call is a request r = b*n + j, queued in that order. A
-fixed number of slots decode one token each per step of one `lax.while_loop`; a slot whose
+fixed number of slots decode one token each per step of a `lax.while_loop`; a slot whose
 rollout ends (EOS or its budget) takes the next pending request in the same step, so a long
-rollout no longer holds finished rows busy. Refill is inside the compiled loop, not every
+rollout no longer holds finished rows busy. Once the queue is empty the running rollouts
+move into half, then a quarter of the slots (`SLOT_PHASES`), each phase its own loop. Refill is inside the compiled loop, not every
 K steps from the host: see `SLOT_REFILL` for the measurement.
 
 KV lives in a `paged.PagePool`. All prompts are prefilled once up front into pages that
@@ -18,6 +19,8 @@ the recomputed rollout is the same. Requests are admitted only while free pages 
 more page for every running slot, which keeps preemption rare.
 """
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -36,14 +39,15 @@ from oisd_jax.sampling import rollout_keys, sample_logits
 # for 64 slots on this CPU). Refilling every K steps from the host instead leaves a finished
 # slot idle K/2 steps on average: ~8% of the slot-steps at K=16 and 100-token rollouts.
 SLOT_REFILL = "in_loop"
-# The gather path (paged_impl="gather") reads every slot's table up to a width: the step picks (lax.switch) the
-# narrowest of ATTENTION_WIDTHS evenly spaced widths that holds the longest running slot,
-# so steps while every rollout is short read a fraction of the pages.
-ATTENTION_WIDTHS = 3
-# Likewise the step runs on the active slots only, gathered into the smallest of
-# M, M/2, M/4 rows that holds them: on a compute-bound CPU a step's cost follows its rows,
-# and the last long rollouts of a call run with most slots empty.
-SLOT_BUCKETS = 3
+# Attention reads only up to the longest running slot (the gather path loops over chunks to
+# it, the kernels stop at each length). On a compute-bound CPU a step's cost follows its
+# rows, and the last long rollouts of a call run with most slots empty, so the loop runs in
+# SLOT_PHASES phases of M, M/2, M/4 slots: once no request is pending and the running
+# rollouts fit in the next phase, they are moved into its slots. (Choosing the rows per step
+# by a lax.switch instead made XLA copy the whole pool in and out of the switch every step,
+# twice per step: with 1-row steps at 64 slots, 30 ms + 39 ms per 1000 pages of 16 tokens
+# on bench/sampler.py's model, measured.)
+SLOT_PHASES = 3
 
 
 def pages_for(length: int, page_size: int) -> int:
@@ -104,22 +108,16 @@ def continuous_generate(params: Params, tokens_BP, start_B, budget_R, key, tempe
     out_tok = jnp.full((R, N), pad_id, i32).at[:, 0].set(tok0)
     out_lp = jnp.zeros((R, N), jnp.float32).at[:, 0].set(lp0)
     status = jnp.where(is_eos(tok0) | (budget_R <= 1), 2, 0).astype(i32)  # 0 pending, 1 running, 2 done
-    m_M, c_C = jnp.arange(M, dtype=i32), jnp.arange(C, dtype=i32)
+    c_C = jnp.arange(C, dtype=i32)
     ptab_pad_BC = jnp.pad(ptab_BC, ((0, 0), (0, max(C - PP, 0))), constant_values=TRASH)[:, :C]
     drop = dict(mode="drop")  # index R / TRASH: an update that lands nowhere
-    # A kernel reads only the pages below each length: one width, no switch over copies.
-    widths = ([C] if paged_impl != "gather" else
-              sorted({-(-C * (w + 1) // ATTENTION_WIDTHS) for w in range(ATTENTION_WIDTHS)}))
 
-    def attend_to(w):
-        return lambda q, k, v, table, length: paged.paged_attention(q, pool.read(k), pool.read(v), table[:, :w],
-                                                                    length, cfg, paged_impl, interpret)
+    def attend(q, k, v, table, length):
+        return paged.paged_attention(q, pool.read(k), pool.read(v), table, length, cfg, paged_impl, interpret)
 
-    attend = [attend_to(w) for w in widths]
-    buckets = sorted({-(-M // 2 ** i) for i in range(SLOT_BUCKETS)})
-
-    def decode_rows(ks, vs, width, prev, pos, w_page, table, b, j, t):
-        """One token for each of these rows: (pool k, pool v, tokens, log-probs)."""
+    def decode_rows(ks, vs, prev, pos, w_page, table, b, j, t):
+        """One token for each slot: (pool k, pool v, tokens, log-probs); a slot whose w_page is
+        TRASH writes nowhere (its token is discarded)."""
         x = params.embed.astype(cfg.dtype)[prev][:, None]
         ks, vs = list(ks), list(vs)
         length = jnp.maximum(pos + 1, 1)
@@ -127,26 +125,16 @@ def continuous_generate(params: Params, tokens_BP, start_B, budget_R, key, tempe
             q, k, v = qkv(lp, cfg, x, pos[:, None])
             ks[i] = paged.write_tokens(ks[i], pool.store(k[:, 0]), w_page, pos % ps)
             vs[i] = paged.write_tokens(vs[i], pool.store(v[:, 0]), w_page, pos % ps)
-            args = (q[:, 0], ks[i], vs[i], table, length)
-            o = jax.lax.switch(width, attend, *args) if len(widths) > 1 else attend[0](*args)
+            o = attend(q[:, 0], ks[i], vs[i], table, length)
             x = attn_out_and_mlp(lp, cfg, x, o[:, None])
         h = final_norm(params, cfg, x[:, 0])
         tok, lp = sample_logits(rollout_keys(key, b, j, t), lm_logits(params, cfg, h[:, None])[:, 0],
                                 temperature, top_p, top_k=top_k, greedy=greedy)
         return tuple(ks), tuple(vs), tok, lp
 
-    def decode_bucket(kk, sel_M, width, rows):
-        """decode_rows on the first kk selected slots (sel_M: active slots first, then M)."""
-        def run(ks, vs):
-            sel = sel_M[:kk]
-            got = [a[jnp.minimum(sel, M - 1)] for a in rows]
-            got[2] = jnp.where(sel < M, got[2], TRASH)  # padding rows write nowhere
-            ks, vs, tok, lp = decode_rows(ks, vs, width, *got)
-            put = lambda a, dt: jnp.zeros((M,), dt).at[sel].set(a, mode="drop")
-            return ks, vs, put(tok, i32), put(lp, jnp.float32)
-        return run
-
-    def body(s):
+    def body(M: int, s):
+        """One decode step of M slots (the slot arrays' length)."""
+        m_M = jnp.arange(M, dtype=i32)
         pool, free, status, out_tok, out_lp, lengths, req, t, prev, table, pfreed, stats = s
         # 1. admit pending requests into empty slots, lowest request first.
         empty, pending = req < 0, status == 0
@@ -188,15 +176,9 @@ def continuous_generate(params: Params, tokens_BP, start_B, budget_R, key, tempe
 
         pool = jax.lax.cond(jnp.any(cow), copy, lambda p: p, pool)
 
-        # 3. one decode step for the active slots (gathered into the narrowest slot bucket that
-        # holds them); slots that do not run write to the trash page.
+        # 3. one decode step for the slots; slots that do not run write to the trash page.
         w_page = jnp.where(run, table[m_M, pos // ps], TRASH)
-        width = jnp.searchsorted(jnp.asarray(widths), jnp.max(jnp.where(active, pos // ps + 1, 1)))
-        rows = (prev, pos, w_page, table, b, jnp.maximum(req, 0) % n, t)
-        sel_M = jnp.nonzero(active, size=M, fill_value=M)[0].astype(i32)
-        branches = [decode_bucket(kk, sel_M, width, rows) for kk in buckets]
-        ks, vs, tok, lp = jax.lax.switch(jnp.searchsorted(jnp.asarray(buckets), jnp.sum(active)), branches,
-                                         pool.k, pool.v)
+        ks, vs, tok, lp = decode_rows(pool.k, pool.v, prev, pos, w_page, table, b, jnp.maximum(req, 0) % n, t)
         pool = pool.replace(k=ks, v=vs)
 
         # 4. record; end rollouts at EOS or budget.
@@ -233,12 +215,29 @@ def continuous_generate(params: Params, tokens_BP, start_B, budget_R, key, tempe
     # A float: stats count in f32, and the product passes int32 at 1024 rollouts of 8192 tokens.
     max_steps = float((R + 1) * R * N + 1)
 
-    def cond(s):
-        return jnp.any(s[2] != 2) & (s[-1][0] < max_steps)
+    def cond(next_slots: int | None, s):
+        go = jnp.any(s[2] != 2) & (s[-1][0] < max_steps)
+        if next_slots is None:
+            return go
+        # On to the next phase once nothing is pending and the running slots fit in it.
+        return go & (jnp.any(s[2] == 0) | (jnp.sum(s[6] >= 0) > next_slots))
+
+    def compact(s, kk: int):
+        """The running slots moved to the first of kk slots (cond guarantees they fit)."""
+        pool, free, status, out_tok, out_lp, lengths, req, t, prev, table, pfreed, stats = s
+        sel = jnp.nonzero(req >= 0, size=kk, fill_value=-1)[0]
+        keep, sel = sel >= 0, jnp.maximum(sel, 0)
+        pick = lambda a, empty: jnp.where(keep.reshape((kk,) + (1,) * (a.ndim - 1)), a[sel], empty)
+        return (pool, free, status, out_tok, out_lp, lengths, pick(req, -1), pick(t, 0), pick(prev, 0),
+                pick(table, TRASH), pfreed, stats)
 
     state = (pool, free0, status, out_tok, out_lp, jnp.ones((R,), i32), jnp.full((M,), -1, i32),
              jnp.zeros((M,), i32), jnp.zeros((M,), i32), jnp.full((M, C), TRASH, i32), jnp.zeros((B,), bool),
              jnp.zeros((6,), jnp.float32))
-    state = jax.lax.while_loop(cond, body, state)
+    phases = sorted({-(-M // 2 ** i) for i in range(SLOT_PHASES)}, reverse=True)  # M, M/2, M/4
+    for i, kk in enumerate(phases):
+        state = state if kk == M else compact(state, kk)
+        nxt = phases[i + 1] if i + 1 < len(phases) else None
+        state = jax.lax.while_loop(functools.partial(cond, nxt), functools.partial(body, kk), state)
     _, _, status, out_tok, out_lp, lengths, *_, stats = state
     return out_tok, out_lp, lengths, jnp.all(status == 2), stats

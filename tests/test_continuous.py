@@ -143,17 +143,23 @@ def test_continuous_on_mesh_equals_one_device(pair):
 
 
 # ----------------------------------------------------------------------------- paged attention
-def test_paged_attention_matches_dense_reference():
+@pytest.mark.parametrize("chunk_tokens,pages_dtype", [(32, "float32"), (4, "float32"), (8, "float32"),
+                                                     (8, "bfloat16")])
+def test_paged_attention_matches_dense_reference(monkeypatch, chunk_tokens, pages_dtype):
+    """The gather path's chunks (32 tokens: the whole 5-page table in one; 4: one page each;
+    8: two pages, the table padded to 6) and bf16 pages (widened by a bit shift)."""
+    monkeypatch.setattr(paged, "GATHER_CHUNK_TOKENS", chunk_tokens)
     cfg = ModelConfig.preset("tiny")
     KV, Dh, Nh = cfg.num_kv_heads, cfg.head_dim, cfg.num_heads
     rng = np.random.default_rng(0)
     pages, ps, M = 11, 4, 3
-    k = rng.standard_normal((KV, pages + 1, ps, Dh)).astype(np.float32)
-    v = rng.standard_normal((KV, pages + 1, ps, Dh)).astype(np.float32)
+    k = rng.standard_normal((KV, pages + 1, ps, Dh)).astype(jnp.dtype(pages_dtype))
+    v = rng.standard_normal((KV, pages + 1, ps, Dh)).astype(jnp.dtype(pages_dtype))
     q = rng.standard_normal((M, Nh, Dh)).astype(np.float32)
     table = np.array([[3, 0, 7, 11, 11], [5, 5, 2, 1, 9], [10, 11, 11, 11, 11]], np.int32)  # shared page 5
     lengths = np.array([10, 20, 1], np.int32)
     out = np.asarray(jax.jit(lambda *a: paged.paged_attention(*a, cfg))(q, k, v, table, lengths))
+    k, v = np.asarray(k, np.float32), np.asarray(v, np.float32)
     G = Nh // KV
     for m in range(M):
         ks = np.concatenate([k[:, p] for p in table[m]], axis=1)[:, :lengths[m]]  # [KV, L, Dh]
@@ -162,6 +168,8 @@ def test_paged_attention_matches_dense_reference():
             s = ks[h // G] @ q[m, h] / np.sqrt(Dh)
             w = np.exp(s - s.max())
             np.testing.assert_allclose(out[m, h], w @ vs[h // G] / w.sum(), atol=1e-5)
+    if (chunk_tokens, pages_dtype) != (32, "float32"):
+        return
     # The Pallas GPU and TPU kernels in interpret mode (CPU) read the same pages.
     # The TPU kernel's dots run at the default precision, which rounds f32 operands to bf16
     # (its interpret mode too: measured 7.8e-3 here, 2.4e-7 on bf16 pages, below).
