@@ -21,6 +21,7 @@ more page for every running slot, which keeps preemption rare.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +49,12 @@ SLOT_REFILL = "in_loop"
 # twice per step: with 1-row steps at 64 slots, 30 ms + 39 ms per 1000 pages of 16 tokens
 # on bench/sampler.py's model, measured.)
 SLOT_PHASES = 3
+# Rollouts that start in one step and copy their prompt's partial last page: at most
+# ceil(COPY_ROWS x M). The copies run every step (unconditionally: a lax.cond made XLA:GPU
+# copy the whole pool in and out every step), so their cost is bounded by 1/8 of the slots'
+# pages. Filling M empty slots then takes 8 steps instead of 1; later, slots free up about
+# M / mean length per step.
+COPY_ROWS = 1 / 8
 
 
 def pages_for(length: int, page_size: int) -> int:
@@ -135,6 +142,7 @@ def continuous_generate(params: Params, tokens_BP, start_B, budget_R, key, tempe
     def body(M: int, s):
         """One decode step of M slots (the slot arrays' length)."""
         m_M = jnp.arange(M, dtype=i32)
+        cows = max(1, math.ceil(COPY_ROWS * M))
         pool, free, status, out_tok, out_lp, lengths, req, t, prev, table, pfreed, stats = s
         # 1. admit pending requests into empty slots, lowest request first.
         empty, pending = req < 0, status == 0
@@ -158,23 +166,26 @@ def continuous_generate(params: Params, tokens_BP, start_B, budget_R, key, tempe
         plen = plen_B[b]
         pos = plen + t - 1
         need = active & ((pos % ps == 0) | (t == 1))
-        before = need[None, :] & (req[None, :] < req[:, None])  # older requests get pages first
-        rank = jnp.sum(before, axis=1)
-        got = need & (rank < jnp.sum(free))
+        # A first page that copies the prompt's partial last page: at most `cows` per step
+        # (the others retry next step; their rollouts do not change).
+        wants_copy = need & (t == 1) & (plen % ps != 0)
+        older = req[None, :] < req[:, None]  # older requests get pages first
+        deferred = wants_copy & (jnp.sum(wants_copy[None, :] & older, axis=1) >= cows)
+        need_now = need & ~deferred
+        rank = jnp.sum(need_now[None, :] & older, axis=1)
+        got = need_now & (rank < jnp.sum(free))
         page = jnp.where(got, _first_free(free, M, TRASH)[jnp.minimum(rank, M - 1)], TRASH)
         free = free.at[page].set(False, **drop)
         row_page = table[m_M, pos // ps]
         table = table.at[m_M, pos // ps].set(jnp.where(got, page, row_page))
         run = active & ~(need & ~got)
-        cow = got & (t == 1) & (plen % ps != 0)
-        src = jnp.where(cow, ptab_BC[b, jnp.minimum(plen // ps, PP - 1)], TRASH)
-        dst = jnp.where(cow, page, TRASH)
-
-        def copy(pool):
-            return pool.replace(k=tuple(paged.copy_pages(a, src, dst) for a in pool.k),
-                                v=tuple(paged.copy_pages(a, src, dst) for a in pool.v))
-
-        pool = jax.lax.cond(jnp.any(cow), copy, lambda p: p, pool)
+        # Copy-on-write on `cows` rows every step (unused ones copy the trash page onto itself).
+        cow = jnp.nonzero(got & wants_copy, size=cows, fill_value=M)[0]
+        row = jnp.minimum(cow, M - 1)
+        src = jnp.where(cow < M, ptab_BC[b[row], jnp.minimum(plen[row] // ps, PP - 1)], TRASH)
+        dst = jnp.where(cow < M, page[row], TRASH)
+        pool = pool.replace(k=tuple(paged.copy_pages(a, src, dst) for a in pool.k),
+                            v=tuple(paged.copy_pages(a, src, dst) for a in pool.v))
 
         # 3. one decode step for the slots; slots that do not run write to the trash page.
         w_page = jnp.where(run, table[m_M, pos // ps], TRASH)
@@ -206,7 +217,7 @@ def continuous_generate(params: Params, tokens_BP, start_B, budget_R, key, tempe
         live_prompt = ~(pfreed | pdone)
         pfreed = pfreed | pdone
         held = jnp.sum(jnp.where(live_prompt, plen_B, 0)) + jnp.sum(jnp.where(req >= 0, t - 1, 0))
-        stats = stats + jnp.stack([1, jnp.sum(run), NP - jnp.sum(free), held, jnp.sum(active & ~run),
+        stats = stats + jnp.stack([1, jnp.sum(run), NP - jnp.sum(free), held, jnp.sum(active & ~run & ~deferred),
                                    jnp.sum(pre)]).astype(stats.dtype)
         return pool, free, status, out_tok, out_lp, lengths, req, t, prev, table, pfreed, stats
 
