@@ -4,8 +4,9 @@ Every (prompt b, rollout j) of a call is a request r = b*n + j, queued in that o
 fixed number of slots decode one token each per step of a `lax.while_loop`; a slot whose
 rollout ends (EOS or its budget) takes the next pending request in the same step, so a long
 rollout no longer holds finished rows busy. Once the queue is empty the running rollouts
-move into half, then a quarter of the slots (`SLOT_PHASES`), each phase its own loop. Refill is inside the compiled loop, not every
-K steps from the host: see `SLOT_REFILL` for the measurement.
+move into half, then a quarter of the slots (`SLOT_PHASES`), each phase its own loop.
+Refill is inside the compiled loop, not every K steps from the host: see `SLOT_REFILL` for
+the measurement.
 
 KV lives in a `paged.PagePool`. All prompts are prefilled once up front into pages that
 their n rollouts share (kept until all n are done, then freed). A rollout owns the pages of
@@ -45,9 +46,9 @@ SLOT_REFILL = "in_loop"
 # rows, and the last long rollouts of a call run with most slots empty, so the loop runs in
 # SLOT_PHASES phases of M, M/2, M/4 slots: once no request is pending and the running
 # rollouts fit in the next phase, they are moved into its slots. (Choosing the rows per step
-# by a lax.switch instead made XLA copy the whole pool in and out of the switch every step,
-# twice per step: with 1-row steps at 64 slots, 30 ms + 39 ms per 1000 pages of 16 tokens
-# on bench/sampler.py's model, measured.)
+# by a lax.switch instead made XLA copy the whole pool into and out of the switch every
+# step: 1-row steps at 64 slots took 30 ms + 39 ms per 1000 pages of 16 tokens on
+# bench/sampler.py's model, measured.)
 SLOT_PHASES = 3
 # Rollouts that start in one step and copy their prompt's partial last page: at most
 # ceil(COPY_ROWS x M). The copies run every step (unconditionally: a lax.cond made XLA:GPU

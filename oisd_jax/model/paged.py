@@ -133,7 +133,8 @@ def paged_attention(q_MNH: jax.Array, k_KNSH: jax.Array, v_KNSH: jax.Array, tabl
     `resolve_impl`): "gather" (plain JAX, runs on every backend: a loop over chunks of
     GATHER_CHUNK_TOKENS keys, each chunk's pages gathered into a dense copy, with an
     online softmax, for as many chunks as the longest length needs; scores and softmax in
-    f32, the dots in the wider of the query and entry dtypes, as `decode.cache_attention`), "pallas_gpu" (jax's Pallas GPU paged-attention kernel) or
+    f32, the dots in the wider of the query and entry dtypes, as `decode.cache_attention`),
+    "pallas_gpu" (jax's Pallas GPU paged-attention kernel) or
     "pallas_tpu" (jax's Pallas TPU paged-attention kernel, Mosaic): the kernels read only
     the pages below each length, in blocks of PALLAS_PAGES_PER_BLOCK. `interpret` runs a
     kernel in Pallas interpret mode (CPU tests).
