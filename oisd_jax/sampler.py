@@ -396,7 +396,7 @@ class Sampler:
                 raise RuntimeError(f"Sampler(engine='continuous'): the loop stopped with requests pending "
                                    f"(stats {stats.tolist()})")
             steps, slot_steps, page_steps, held, waits, preempted = (float(x) for x in stats)
-            self.last_stats = dict(steps=int(steps), occupancy=slot_steps / max(steps * self.slots, 1),
+            self.last_stats = dict(steps=int(steps), occupancy=slot_steps / max(steps * min(self.slots, B * n), 1),
                                    reserved_over_held=page_steps * self.page_size / max(held, 1),
                                    mean_pages=page_steps / max(steps, 1), pool_pages=statics["pool_pages"],
                                    waits=int(waits), preemptions=int(preempted))

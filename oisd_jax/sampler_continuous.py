@@ -81,9 +81,11 @@ def continuous_generate(params: Params, tokens_BP, start_B, budget_R, key, tempe
     """The whole continuous rollout program (jitted by Sampler). Returns (tokens [R, N],
     log-probs [R, N], lengths [R], all_done, stats [6]: steps, slot-steps decoding, page-steps
     in use, token-steps held, slot-steps waiting for a page, preemptions)."""
-    N, M, ps, NP = max_new_tokens, slots, page_size, pool_pages
     B, P = tokens_BP.shape
     R, TRASH = B * n, pool_pages
+    # A call of fewer requests than slots runs on R slots: an empty slot still costs its
+    # share of every step's weight-matmul rows and attention.
+    N, M, ps, NP = max_new_tokens, min(slots, R), page_size, pool_pages
     PP = pages_for(P, ps)                    # prompt pages per prompt, at most
     C = pages_for(P + max(N - 1, 0), ps)     # logical pages per sequence, at most
     i32 = jnp.int32
