@@ -31,7 +31,7 @@ def expand(arg: str | None) -> str | None:
     return VARIANTS[head.strip()] + sep + rest if head.strip() in VARIANTS else arg
 
 
-def get_config(*, hf_path: str, tap_layer: int, max_new_tokens: int,
+def get_config(*, hf_path: str, tap_layer: int, max_new_tokens: int, pool_pages: int,
                data_dir: str = "/path/to/data") -> ml_collections.ConfigDict:
     c = base.get_config()
     c.model.hf_path = hf_path
@@ -51,6 +51,18 @@ def get_config(*, hf_path: str, tap_layer: int, max_new_tokens: int,
     c.sampler.top_p = 1.0
     c.sampler.top_k = 0
     c.sampler.n = 8
+    # The continuous rollout engine as the planner sizes it (launch/README.md): the step's
+    # prompts in one call (128 x 8 = 1024 requests), 256 rollouts in flight, and a
+    # tensor-parallel decode mesh over all devices (the engine replicates its slots over data
+    # and fsdp, so only `tensor` divides the weight and KV reads; on more devices than the
+    # model's 8 KV heads use e.g. (1, 2, 8)). `pool_pages`: every prompt's pages plus 1.5 x
+    # the paper's mean response per slot (`python -m oisd_jax.plan ... --pool_pages=mean`);
+    # a pool that runs dry makes rollouts wait or requeue, never cuts one.
+    c.sampler.engine = "continuous"
+    c.mesh.sampler_shape = (1, 1, -1)
+    c.sampler.batch_size = 128
+    c.sampler.slots = 256
+    c.sampler.pool_pages = pool_pages
 
     c.rl.algorithm = "oisd"
     c.rl.tap_layer = tap_layer

@@ -39,6 +39,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sampler.prompt_bucket = 8
     c.sampler.batch_size = 32
     c.sampler.kv_dtype = "float32"
+    # Every rollout here is 20-28 of 32 tokens: nothing for continuous batching to reclaim. On a
+    # 2-core Xeon the static engine sampled a step in 0.70 s (first call, compile included, 9 s)
+    # against the continuous engine's 0.90 s (21 s); same tokens either way.
+    c.sampler.engine = "static"
 
     c.rl.algorithm = "oisd"
     c.rl.tap_layer = 2  # of 4 blocks

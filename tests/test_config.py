@@ -221,7 +221,8 @@ def test_real_data_needs_paths_and_tokenizer():
 
 
 def test_all_problems_reported_in_one_message():
-    c = load("qwen3_4b", "rl.tap_layer=99,rl.loss_agg=sum,train.mini_batch_prompts=48")
+    # the decode mesh = the train mesh (1, 6, 1): 128 x 8 rollouts do not split over 6 devices
+    c = load("qwen3_4b", "rl.tap_layer=99,rl.loss_agg=sum,train.mini_batch_prompts=48,mesh.sampler_shape=None")
     with pytest.raises(ConfigError) as e:
         validate(c, num_layers=36, num_devices=6, check_paths=False)
     text = str(e.value)
