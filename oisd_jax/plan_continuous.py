@@ -57,12 +57,12 @@ STATICS = ("cfg", "n", "greedy", "top_k", "max_new_tokens", "slots", "page_size"
 
 def planned_paged_impl(setup: PlanSetup) -> str:
     """The attention the engine would run on the target: `sampler.paged_impl` resolved for the
-    mesh's platform, so a TPU plan compiles the Mosaic kernel (per device, under its shard_map).
-    GPU plans keep the gather path: the Triton kernel's deviceless GPU compile is not verified
-    here, and the gather path's dense per-layer copy makes its temporaries an upper figure."""
+    mesh's platform, so a TPU plan compiles the Mosaic kernel and a GPU plan the Triton one
+    (each per device, under its shard_map). Both compile deviceless: Qwen3-4B's engine on 4 x
+    H100 (256 slots, 45312 pages) had 34.28 GiB of temporaries with the Triton kernel, as
+    with the gather path (2026-12-02)."""
     platform = setup.sampler_mesh.devices.flat[0].platform
-    impl = paged.resolve_impl(setup.spec.sampler.paged_impl, platform, setup.model.head_dim)
-    return "gather" if impl == "pallas_gpu" else impl
+    return paged.resolve_impl(setup.spec.sampler.paged_impl, platform, setup.model.head_dim)
 
 
 def default_mean_response(max_new_tokens: int) -> float:

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from oisd_jax import plan, plan_compile
+from oisd_jax import gpu_targets, plan, plan_compile
 from oisd_jax import plan_continuous as pc
 from oisd_jax import plan_programs as pp
 from oisd_jax.config_files import load_config_file
@@ -120,3 +120,20 @@ def test_largest_slots_that_fit(monkeypatch):
     # More slots than the call's 64 requests never run: the search stops at 64.
     big = plan_compile.Budget(pool(64) * 10, 1.0, 0)
     assert plan_search.suggest_slots(s, plan.get_target("cpu"), big, mean_response=3)["slots"] == 64
+
+
+@pytest.mark.skipif(not gpu_targets.plugin_available(), reason="pip install -r requirements-gpu-plan.txt")
+def test_gpu_plan_compiles_the_triton_kernel():
+    """An H100 plan of the engine compiles what a GPU run takes with paged_impl=auto: jax's
+    Pallas (Triton) paged-attention kernel, per device under a 2-way tensor mesh, lowered to
+    XLA:GPU's Triton custom call and compiled deviceless."""
+    setup = pp.make_setup(load_config_file(TINY + ",model.dtype=bfloat16,sampler.kv_dtype=bfloat16,"
+                                           "mesh.sampler_shape=(1,1,2)"),
+                          plan.get_target("h100").devices(2), micro_batch_tokens=1280)
+    assert pc.planned_paged_impl(setup) == "pallas_gpu"
+    phase = pc.continuous_phase(setup)
+    lowered = phase.lower()
+    text = lowered.as_text()
+    assert "__gpu$xla.gpu.triton" in text and ("shard_map" in text or "manual" in text.lower())
+    mem = lowered.compile().memory_analysis()
+    assert mem.temp_size_in_bytes >= phase.kv_bytes  # the pool is one of the program's temporaries
