@@ -282,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(format_table(results, budget))
     if tpu:
-        print("Mosaic kernels (splash attention calls) per program: "
+        print("Mosaic kernel calls per program (splash attention; the sampler's paged attention): "
               + ", ".join(f"{r.phase.name} {r.compiled.tpu_kernels}" for r in results))
     warns = [w for r in results for w in r.compiled.warnings]
     if warns:
