@@ -132,6 +132,28 @@ def test_evaluate_dump_recomputed_by_hand_and_resume(tiny, tmp_path):
         E.evaluate(run, benches, str(out), seed=4, progress=False)
 
 
+def test_evaluate_with_the_continuous_engine_equals_static(tiny, tmp_path):
+    """sampler.engine in the run's config is what evaluation samples with: the continuous
+    engine (3 slots for 6 x 4 + 3 x 2 requests, pages of 4 tokens) dumps the same samples
+    and results as the static one."""
+    import copy
+    import dataclasses
+    _, run = tiny
+    benches = E.load_benchmarks(run.config, run.tokenizer, ["synthetic", "mini"], limit=6)
+    dumps, results = {}, {}
+    for engine in ("static", "continuous"):
+        config = copy.deepcopy(run.config)
+        with config.unlocked():
+            config.sampler.update(engine=engine, slots=3, page_size=4)
+        r = dataclasses.replace(run, config=config)
+        sampler = E.make_sampler(config, run.model_cfg)[0]  # the (cached) Sampler evaluate uses
+        assert sampler.engine == engine
+        results[engine] = E.evaluate(r, benches, str(tmp_path / engine), seed=3, progress=False)
+        assert (sampler.last_stats is not None) == (engine == "continuous")  # the engine that ran
+        dumps[engine] = (tmp_path / engine / E.SAMPLES_FILE).read_text()
+    assert dumps["continuous"] == dumps["static"] and results["continuous"] == results["static"]
+
+
 def test_evaluate_with_the_verl_scorer(tiny, tmp_path):
     """reward='verl_math' scores the dump with verl's math.compute_score convention, and a
     folder holding one scorer's samples refuses another's."""
