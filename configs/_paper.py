@@ -55,9 +55,11 @@ def get_config(*, hf_path: str, tap_layer: int, max_new_tokens: int, pool_pages:
     # prompts in one call (128 x 8 = 1024 requests), 256 rollouts in flight, and a
     # tensor-parallel decode mesh over all devices (the engine replicates its slots over data
     # and fsdp, so only `tensor` divides the weight and KV reads; on more devices than the
-    # model's 8 KV heads use e.g. (1, 2, 8)). `pool_pages`: every prompt's pages plus 1.5 x
-    # the paper's mean response per slot (`python -m oisd_jax.plan ... --pool_pages=mean`);
-    # a pool that runs dry makes rollouts wait or requeue, never cuts one.
+    # model's 8 KV heads use e.g. (1, 2, 8): the Sampler refuses a tensor axis that does not
+    # divide the KV heads, which would hold the whole pool on every device). `pool_pages`:
+    # every prompt's pages plus 1.5 x the paper's mean response per slot (`python -m
+    # oisd_jax.plan ... --pool_pages=mean`); a pool that runs dry makes rollouts wait or
+    # requeue, never cuts one.
     c.sampler.engine = "continuous"
     c.mesh.sampler_shape = (1, 1, -1)
     c.sampler.batch_size = 128

@@ -237,6 +237,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     mean_response = a.mean_response if a.mean_response is not None else pc.default_mean_response(
         setup.max_new_tokens)
     setup = setup.replace(engine=a.engine or setup.engine, slots=a.slots or setup.slots)
+    if setup.engine == "continuous":  # the trainer's Sampler refuses it too; here before any compile
+        from oisd_jax.sampler import check_pool_split
+        check_pool_split(setup.model, setup.sampler_mesh)
     if a.pool_pages is not None:
         setup = setup.replace(pool_pages=pc.planned_pool_pages(setup, setup.slots, mean_response)
                               if a.pool_pages == "mean" else int(a.pool_pages))

@@ -180,6 +180,20 @@ def _constrain_cache(cache: decode.KVCache) -> decode.KVCache:
     return jax.tree.map(lambda a: parallel.constrain(a, decode.CACHE_AXES, parallel.DECODE_RULES), cache)
 
 
+def check_pool_split(cfg: ModelConfig, mesh: Mesh) -> None:
+    """The paged pool splits its KV heads over `tensor` only when the axis divides them;
+    otherwise every device of the axis would hold the whole pool (DECODE_RULES drops a
+    non-dividing axis), e.g. (1, 1, 16) over Qwen3's 8 KV heads: 16x the pool's share, silently."""
+    t, kv = mesh.shape["tensor"], cfg.num_kv_heads
+    if t > 1 and kv % t:
+        g = math.gcd(kv, t)
+        d, f = mesh.shape["data"], mesh.shape["fsdp"]
+        raise ValueError(
+            f"Sampler(engine='continuous'): the sampler mesh's tensor axis ({t} devices) does not divide "
+            f"the model's {kv} KV heads, so each of them would hold the whole KV pool; set "
+            f"mesh.sampler_shape=({d}, {f * t // g}, {g}) (tensor dividing {kv}, the rest over fsdp)")
+
+
 class Sampler:
     """Batched rollout generation for one model config (see the module docstring).
 
@@ -235,6 +249,8 @@ class Sampler:
                              f"{cfg.max_position_embeddings}")
         if truncation not in TRUNCATIONS:
             raise ValueError(f"Sampler: truncation={truncation!r}: supported {' | '.join(TRUNCATIONS)}")
+        if engine == "continuous" and mesh is not None:
+            check_pool_split(cfg, mesh)
         self.cfg, self.mesh = cfg, mesh
         self.max_prompt_len, self.max_new_tokens = int(max_prompt_len), int(max_new_tokens)
         self.prompt_bucket, self.truncation, self.keep_cache = int(prompt_bucket), truncation, keep_cache

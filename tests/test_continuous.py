@@ -360,6 +360,22 @@ def test_trainer_step_with_continuous_engine_equals_static():
             np.testing.assert_allclose(mc[k], ms[k], rtol=1e-4, atol=1e-6, err_msg=k)
 
 
+def test_trainer_refuses_a_pool_its_tensor_axis_cannot_split():
+    """tensor=8 over the tiny model's 2 KV heads would replicate the whole pool on every
+    device (the paper configs' (1, 1, -1) on 16 chips: 16 > 8 heads); the trainer's setup
+    refuses it before compiling and names a shape that splits it."""
+    from oisd_jax.train_setup import build_setup
+    from tiny_run import tiny_config
+    kw = dict(train__sft_warmup_steps=0, sampler__engine="continuous", sampler__slots=4)
+    with pytest.raises(ValueError, match=r"tensor axis \(8 devices\) does not divide the model's 2 KV heads.*"
+                                         r"mesh\.sampler_shape=\(1, 4, 2\)"):
+        build_setup(tiny_config(mesh__sampler_shape=(1, 1, 8), **kw))
+    s = build_setup(tiny_config(mesh__sampler_shape=(1, 4, 2), **kw))  # the shape it names
+    assert s.sampler.mesh.shape["tensor"] == 2 and s.sampler.engine == "continuous"
+    static = build_setup(tiny_config(mesh__sampler_shape=(1, 1, 8), train__sft_warmup_steps=0))
+    assert static.sampler.engine == "static"  # its cache is per call, not a standing pool
+
+
 def test_config_validates_engine_fields():
     from oisd_jax.config import ConfigError, validate
     from tiny_run import tiny_config

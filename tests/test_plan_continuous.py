@@ -137,3 +137,11 @@ def test_gpu_plan_compiles_the_triton_kernel():
     assert "__gpu$xla.gpu.triton" in text and ("shard_map" in text or "manual" in text.lower())
     mem = lowered.compile().memory_analysis()
     assert mem.temp_size_in_bytes >= phase.kv_bytes  # the pool is one of the program's temporaries
+
+
+def test_plan_refuses_a_pool_the_tensor_axis_cannot_split():
+    """tensor=8 over the tiny model's 2 KV heads: the planner says so before compiling any
+    phase (as the trainer's Sampler would), naming the shape that splits the pool."""
+    with pytest.raises(ValueError, match=r"does not divide the model's 2 KV heads.*sampler_shape=\(1, 4, 2\)"):
+        plan.main(["--config", TINY + ",mesh.sampler_shape=(1,1,8)", "--devices", "8", "--target", "cpu",
+                   "--no_suggest"])
