@@ -5,8 +5,16 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-from oisd_jax.plan_compile import Budget, Compiled, PhaseResult, Target, compile_program
+from oisd_jax.plan_compile import GiB, Budget, Compiled, PhaseResult, Target, compile_program
 from oisd_jax.plan_programs import PlanSetup, sampler_cache_bytes, sampler_phase, train_phase
+
+
+def _probed(what: str, total: int, limit: int, seconds: float) -> int:
+    """One line per probe: each is a compile of minutes on a big config, and a search of
+    up to a dozen of them would otherwise print nothing for most of an hour."""
+    verdict = "fits" if total <= limit else "over"
+    print(f"search    {what}: {total / GiB:.2f} GiB, {verdict} ({seconds:.0f} s)", flush=True)
+    return total
 
 
 def suggest_linear(measure: Callable[[int], int], limit: int, start: int, *, max_calls: int = 7,
@@ -88,7 +96,8 @@ def suggest(setup: PlanSetup, target: Target, budget: Budget, results: Sequence[
 
     def train_total(k: int) -> int:
         ph = train_phase(setup.replace(micro_batch_tokens=k * shards * setup.row_len))
-        return ph.resident_bytes + compile_program(f"train {k}", ph.lower, target).total
+        c = compile_program(f"train {k}", ph.lower, target)
+        return _probed(f"train step at {k} row(s)/device", ph.resident_bytes + c.total, budget.bytes, c.compile_s)
 
     k, _ = suggest_linear(train_total, budget.bytes, max(1, setup.rows_per_micro // shards))
     out["rows_per_device"] = k
@@ -105,7 +114,9 @@ def suggest(setup: PlanSetup, target: Target, budget: Budget, results: Sequence[
         ph = sampler_phase(s)
         kv = sampler_cache_bytes(s) if setup.sampler_cache_kept else 0
         beside = max((r.compiled.total + r.phase.resident_bytes - r.phase.kv_bytes + kv for r in others), default=0)
-        return max(beside, ph.resident_bytes + compile_program(f"sampler {j}", ph.lower, target).total)
+        c = compile_program(f"sampler {j}", ph.lower, target)
+        return _probed(f"sampler at {j * unit} prompts", max(beside, ph.resident_bytes + c.total), budget.bytes,
+                       c.compile_s)
 
     j, _ = suggest_linear(sampler_total, budget.bytes, max(1, setup.sampler_batch // unit))
     out["sampler_batch"] = j * unit if j else None
@@ -127,7 +138,8 @@ def suggest_slots(setup: PlanSetup, target: Target, budget: Budget, mean_respons
 
     def total(j: int) -> int:
         ph = sampler_phase(at(j))
-        return ph.resident_bytes + compile_program(f"sampler {j * SLOT_UNIT} slots", ph.lower, target).total
+        c = compile_program(f"sampler {j * SLOT_UNIT} slots", ph.lower, target)
+        return _probed(f"sampler at {j * SLOT_UNIT} slots", ph.resident_bytes + c.total, budget.bytes, c.compile_s)
 
     top = max(1, -(-requests // SLOT_UNIT))  # more slots than requests never run
     j, _ = suggest_linear(total, budget.bytes, min(top, max(1, setup.slots // SLOT_UNIT)), max_calls=5,

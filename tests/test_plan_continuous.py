@@ -91,7 +91,7 @@ def test_cli_continuous_plan(tmp_path, capsys):
     assert sp["temporaries"] >= sp["kv_bytes"] and rec["phases"]["train step"]["resident_bytes"] == 0
 
 
-def test_largest_slots_that_fit(monkeypatch):
+def test_largest_slots_that_fit(monkeypatch, capsys):
     """The slot search's wiring: multiples of 8 slots, each probe's pool sized to the mean
     response, capped at the call's requests. Compiles are faked by a program whose total is
     its pool plus 1 MiB (the real compile is covered above)."""
@@ -116,6 +116,9 @@ def test_largest_slots_that_fit(monkeypatch):
     budget = plan_compile.Budget(pool(40) + 2 ** 20, 1.0, 0)
     got = plan_search.suggest_slots(s.replace(slots=8), plan.get_target("cpu"), budget, mean_response=3)
     assert got == dict(slots=40, pool_pages=pc.planned_pool_pages(s, 40, 3))
+    probes = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("search    sampler at ")]
+    assert len(probes) == len(seen) and any(ln.startswith("search    sampler at 40 slots: ") and ", fits" in ln
+                                            for ln in probes) and any(", over" in ln for ln in probes), probes
     assert all(k % 8 == 0 and p == pc.planned_pool_pages(s, k, 3) for k, p in seen)
     # More slots than the call's 64 requests never run: the search stops at 64.
     big = plan_compile.Budget(pool(64) * 10, 1.0, 0)
