@@ -18,18 +18,22 @@ def _probed(what: str, total: int, limit: int, seconds: float) -> int:
 
 
 def suggest_linear(measure: Callable[[int], int], limit: int, start: int, *, max_calls: int = 7,
-                   max_value: int = 1 << 16) -> tuple[int, dict[int, int]]:
+                   max_value: int = 1 << 16, known: dict[int, int] | None = None) -> tuple[int, dict[int, int]]:
     """Largest integer k >= 1 with measure(k) <= limit, for a measure that grows about
     linearly with k (each call is a compile, so few calls).
 
-    Secant steps inside a bracket [largest fit, smallest non-fit]. Returns (k, or 0 if
-    even k = 1 does not fit; {k: measured}). Stops early with the best fit found.
+    Secant steps inside a bracket [largest fit, smallest non-fit]. `known`: values already
+    measured (the plan's own phases), used without calling `measure` and not counted in
+    `max_calls`. Returns (k, or 0 if even k = 1 does not fit; {k: measured}). Stops early
+    with the best fit found.
     """
-    seen: dict[int, int] = {}
+    seen: dict[int, int] = dict(known or {})
+    calls = [0]
 
     def m(k: int) -> int:
         if k not in seen:
             seen[k] = measure(k)
+            calls[0] += 1
         return seen[k]
 
     lo, hi = 0, max_value + 1  # fits / does not fit
@@ -39,7 +43,7 @@ def suggest_linear(measure: Callable[[int], int], limit: int, start: int, *, max
                 lo = max(lo, k)
             else:
                 hi = min(hi, k)
-    while hi - lo > 1 and len(seen) < max_calls:
+    while hi - lo > 1 and calls[0] < max_calls:
         if lo == 0:
             guess = 1 if hi > 1 and 1 not in seen else hi // 2
         else:
@@ -99,26 +103,36 @@ def suggest(setup: PlanSetup, target: Target, budget: Budget, results: Sequence[
         c = compile_program(f"train {k}", ph.lower, target)
         return _probed(f"train step at {k} row(s)/device", ph.resident_bytes + c.total, budget.bytes, c.compile_s)
 
-    k, _ = suggest_linear(train_total, budget.bytes, max(1, setup.rows_per_micro // shards))
+    # The plan's own phases are probes already made (a Qwen3-4B train-step compile is 4-10 min here).
+    base = {r.phase.name: r.total for r in results}
+    k0 = max(1, setup.rows_per_micro // shards)
+    known = {k0: base["train step"]} if "train step" in base and k0 * shards * setup.row_len == \
+        setup.micro_batch_tokens else {}
+    k, _ = suggest_linear(train_total, budget.bytes, k0, known=known)
     out["rows_per_device"] = k
     out["micro_batch_tokens"] = k * shards * setup.row_len if k else None
 
     if setup.engine == "continuous":
-        out.update(suggest_slots(setup, target, budget, mean_response))
+        out.update(suggest_slots(setup, target, budget, mean_response, base.get("sampler")))
         return out
     unit = setup.sampler_batch_shards  # prompts split over the sampler's batch shards
     others = [r for r in results if r.phase.name != "sampler"]
 
+    def beside(s: PlanSetup) -> int:  # the other phases, with this sampler batch's kept cache
+        kv = sampler_cache_bytes(s) if setup.sampler_cache_kept else 0
+        return max((r.compiled.total + r.phase.resident_bytes - r.phase.kv_bytes + kv for r in others), default=0)
+
     def sampler_total(j: int) -> int:
         s = setup.replace(sampler_batch=j * unit)
         ph = sampler_phase(s)
-        kv = sampler_cache_bytes(s) if setup.sampler_cache_kept else 0
-        beside = max((r.compiled.total + r.phase.resident_bytes - r.phase.kv_bytes + kv for r in others), default=0)
         c = compile_program(f"sampler {j}", ph.lower, target)
-        return _probed(f"sampler at {j * unit} prompts", max(beside, ph.resident_bytes + c.total), budget.bytes,
+        return _probed(f"sampler at {j * unit} prompts", max(beside(s), ph.resident_bytes + c.total), budget.bytes,
                        c.compile_s)
 
-    j, _ = suggest_linear(sampler_total, budget.bytes, max(1, setup.sampler_batch // unit))
+    j0 = max(1, setup.sampler_batch // unit)
+    known = {j0: max(beside(setup), base["sampler"])} if "sampler" in base and j0 * unit == setup.sampler_batch \
+        else {}
+    j, _ = suggest_linear(sampler_total, budget.bytes, j0, known=known)
     out["sampler_batch"] = j * unit if j else None
     return out
 
@@ -126,8 +140,11 @@ def suggest(setup: PlanSetup, target: Target, budget: Budget, results: Sequence[
 SLOT_UNIT = 8  # slots are searched in multiples of 8 (rows of a decode step's matmuls)
 
 
-def suggest_slots(setup: PlanSetup, target: Target, budget: Budget, mean_response: float | None = None) -> dict:
-    """Largest continuous-engine slot count whose sampler phase fits, pool sized to the mean response."""
+def suggest_slots(setup: PlanSetup, target: Target, budget: Budget, mean_response: float | None = None,
+                  measured: int | None = None) -> dict:
+    """Largest continuous-engine slot count whose sampler phase fits, pool sized to the mean
+    response. `measured`: the plan's own sampler phase total, reused when its slots and pool
+    are a probe's."""
     from oisd_jax import plan_continuous as pc
     mean = mean_response if mean_response is not None else pc.default_mean_response(setup.max_new_tokens)
     requests = setup.sampler_batch * setup.spec.sampler.sampling.n
@@ -142,6 +159,9 @@ def suggest_slots(setup: PlanSetup, target: Target, budget: Budget, mean_respons
         return _probed(f"sampler at {j * SLOT_UNIT} slots", ph.resident_bytes + c.total, budget.bytes, c.compile_s)
 
     top = max(1, -(-requests // SLOT_UNIT))  # more slots than requests never run
-    j, _ = suggest_linear(total, budget.bytes, min(top, max(1, setup.slots // SLOT_UNIT)), max_calls=5,
-                          max_value=top)
+    j0 = min(top, max(1, setup.slots // SLOT_UNIT))
+    probe0 = at(j0)
+    known = {j0: measured} if measured is not None and (probe0.slots, probe0.pool_pages) == \
+        (setup.slots, setup.pool_pages) else {}
+    j, _ = suggest_linear(total, budget.bytes, j0, max_calls=5, max_value=top, known=known)
     return dict(slots=j * SLOT_UNIT if j else None, pool_pages=at(j).pool_pages if j else None)

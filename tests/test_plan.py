@@ -59,6 +59,10 @@ def test_suggest_linear_finds_largest_fit():
         want = max([j for j in range(1, 500) if 1000 + 300 * j + 2 * j * j <= limit] or [0])
         assert k == want, (limit, k, want)
         assert len(calls) <= 7  # each call is a compile
+        # A start the plan already compiled is reused: the same answer, that probe not remade.
+        calls.clear()
+        k2, _ = plan_search.suggest_linear(measure, limit, 4, known={4: measure(4)})
+        assert k2 == want and calls.count(4) == 1, (limit, k2, calls)
 
 
 def test_capture_stderr_reads_native_writes():

@@ -120,6 +120,11 @@ def test_largest_slots_that_fit(monkeypatch, capsys):
     assert len(probes) == len(seen) and any(ln.startswith("search    sampler at 40 slots: ") and ", fits" in ln
                                             for ln in probes) and any(", over" in ln for ln in probes), probes
     assert all(k % 8 == 0 and p == pc.planned_pool_pages(s, k, 3) for k, p in seen)
+    # The plan's own sampler phase (8 slots, its pool sized to the mean) is not compiled again.
+    seen.clear()
+    s8 = s.replace(slots=8, pool_pages=pc.planned_pool_pages(s, 8, 3))
+    again = plan_search.suggest_slots(s8, plan.get_target("cpu"), budget, mean_response=3, measured=pool(8) + 2 ** 20)
+    assert again == got and 8 not in [k for k, _ in seen] and seen, seen
     # More slots than the call's 64 requests never run: the search stops at 64.
     big = plan_compile.Budget(pool(64) * 10, 1.0, 0)
     assert plan_search.suggest_slots(s, plan.get_target("cpu"), big, mean_response=3)["slots"] == 64
