@@ -75,6 +75,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # tokenizer: the synthetic one spells only the task's characters and a few words.
     s.system_prompt = placeholder(str)
     s.few_shot = 0
+    # how those examples are worked: brief ("First, 6+8 = 14. Then, ...") | running_total (a
+    # sentence per term, ~2x the tokens; + and - only)
+    s.prose = "brief"
     s.num_eval = 64  # held-out problems of an eval set with path None
     # name -> {path, k}: Avg@k / Pass@k benchmarks; path None = held-out synthetic problems.
     d.eval_sets = ml_collections.ConfigDict({"synthetic": {"path": placeholder(str), "k": 4}})

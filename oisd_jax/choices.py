@@ -24,6 +24,8 @@ REWARDS = ("math", "strict", "verl_math")  # verl_math: verl's math.compute_scor
 # rl.think_weight_mode: the OISD weight of L_think and L_attn (rl.advantages.oisd_weights)
 THINK_WEIGHT_MODES = ("signed", "positive", "group_centered")
 SYNTHETIC_OPS = "+-*"
+# data.synthetic.prose: how few-shot answers are worked (data/synthetic.py); running_total is +- only
+SYNTHETIC_PROSE = ("brief", "running_total")
 COMPUTE_DTYPES = ("bfloat16", "float32", "float16")
 PARAM_DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",

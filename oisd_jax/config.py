@@ -23,7 +23,7 @@ from oisd_jax.choices import (  # noqa: F401
     ADV_ESTIMATORS, ALGORITHMS, ATTN_IMPLS, BAD_ROW_POLICIES, COMPUTE_DTYPES, DATA_FORMATS, KL_TYPES,
     LOSS_AGGS, MESH_AXES, PARAM_DTYPES, REMAT_POLICIES, REWARDS, SAMPLER_ENGINES, SCHEDULES, SYNTHETIC_OPS,
     TEACHERS, TRUNCATIONS, THINK_WEIGHT_MODES, PAGED_IMPLS)
-from oisd_jax.choices import OGLS_DIVERGENCES, OGLS_UNITS
+from oisd_jax.choices import OGLS_DIVERGENCES, OGLS_UNITS, SYNTHETIC_PROSE
 from oisd_jax.config_checker import MISSING, Checker
 
 _SUFFIXES = {"parquet": (".parquet",), "jsonl": (".jsonl", ".json")}
@@ -363,6 +363,10 @@ def _check_synthetic(c: Checker) -> None:
     ops = c.get("data.synthetic.ops")
     if not isinstance(ops, str) or not ops or set(ops) - set(SYNTHETIC_OPS):
         c.bad(f"data.synthetic.ops={ops!r} must be a non-empty string of {SYNTHETIC_OPS!r}")
+    prose = c.choice("data.synthetic.prose", SYNTHETIC_PROSE)
+    if prose == "running_total" and isinstance(ops, str) and "*" in ops:
+        c.bad(f"data.synthetic.prose='running_total' works left to right, which is the order of "
+              f"operations only without '*': data.synthetic.ops={ops!r} (use '+', '-' or '+-', or prose='brief')")
 
 
 def _check_eval_sets(c: Checker, fmt: str | None, check_paths: bool) -> None:

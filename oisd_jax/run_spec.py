@@ -201,7 +201,7 @@ def _data(config, algo: AlgorithmSettings) -> DataSpec:
     teacher = TeacherPrompt(d.teacher_template, int(d.teacher_max_prompt_len)) if algo.use_opsd else None
     task = ArithmeticTask(digits=int(s.digits), ops=tuple(s.ops), num_terms=int(s.num_terms),
                           reasoning=bool(s.reasoning), system_prompt=s.system_prompt or None,
-                          few_shot=int(s.few_shot))
+                          few_shot=int(s.few_shot), prose=str(s.prose))
     return DataSpec(format=d.format, train_path=d.train_path or None, fields=fields,
                     max_prompt_len=int(d.max_prompt_len), truncation=d.truncation, on_bad_row=d.on_bad_row,
                     seed=int(d.seed), task=task, num_synthetic_eval=int(s.num_eval), teacher=teacher)

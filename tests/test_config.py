@@ -296,6 +296,11 @@ def test_field_mapping_and_synthetic_knobs():
         "data.synthetic.few_shot=2 writes its examples in prose, which the synthetic tokenizer "
         "cannot spell: set model.hf_path or model.tokenizer_path, or few_shot=0"]
     assert problems(load("tiny", "data.synthetic.few_shot=-1")) == ["data.synthetic.few_shot=-1 must be >= 0"]
+    assert problems(load("tiny", "data.synthetic.prose=verbose")) == [
+        "data.synthetic.prose='verbose' is not one of ('brief', 'running_total')"]
+    assert problems(load("tiny", "data.synthetic.prose=running_total,data.synthetic.ops=+*")) == [
+        "data.synthetic.prose='running_total' works left to right, which is the order of operations only "
+        "without '*': data.synthetic.ops='+*' (use '+', '-' or '+-', or prose='brief')"]
 
 
 def test_num_layers_from_the_model_preset():

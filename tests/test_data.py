@@ -327,6 +327,37 @@ def test_few_shot_prompts_are_solved_examples_in_prose():
                                             "Then, 6-1 = 5. The answer is \\boxed{5}.")
 
 
+def test_running_total_examples_add_left_to_right():
+    """prose="running_total": the examples keep a running total, one sentence per term; the
+    sums in them are right (checked against an independent evaluation) and the problems are
+    those of the brief style."""
+    task = ArithmeticTask(digits=1, ops="+", num_terms=3, system_prompt=SYS, few_shot=2, prose="running_total")
+    recs = make_problems(20, seed=3, task=task)
+    brief = make_problems(20, seed=3, task=dataclasses.replace(task, prose="brief"))
+    assert [r["prompt"][-1] for r in recs] == [r["prompt"][-1] for r in brief]
+    assert recs[0]["prompt"][1:5:2] == brief[0]["prompt"][1:5:2]  # the same example questions
+    for question, answer in zip(recs[0]["prompt"][1:5:2], recs[0]["prompt"][2:5:2]):
+        expr = question["content"].removeprefix("what is ").removesuffix("?")
+        a, b, c = (int(x) for x in expr.split("+"))
+        assert answer["content"] == (
+            "We add the numbers one at a time and keep a running total. "
+            f"The numbers are {a}, {b} and {c}. We start with {a}. "
+            f"Next we add {b}: {a} + {b} = {a + b}, so the running total is {a + b}. "
+            f"Next we add {c}: {a + b} + {c} = {a + b + c}, so the running total is {a + b + c}. "
+            f"All the numbers have been added, so the answer is \\boxed{{{a + b + c}}}.")
+        assert math_reward(answer["content"], str(_independent_value(expr))) == 1.0
+    # subtraction: the same running total, the steps say so; its box is the expression's value
+    text = data.running_total_response("7-9+5")
+    assert "Next we subtract 9: 7 - 9 = -2, so the running total is -2." in text
+    assert text.startswith("We take the numbers") and math_reward(text, str(_independent_value("7-9+5"))) == 1.0
+    with pytest.raises(ValueError, match="left to right"):
+        data.running_total_response("2+3*4")
+    with pytest.raises(ValueError, match="running_total"):
+        ArithmeticTask(ops="+*", prose="running_total")
+    with pytest.raises(ValueError, match="prose in"):
+        ArithmeticTask(prose="verbose")
+
+
 def test_synthetic_task_validation():
     with pytest.raises(ValueError):
         ArithmeticTask(few_shot=-1)

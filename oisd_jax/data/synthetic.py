@@ -18,6 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
+from oisd_jax.choices import SYNTHETIC_PROSE as PROSE_STYLES
 from oisd_jax.data.sources import Record
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>")
@@ -75,6 +76,9 @@ class ArithmeticTask:
     it is scored on. Measured on SmolLM2-135M-Instruct (1-digit, 3 terms, +, T=0.7, 96 samples):
     the system prompt alone gives 0% boxed and correct, one shot 12.5%, two shots 47%.
     The shots use their own fixed seed, so every prompt of every split shows the same examples.
+    `prose` is how those answers are worked: "brief" (`prose_response`, ~40 tokens at three
+    terms) or "running_total" (`running_total_response`, left to right, each step a sentence:
+    ~90 tokens at three terms, the same arithmetic; for + and - only).
     """
 
     digits: int = 2
@@ -83,14 +87,16 @@ class ArithmeticTask:
     reasoning: bool = False
     system_prompt: str | None = None
     few_shot: int = 0
+    prose: str = "brief"
 
     def __post_init__(self):
         if isinstance(self.ops, str):  # configs spell ops as a string, e.g. "+-"
             object.__setattr__(self, "ops", tuple(self.ops))
         if (self.digits < 1 or self.num_terms < 2 or not self.ops or set(self.ops) - set(OPS)
-                or self.few_shot < 0):
+                or self.few_shot < 0 or self.prose not in PROSE_STYLES
+                or (self.prose == "running_total" and "*" in self.ops)):
             raise ValueError(f"bad ArithmeticTask {self}: digits >= 1, num_terms >= 2, ops in {OPS}, "
-                             "few_shot >= 0")
+                             f"few_shot >= 0, prose in {PROSE_STYLES} (running_total: ops of + and - only)")
 
 
 def _tokens(expression: str) -> tuple[list[int], list[str]]:
@@ -158,6 +164,33 @@ def prose_response(expression: str) -> str:
     return f"We compute one operation at a time. {' '.join(said)} The answer is {BOXED_TOKEN}{value}}}."
 
 
+def running_total_response(expression: str) -> str:
+    """A worked answer that keeps a running total, left to right, one sentence per term
+    (+ and - only, where left to right is the order of operations):
+    "3+4+5" -> "We add the numbers one at a time and keep a running total. The numbers are
+    3, 4 and 5. We start with 3. Next we add 4: 3 + 4 = 7, so the running total is 7. Next we
+    add 5: 7 + 5 = 12, so the running total is 12. All the numbers have been added, so the
+    answer is \\boxed{12}." Measured on SmolLM2-135M-Instruct with two such examples (1-digit,
+    3 terms, +, T=0.7, 16 problems x 4): 29.7% right, 10 of 16 groups mixed, 88 tokens."""
+    nums, ops = _tokens(expression)
+    if "*" in ops:
+        raise ValueError(f"running_total_response works left to right: no '*' in {expression!r}")
+    listed = ", ".join(map(str, nums[:-1])) + f" and {nums[-1]}"
+    verb = "add" if set(ops) == {"+"} else "take"
+    said = [f"We {verb} the numbers one at a time and keep a running total. The numbers are {listed}.",
+            f"We start with {nums[0]}."]
+    acc = nums[0]
+    for op, b in zip(ops, nums[1:]):
+        new = acc + b if op == "+" else acc - b
+        said.append(f"Next we {'add' if op == '+' else 'subtract'} {b}: {acc} {op} {b} = {new}, "
+                    f"so the running total is {new}.")
+        acc = new
+    said.append(f"All the numbers have been {'added' if verb == 'add' else 'used'}, so the answer is "
+                f"{BOXED_TOKEN}{acc}}}.")
+    return " ".join(said)
+
+
+_PROSE = {"brief": prose_response, "running_total": running_total_response}
 _SHOT_SEED = 2**31 - 1  # the few-shot examples' own stream, apart from every problem seed
 
 
@@ -176,7 +209,7 @@ def make_problems(n: int, *, seed: int, task: ArithmeticTask = ArithmeticTask())
     rng = np.random.default_rng(seed)
     shots = []
     for e in _expressions(np.random.default_rng(_SHOT_SEED), task, task.few_shot):
-        shots += [{"role": "user", "content": f"what is {e}?"}, {"role": "assistant", "content": prose_response(e)}]
+        shots += [{"role": "user", "content": f"what is {e}?"}, {"role": "assistant", "content": _PROSE[task.prose](e)}]
     records = []
     for expression in _expressions(rng, task, n):
         prompt = [*shots, {"role": "user", "content": f"what is {expression}?"}]
