@@ -8,12 +8,14 @@ The folder defaults to ~/.cache/oisd_jax/smollm2-135m-instruct ($OISD_SMOLLM2_DI
 The model is the real thing on a small scale: Llama architecture, 30 blocks, tied embeddings,
 rope_theta 1e5, its own BPE tokenizer and ChatML template, EOS <|im_end|>. The task is the
 embedded arithmetic generator (seeded, offline): sums of three one-digit numbers, with the
-paper's system prompt and two solved examples worked in prose before the question. Measured
-before any update (transformers sampling at T=0.7, 24 problems x 4): without examples SmolLM2
-answers in sentences and never boxes (0 of 64); with one, 12.5% of rollouts box the right sum;
-with two, 47%, in 17 of 24 groups mixed (some right, some wrong), and the responses follow the
-worked format ("First, 6+8 = 14. Then, 14+0 = 14. ...", 40 tokens on average). Mixed groups are
-what GRPO's advantages, and OISD's advantage-weighted terms, need from the first step.
+paper's system prompt and two solved examples before the question, each answer a sentence per
+addition with a running total (`data.synthetic.prose="running_total"`). Measured before any
+update (transformers sampling at T=0.7, 16 problems x 4, 2026-12-03): 29.7% of rollouts box the
+right sum, 10 of 16 groups are mixed (some right, some wrong), and the responses follow the
+worked format at 88 tokens on average (120 at most). The brief prose ("First, 6+8 = 14. Then,
+...", `prose="brief"`) is right 47% of the time at 40 tokens; without examples SmolLM2 answers
+in sentences and never boxes (0 of 64). Mixed groups are what GRPO's advantages, and OISD's
+advantage-weighted terms, need from the first step.
 """
 from __future__ import annotations
 
@@ -42,13 +44,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.synthetic.ops = "+"  # with "+-" (or two digits) it is wrong nearly always: no signal
     c.data.synthetic.system_prompt = c.data.system_prompt  # the paper's
     c.data.synthetic.few_shot = 2
+    c.data.synthetic.prose = "running_total"
     c.data.synthetic.num_eval = 32
-    c.data.max_prompt_len = 192  # system, the examples' four turns and the question: ~140 tokens
+    c.data.max_prompt_len = 320  # system, the examples' four turns and the question: ~280 tokens
     c.data.eval_sets = ml_collections.ConfigDict({"synthetic": {"path": None, "k": 2}})
 
-    # its worked answers run ~40 tokens; 128 leaves room for the prose it drifts into and cuts
-    # the rambling tail (which never boxes) before it costs the static sampler's every row
-    c.sampler.max_new_tokens = 128
+    # its worked answers run ~90 tokens (120 at most, measured); 192 leaves room for the prose
+    # it drifts into and cuts the rambling tail (which never boxes)
+    c.sampler.max_new_tokens = 192
     # At T=1 a 135M model's prose drifts off the question within a sentence and almost never
     # boxes a correct sum, so every group scores 0 and the advantages (and OISD's
     # advantage-weighted terms) vanish; T=0.7 keeps it on the question.

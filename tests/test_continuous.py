@@ -207,6 +207,31 @@ def test_paged_kernels_equal_gather_uneven_bf16(impl):
     assert np.abs(np.asarray(other) - np.asarray(out)).max() > 0.1
 
 
+def test_tpu_kernel_in_groups_of_rows_equals_gather(monkeypatch):
+    """A page table over the TPU kernel's SMEM budget goes to the kernel in groups of rows
+    (here 2 sequences per call, 3 calls): the same result as the gather path (interpret
+    mode), uneven lengths and a page shared across groups."""
+    cfg = ModelConfig.preset("tiny")
+    KV, Dh, Nh = cfg.num_kv_heads, cfg.head_dim, cfg.num_heads
+    rng = np.random.default_rng(3)
+    pages, ps, M, C = 30, 8, 6, 11
+    k = jnp.asarray(rng.standard_normal((KV, pages + 1, ps, Dh)), jnp.bfloat16)
+    v = jnp.asarray(rng.standard_normal((KV, pages + 1, ps, Dh)), jnp.bfloat16)
+    q = jnp.asarray(rng.standard_normal((M, Nh, Dh)), jnp.float32)
+    lengths = np.array([88, 1, 40, 9, 64, 17], np.int32)
+    table = np.full((M, C), pages, np.int32)
+    for m, L in enumerate(lengths):
+        table[m, :-(-L // ps)] = rng.choice(pages, -(-L // ps), replace=False)
+    table[5, 0] = table[0, 3]
+    ref = paged.paged_attention(q, k, v, table, lengths, cfg)
+    padded = -(-C // paged.PALLAS_PAGES_PER_BLOCK) * paged.PALLAS_PAGES_PER_BLOCK
+    assert paged.tpu_rows_per_call(padded) >= M  # the default budget: one call
+    monkeypatch.setattr(paged, "TPU_SMEM_TABLE_BYTES", 2 * 4 * padded)
+    assert paged.tpu_rows_per_call(padded) == 2
+    out = paged.paged_attention(q, k, v, table, lengths, cfg, impl="pallas_tpu", interpret=True)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5)
+
+
 @pytest.mark.parametrize("impl,shape", [("pallas_tpu", (2, 2, 2)), ("pallas_tpu", (1, 4, 1)), ("pallas_gpu", (1, 1, 2))])
 def test_paged_kernels_under_a_mesh_equal_gather(impl, shape):
     """Under a mesh (jax.set_mesh, as the Sampler calls the engine) a kernel runs per device
@@ -299,6 +324,15 @@ def test_tpu_kernel_compiles_deviceless_for_v5p():
     assert lowered.as_text().count("@tpu_custom_call") == 1
     compiled = lowered.compile()
     assert compiled.memory_analysis().argument_size_in_bytes >= 2 * pages * ps * 8 * 128 * 2
+    # Qwen3-4B's 9216-token rows at 512 slots: a 512 x 576 int32 table (1.1 MiB) is over the
+    # 1 MiB of SMEM the kernel prefetches it into (one call: RESOURCE_EXHAUSTED, measured);
+    # in groups of rows it compiles.
+    M, C = 512, 576
+    assert paged.tpu_rows_per_call(C) < M
+    lowered = jax.jit(lambda q, k, v, t, n: paged.paged_attention(q, k, v, t, n, cfg, impl="pallas_tpu")).lower(
+        arg((M, 32, 128), jnp.bfloat16), pool, pool, arg((M, C), jnp.int32), arg((M,), jnp.int32))
+    assert lowered.as_text().count("@tpu_custom_call") == -(-M // paged.tpu_rows_per_call(C))
+    lowered.compile()
     # The whole continuous rollout program with it (a 2-layer bf16 model of head_dim 128).
     from oisd_jax.model.params import abstract
     from oisd_jax.sampler_continuous import continuous_generate

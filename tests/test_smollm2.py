@@ -97,7 +97,7 @@ def test_one_oisd_step_with_real_text_then_export(tmp_path, hf_model):
         prompt, response = t.split("--- prompt ---\n", 1)[1].split("--- response ---\n", 1)
         # the config's system prompt and its two solved examples reach the sampled prompt
         assert prompt.startswith("<|im_start|>system\nPlease reason step by step"), prompt
-        assert prompt.count("We compute one operation at a time. First, ") == 2, prompt
+        assert prompt.count("We add the numbers one at a time and keep a running total.") == 2, prompt
         assert prompt.count("<|im_start|>user\nwhat is ") == 3, prompt
         assert sum(ch.isalpha() for ch in response) > 10, response  # prose, decoded from BPE
         if extract_boxed(response) is None:

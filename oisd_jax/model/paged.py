@@ -250,7 +250,24 @@ def _pallas_tpu(q_MNH, k_KNSH, v_KNSH, table_MC, lengths_M, interpret: bool) -> 
     Dh = q_MNH.shape[-1]
     table, per_block = _whole_blocks(table_MC, k_KNSH.shape[1] - 1)
     q = q_MNH * (Dh ** -0.5)
+    lengths = lengths_M.astype(jnp.int32)
+    rows = tpu_rows_per_call(table.shape[1])
     # Interpret mode is a tracing context for TPU kernels (no interpret= argument).
     with pltpu.force_tpu_interpret_mode() if interpret else contextlib.nullcontext():
-        o = kernel(q, k_KNSH, v_KNSH, lengths_M.astype(jnp.int32), table, pages_per_compute_block=per_block)
+        o = jnp.concatenate([kernel(q[i:i + rows], k_KNSH, v_KNSH, lengths[i:i + rows], table[i:i + rows],
+                                    pages_per_compute_block=per_block) for i in range(0, q.shape[0], rows)])
     return o.astype(q_MNH.dtype)
+
+
+# jax's TPU decode kernel prefetches its whole page table (and the lengths) into SMEM as
+# scalar operands, and SMEM is 1 MiB per core. Measured deviceless for v5p and v6e
+# (2026-12-03, Qwen3-4B's sampler): 512 slots x 576 pages of int32 (1179648 bytes) are
+# refused ("Allocation (size=1179648) would exceed memory (size=1048576) ... prefetched
+# SMEM operand 1"); 256 slots (589824 bytes) compile. Tables over this budget go to the
+# kernel in groups of rows, one call per group (each reads the same pool).
+TPU_SMEM_TABLE_BYTES = 768 * 1024
+
+
+def tpu_rows_per_call(pages_per_row: int) -> int:
+    """Sequences per TPU kernel call whose int32 page table fits TPU_SMEM_TABLE_BYTES."""
+    return max(1, TPU_SMEM_TABLE_BYTES // (4 * pages_per_row))
