@@ -343,11 +343,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not a.no_suggest:
         from oisd_jax.plan_search import suggest
         suggestions = suggest(setup, target, budget, results, mean_response)
-        what = (f"slots={suggestions.get('slots')} with pool_pages={suggestions.get('pool_pages')} (sized to the "
-                f"mean response)" if setup.engine == "continuous"
-                else f"sampler batch={suggestions.get('sampler_batch')} prompts")
-        print(f"\nlargest that fit: micro_batch_tokens={suggestions.get('micro_batch_tokens')} "
-              f"({suggestions.get('rows_per_device')} row(s)/device), {what}")
+        found = []  # with --phases, only the phases compiled are searched
+        if "rows_per_device" in suggestions:
+            found.append(f"micro_batch_tokens={suggestions['micro_batch_tokens']} "
+                         f"({suggestions['rows_per_device']} row(s)/device)")
+        if "slots" in suggestions:
+            found.append(f"slots={suggestions['slots']} with pool_pages={suggestions['pool_pages']} (sized to the "
+                         "mean response)")
+        if "sampler_batch" in suggestions:
+            found.append(f"sampler batch={suggestions['sampler_batch']} prompts")
+        if found:
+            print("\nlargest that fit: " + ", ".join(found))
     from oisd_jax.plan_search import sweep
     sw = sweep(setup, target) if a.sweep else []
     if sw:

@@ -97,21 +97,23 @@ def suggest(setup: PlanSetup, target: Target, budget: Budget, results: Sequence[
     (`plan_continuous.planned_pool_pages`): the pool lives inside the sampler program."""
     out: dict[str, Any] = {}
     shards = setup.batch_shards
+    base = {r.phase.name: r.total for r in results}  # the plan's own phases: probes already made
 
     def train_total(k: int) -> int:
         ph = train_phase(setup.replace(micro_batch_tokens=k * shards * setup.row_len))
         c = compile_program(f"train {k}", ph.lower, target)
         return _probed(f"train step at {k} row(s)/device", ph.resident_bytes + c.total, budget.bytes, c.compile_s)
 
-    # The plan's own phases are probes already made (a Qwen3-4B train-step compile is 4-10 min here).
-    base = {r.phase.name: r.total for r in results}
-    k0 = max(1, setup.rows_per_micro // shards)
-    known = {k0: base["train step"]} if "train step" in base and k0 * shards * setup.row_len == \
-        setup.micro_batch_tokens else {}
-    k, _ = suggest_linear(train_total, budget.bytes, k0, known=known)
-    out["rows_per_device"] = k
-    out["micro_batch_tokens"] = k * shards * setup.row_len if k else None
-
+    # A plan of some phases only (`--phases`) searches those only; the others' probes would
+    # each cost a compile the user asked to skip (a Qwen3-4B train step: 4-10 min here).
+    if "train step" in base:
+        k0 = max(1, setup.rows_per_micro // shards)
+        known = {k0: base["train step"]} if k0 * shards * setup.row_len == setup.micro_batch_tokens else {}
+        k, _ = suggest_linear(train_total, budget.bytes, k0, known=known)
+        out["rows_per_device"] = k
+        out["micro_batch_tokens"] = k * shards * setup.row_len if k else None
+    if "sampler" not in base:
+        return out
     if setup.engine == "continuous":
         out.update(suggest_slots(setup, target, budget, mean_response, base.get("sampler")))
         return out
@@ -130,8 +132,7 @@ def suggest(setup: PlanSetup, target: Target, budget: Budget, results: Sequence[
                        c.compile_s)
 
     j0 = max(1, setup.sampler_batch // unit)
-    known = {j0: max(beside(setup), base["sampler"])} if "sampler" in base and j0 * unit == setup.sampler_batch \
-        else {}
+    known = {j0: max(beside(setup), base["sampler"])} if j0 * unit == setup.sampler_batch else {}
     j, _ = suggest_linear(sampler_total, budget.bytes, j0, known=known)
     out["sampler_batch"] = j * unit if j else None
     return out

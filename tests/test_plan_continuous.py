@@ -130,6 +130,29 @@ def test_largest_slots_that_fit(monkeypatch, capsys):
     assert plan_search.suggest_slots(s, plan.get_target("cpu"), big, mean_response=3)["slots"] == 64
 
 
+def test_a_sampler_only_plan_searches_slots_only(monkeypatch, capsys):
+    """`--phases=sampler` with the search on: only slots are probed (a train-step probe of
+    Qwen3-4B on TPU is a 4-10 min compile here the user asked to skip), and the plan's own
+    sampler phase is the first probe. Compiles are faked as in the test above."""
+    from oisd_jax import plan_search
+    compiled = []
+
+    def fake_compile(name, lower, target):
+        compiled.append(name)
+        return plan_compile.Compiled(name, 0, 0, 0, 2 ** 20, None, 0.0, [])
+
+    monkeypatch.setattr(plan_search, "compile_program", fake_compile)
+    monkeypatch.setattr(plan_search, "train_phase", lambda s: pytest.fail("train step probed"))
+    s = _setup(",sampler.page_size=4")
+    s = s.replace(slots=8, pool_pages=pc.planned_pool_pages(s, 8, 3))
+    own = plan_compile.PhaseResult(pp.sampler_phase(s), fake_compile("sampler", None, None))
+    got = plan_search.suggest(s, plan.get_target("cpu"), plan_compile.Budget(2 ** 40, 1.0, 0), [own], mean_response=3)
+    assert set(got) == {"slots", "pool_pages"} and got["slots"] == 64, got  # capped at the 64 requests
+    assert "sampler 8 slots" not in compiled and compiled[1:], compiled
+    out = capsys.readouterr().out
+    assert "train step at" not in out and "sampler at 64 slots" in out
+
+
 @pytest.mark.skipif(not gpu_targets.plugin_available(), reason="pip install -r requirements-gpu-plan.txt")
 def test_gpu_plan_compiles_the_triton_kernel():
     """An H100 plan of the engine compiles what a GPU run takes with paged_impl=auto: jax's
