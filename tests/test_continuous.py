@@ -207,21 +207,28 @@ def test_paged_kernels_equal_gather_uneven_bf16(impl):
     assert np.abs(np.asarray(other) - np.asarray(out)).max() > 0.1
 
 
+def _random_pool(cfg, rng, pages: int, ps: int, lengths, C: int):
+    """bf16 pages (KV, pages + 1 with the trash page last), an f32 query per sequence and a
+    table naming distinct random pages below each length, trash past it."""
+    KV, Dh, Nh, M = cfg.num_kv_heads, cfg.head_dim, cfg.num_heads, len(lengths)
+    k = jnp.asarray(rng.standard_normal((KV, pages + 1, ps, Dh)), jnp.bfloat16)
+    v = jnp.asarray(rng.standard_normal((KV, pages + 1, ps, Dh)), jnp.bfloat16)
+    q = jnp.asarray(rng.standard_normal((M, Nh, Dh)), jnp.float32)
+    table = np.full((M, C), pages, np.int32)
+    for m, L in enumerate(lengths):
+        table[m, :-(-L // ps)] = rng.choice(pages, -(-L // ps), replace=False)
+    return q, k, v, table
+
+
 def test_tpu_kernel_in_groups_of_rows_equals_gather(monkeypatch):
     """A page table over the TPU kernel's SMEM budget goes to the kernel in groups of rows
     (here 2 sequences per call, 3 calls): the same result as the gather path (interpret
     mode), uneven lengths and a page shared across groups."""
     cfg = ModelConfig.preset("tiny")
-    KV, Dh, Nh = cfg.num_kv_heads, cfg.head_dim, cfg.num_heads
     rng = np.random.default_rng(3)
-    pages, ps, M, C = 30, 8, 6, 11
-    k = jnp.asarray(rng.standard_normal((KV, pages + 1, ps, Dh)), jnp.bfloat16)
-    v = jnp.asarray(rng.standard_normal((KV, pages + 1, ps, Dh)), jnp.bfloat16)
-    q = jnp.asarray(rng.standard_normal((M, Nh, Dh)), jnp.float32)
+    ps, M, C = 8, 6, 11
     lengths = np.array([88, 1, 40, 9, 64, 17], np.int32)
-    table = np.full((M, C), pages, np.int32)
-    for m, L in enumerate(lengths):
-        table[m, :-(-L // ps)] = rng.choice(pages, -(-L // ps), replace=False)
+    q, k, v, table = _random_pool(cfg, rng, 30, ps, lengths, C)
     table[5, 0] = table[0, 3]
     ref = paged.paged_attention(q, k, v, table, lengths, cfg)
     padded = -(-C // paged.PALLAS_PAGES_PER_BLOCK) * paged.PALLAS_PAGES_PER_BLOCK
@@ -239,16 +246,10 @@ def test_paged_kernels_under_a_mesh_equal_gather(impl, shape):
     `tensor` as the engine lays them out, or replicated where `tensor` is 1; the result equals
     the gather path on one device (interpret mode)."""
     cfg = ModelConfig.preset("tiny")
-    KV, Dh, Nh = cfg.num_kv_heads, cfg.head_dim, cfg.num_heads
     rng = np.random.default_rng(2)
-    pages, ps, M, C = 24, 8, 4, 5
-    k = jnp.asarray(rng.standard_normal((KV, pages + 1, ps, Dh)), jnp.bfloat16)
-    v = jnp.asarray(rng.standard_normal((KV, pages + 1, ps, Dh)), jnp.bfloat16)
-    q = jnp.asarray(rng.standard_normal((M, Nh, Dh)), jnp.float32)
+    ps, C = 8, 5
     lengths = np.array([1, C * ps, 13, 30], np.int32)
-    table = np.full((M, C), pages, np.int32)
-    for m, L in enumerate(lengths):
-        table[m, :-(-L // ps)] = rng.choice(pages, -(-L // ps), replace=False)
+    q, k, v, table = _random_pool(cfg, rng, 24, ps, lengths, C)
     ref = paged.paged_attention(q, k, v, table, lengths, cfg)
     mesh = parallel.make_mesh(shape, jax.devices()[:int(np.prod(shape))])
     pool_sh = parallel.sharding_for(("kv_heads", None, None, None), mesh, k.shape, parallel.DECODE_RULES)
