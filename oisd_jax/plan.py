@@ -44,6 +44,7 @@ import jax
 from oisd_jax import parallel
 from oisd_jax.plan_compile import GiB, Budget, PhaseResult, Target, compile_program, get_target
 from oisd_jax.plan_programs import Phase, PlanSetup, build_phases, make_setup, sampler_cache_bytes
+from oisd_jax.rl.batch import on_policy_updates
 
 
 # ----------------------------------------------------------------------------- phases
@@ -88,7 +89,10 @@ def step_flops(setup: PlanSetup, mean_prompt: float, response_frac: float) -> di
             teacher *= 2.0
     # rl.ppo_epochs passes of updates; the old log-probs and the samples once per step
     train = spec.train.ppo_epochs * ((3.0 + remat) * fwd + 4.0 * lens + teacher)
-    out = {"train": train, "old_logprob": fwd, "sample": fwd, "tokens": tokens}
+    # The old log-probs skip the mini-batches that are on-policy (the first with one pass).
+    minis = spec.train.prompts_per_step // spec.train.mini_batch_prompts
+    fresh = sum(on_policy_updates(spec.train.ppo_epochs, minis))
+    out = {"train": train, "old_logprob": fwd * (minis - fresh) / minis, "sample": fwd, "tokens": tokens}
     if setup.step_cfg.kl_coef:
         out["ref_logprob"] = fwd  # the KL's reference log-probs: one more forward per step
     return out

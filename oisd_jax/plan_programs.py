@@ -149,7 +149,8 @@ def abstract_batch(setup: PlanSetup):
                    loss_mask=sds((M, R, T), f32), advantages=sds((M, R, T), f32), old_logp=sds((M, R, T), f32),
                    attn_queries=sds((M, R, Q), i32), attn_keys=sds((M, R, Q, K), i32),
                    attn_weight=sds((M, R, Q), f32), attn_valid=sds((M, R, Q), f32),
-                   ref_logp=sds((M, R, T), f32) if s.step_cfg.kl_coef > 0 else None)
+                   ref_logp=sds((M, R, T), f32) if s.step_cfg.kl_coef > 0 else None,
+                   on_policy=sds((M, R), f32))  # the trainer marks every mini-batch (mark_on_policy)
     teacher = s.teacher_row_len is not None
     if teacher:
         # OPSD's teacher rows and the paired head positions (the trainer always compacts the
@@ -163,7 +164,7 @@ def abstract_batch(setup: PlanSetup):
         b = b.replace(steer_group=sds((M, R, T), i32), steer_correct=sds((M, R, T), f32),
                       steer_weight=sds((M, R, T), f32))
     return _with_sharding(b, batch_shardings(s.mesh, s.step_cfg.kl_coef > 0, with_teacher=teacher,
-                                             with_steer=steer))
+                                             with_steer=steer, on_policy=True))
 
 
 def train_phase(setup: PlanSetup) -> Phase:

@@ -25,6 +25,7 @@ from oisd_jax.divergence import SkipGuard
 from oisd_jax.resume_check import check_resume
 from oisd_jax.rewards import RewardPool
 from oisd_jax.rl import advantages
+from oisd_jax.rl.batch import mark_on_policy, on_policy_updates
 from oisd_jax.rl.step import StepConfig, make_logprob_fn, make_train_step
 from oisd_jax.rl.train_state import abstract_train_state, init_train_state
 from oisd_jax.run_spec import RunSpec, resolve
@@ -68,13 +69,17 @@ def supervised_warmup(s: Setup, state, workdir: str):
     logp_fn = make_logprob_fn(s.model_cfg, sft_cfg, s.mesh)
     bar = metrics.ProgressBar(t.sft_warmup_steps, process_index=jax.process_index(),
                               fields={"nll": "sft/nll"}, desc="warm-up")
+    (fresh,) = on_policy_updates(1, 1)  # one update per batch: pi_old is the policy itself
     for i, batch in enumerate(sft_batches(s)):
-        batch = s.put_batch(batch)
-        batch = batch.replace(old_logp=logp_fn(sft_state.params, batch))
-        sft_state, m = step_fn(sft_state, batch)
-        if i % 20 == 0 or i == t.sft_warmup_steps - 1:
-            nll = -float(jnp.sum(batch.old_logp) / jnp.maximum(jnp.sum(batch.loss_mask), 1))
+        batch = s.put_batch(mark_on_policy(batch, fresh))
+        show = i % 20 == 0 or i == t.sft_warmup_steps - 1
+        if show or not fresh:  # the log-prob pass only on the steps that show the NLL
+            logp = logp_fn(sft_state.params, batch)
+            batch = batch if fresh else batch.replace(old_logp=logp)
+        if show:
+            nll = -float(jnp.sum(logp) / jnp.maximum(jnp.sum(batch.loss_mask), 1))
             bar.update(i + 1, {"sft/nll": nll})
+        sft_state, m = step_fn(sft_state, batch)
     bar.close()
     return init_train_state(sft_state.params, s.step_cfg, s.mesh, s.model_cfg)
 
@@ -104,13 +109,14 @@ def rl_step(s: Setup, state, step: int, it, pool: RewardPool, key: jax.Array, ti
     with timer("pack"):  # packing rollouts into TrainBatch rows and the host-to-device copies
         teacher = [e["teacher_ids"] for e in examples] if algo.use_opsd else None
         steer_r = np.asarray(rewards).reshape(-1) if s.step_cfg.steer_on else None  # OGLS-SD's pools
-        batches = jax.block_until_ready([s.put_batch(b) for b in make_minibatches(s, ro, adv, step, teacher,
-                                                                                   think_w, steer_r)])
+        minis = make_minibatches(s, ro, adv, step, teacher, think_w, steer_r)
+        fresh = on_policy_updates(spec.train.ppo_epochs, len(minis))
+        batches = jax.block_until_ready([s.put_batch(mark_on_policy(b, f)) for b, f in zip(minis, fresh)])
     with timer("old_logp"):
-        # old log-probs of every mini-batch come from the policy before this step's updates,
-        # and stay fixed over the rl.ppo_epochs passes (PPO's pi_old). One wait per step, at
-        # the phase boundary, so the time is this phase's (the updates need them anyway).
-        batches = [b.replace(old_logp=logp_fn(state.params, b)) for b in batches]
+        # old log-probs of the other mini-batches come from the policy before this step's
+        # updates, and stay fixed over the rl.ppo_epochs passes (PPO's pi_old). One wait per
+        # step, at the phase boundary, so the time is this phase's (the updates need them).
+        batches = [b if f else b.replace(old_logp=logp_fn(state.params, b)) for b, f in zip(batches, fresh)]
         if s.step_cfg.kl_coef:  # the KL's reference: the frozen initial weights in the state
             batches = [b.replace(ref_logp=logp_fn(state.ref_params, b)) for b in batches]
         batches = jax.block_until_ready(batches)

@@ -13,7 +13,7 @@ import torch
 from hf_fixtures import save_hf_model
 from oisd_jax import parallel
 from oisd_jax.model import ModelConfig, load_hf
-from oisd_jax.rl.batch import TrainBatch, build_train_batch
+from oisd_jax.rl.batch import TrainBatch, build_train_batch, mark_on_policy
 from oisd_jax.run_spec import step_config
 from oisd_jax.rl.step import StepConfig, compute_grads, make_logprob_fn, make_train_step
 from oisd_jax.rl.train_state import abstract_train_state, batch_shardings, init_train_state
@@ -319,6 +319,34 @@ def test_step_loss_aggregation_vs_numpy(setup, agg):
     want = {"token-mean": sums.sum() / counts.sum(), "seq-mean-token-mean": np.mean(sums / counts),
             "seq-mean-token-sum": np.mean(sums), "seq-mean-token-sum-norm": np.mean(sums / 20.0)}[agg]
     np.testing.assert_allclose(loss, want, rtol=1e-5, atol=1e-7)
+
+
+def test_on_policy_rows_equal_old_logprobs_of_the_current_policy(setup):
+    """A mini-batch marked on-policy (the step's first update with ppo_epochs = 1) equals the
+    same batch with old_logp from make_logprob_fn of these params: loss, metrics (ratio 1: no
+    clipping, approx_kl 0) and gradients, fused and reference heads; its old_logp is not read
+    (garbage there changes nothing), and rows left unmarked still read theirs."""
+    cfg, params, batch = setup["cfg"], setup["params"], setup["batch"]
+    lp = setup["logp"]  # make_logprob_fn(cfg, FULL): temperature 0.8, like FULL's step
+    recomputed = batch.replace(old_logp=lp)
+    rng = np.random.default_rng(7)
+    garbage = batch.replace(old_logp=(lp + 3.0 * rng.normal(size=lp.shape)).astype(np.float32))
+    marked = mark_on_policy(garbage, True)
+    half = marked.replace(on_policy=np.asarray([[1.0] * 4, [0.0] * 4], np.float32))  # micro 0 only
+    half_ref = garbage.replace(old_logp=np.concatenate([lp[:1], garbage.old_logp[1:]]))
+    for fused in (True, False):
+        f = jax.jit(lambda p, *bs: [compute_grads(p, b, cfg, FULL, fused) for b in bs])
+        (l0, g0, m0), (l1, g1, m1), (lg, _, _), (lh, gh, mh), (lr, gr, mr) = f(
+            params, recomputed, marked, garbage, half, half_ref)
+        assert float(m1["approx_kl"]) == 0.0 and float(m1["ratio_max"]) == 1.0
+        assert abs(float(lg) - float(l0)) > 1e-3  # the garbage would matter if it were read
+        np.testing.assert_allclose(float(l1), float(l0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(float(lh), float(lr), rtol=1e-5, atol=1e-6)
+        for k in m0:
+            np.testing.assert_allclose(float(m1[k]), float(m0[k]), rtol=1e-4, atol=1e-6, err_msg=k)
+            np.testing.assert_allclose(float(mh[k]), float(mr[k]), rtol=1e-4, atol=1e-6, err_msg=k)
+        assert _maxabs(jax.tree.map(lambda a, b: a - b, g1, g0)) <= 1e-5 * _maxabs(g0)
+        assert _maxabs(jax.tree.map(lambda a, b: a - b, gh, gr)) <= 1e-5 * _maxabs(gr)
 
 
 def test_micro_batches_equal_one_batch(setup):

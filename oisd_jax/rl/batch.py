@@ -59,10 +59,29 @@ class TrainBatch:
     steer_group: jax.Array | None = None
     steer_correct: jax.Array | None = None
     steer_weight: jax.Array | None = None
+    # [M, R] f32: 1 where the update's params are the policy that sampled these rows (the
+    # step's first update with rl.ppo_epochs = 1), so log pi_old is the current log-prob,
+    # detached, and old_logp is not read (its pass is skipped: `mark_on_policy`). None = 0.
+    on_policy: jax.Array | None = None
 
     @property
     def targets(self) -> jax.Array:
         return shift_left(self.tokens)
+
+
+def mark_on_policy(b: TrainBatch, on: bool) -> TrainBatch:
+    """`b` with every row marked on-policy (1) or not (0). Mark every mini-batch of a run,
+    so the step's batch structure (and its one compiled program) stays the same."""
+    return b.replace(on_policy=np.full(np.shape(b.tokens)[:2], float(on), np.float32))
+
+
+def on_policy_updates(ppo_epochs: int, minibatches: int) -> list[bool]:
+    """Which of a step's mini-batches are updated by the params that sampled them: with one
+    pass over the rollouts, the first. Its pi_old is the policy itself (ratio 1, gradient
+    grad log pi: TRL's num_iterations = 1 shortcut), so its old log-prob pass is skipped --
+    with one mini-batch a step, the whole pass (SmolLM2's demo: 27 of its 193 s a step).
+    With more passes, the first mini-batch is seen again after updates and needs its pass."""
+    return [ppo_epochs == 1 and i == 0 for i in range(minibatches)]
 
 
 def shift_left(tokens):

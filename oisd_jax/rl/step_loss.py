@@ -59,6 +59,7 @@ class HeadInputs(NamedTuple):
     ref_logp: Array | None = None  # only with kl_coef
     think_w: Array | None = None   # TrainBatch.think_weight; None = clip(adv) (signed)
     steer_group: Array | None = None  # OGLS-SD: TrainBatch.steer_group (-1 = not steered)
+    on_policy: Array | None = None    # TrainBatch.on_policy at these tokens (1: old = current)
 
 
 class TokenTerms(NamedTuple):
@@ -108,10 +109,13 @@ def token_weights(batch: "TrainBatch", cfg: "StepConfig") -> Weights:
 # ----------------------------------------------------------------------------- the vocabulary head
 def _objective(t: TokenTerms, x: HeadInputs, cfg: "StepConfig") -> tuple[Array, HeadMetrics]:
     """Head loss and metric sums from per-token terms. Any slice of tokens: all sums."""
-    pg, _ = losses.policy_loss(t.logp, x.old_logp, x.adv, x.pg_weight, cfg.clip_low,
+    old_logp = x.old_logp
+    if x.on_policy is not None:  # pi_old is the policy itself: ratio 1 with grad log pi (TRL's shortcut)
+        old_logp = jnp.where(x.on_policy > 0, jax.lax.stop_gradient(t.logp), old_logp)
+    pg, _ = losses.policy_loss(t.logp, old_logp, x.adv, x.pg_weight, cfg.clip_low,
                                cfg.clip_high, cfg.dual_clip, cfg.ratio_log_clamp, "token-mean",
                                denom=1.0)
-    _, pm = losses.policy_loss(jax.lax.stop_gradient(t.logp), x.old_logp, x.adv, x.tok_weight,
+    _, pm = losses.policy_loss(jax.lax.stop_gradient(t.logp), old_logp, x.adv, x.tok_weight,
                                cfg.clip_low, cfg.clip_high, cfg.dual_clip, cfg.ratio_log_clamp,
                                "token-mean", denom=1.0)
     n = jnp.sum(x.tok_weight)  # the policy metrics are local means; make them global sums
@@ -363,7 +367,9 @@ def micro_loss(params: Params, mb: "TrainBatch", weights: Weights, model_cfg: "M
     x = HeadInputs(targets=mb.targets, old_logp=mb.old_logp, adv=mb.advantages, pg_weight=weights.pg,
                    tok_weight=weights.tok, ref_logp=mb.ref_logp if cfg.kl_coef else None,
                    think_w=mb.think_weight if think else None,
-                   steer_group=mb.steer_group if d_GV is not None else None)
+                   steer_group=mb.steer_group if d_GV is not None else None,
+                   on_policy=None if mb.on_policy is None else jnp.broadcast_to(mb.on_policy[:, None],
+                                                                                mb.old_logp.shape))
     ht = wt_DV = None
     if cfg.opsd_on:
         if mb.teacher_tokens is None or mb.head_positions is None or teacher is None:

@@ -71,12 +71,13 @@ def row_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def batch_shardings(mesh: Mesh, with_ref: bool = False, with_head: bool = False,
-                    with_teacher: bool = False, with_steer: bool = False) -> TrainBatch:
-    """A TrainBatch of shardings (for device_put); every field is split by rows."""
+                    with_teacher: bool = False, with_steer: bool = False, on_policy: bool = False) -> TrainBatch:
+    """A TrainBatch of shardings (for device_put); every field is split by rows (on_policy:
+    the [M, R] marks the trainer puts on every mini-batch, `mark_on_policy`)."""
     sh = row_sharding(mesh)
     t = sh if with_teacher else None
     return TrainBatch(tokens=sh, positions=sh, segment_ids=sh, loss_mask=sh, advantages=sh, old_logp=sh,
-                      attn_queries=sh, attn_keys=sh, attn_weight=sh, attn_valid=sh,
+                      on_policy=sh if on_policy else None, attn_queries=sh, attn_keys=sh, attn_weight=sh, attn_valid=sh,
                       ref_logp=sh if with_ref else None, head_positions=sh if with_head or with_teacher else None,
                       teacher_tokens=t, teacher_positions=t, teacher_segment_ids=t, teacher_head_positions=t,
                       **({"steer_group": sh, "steer_correct": sh, "steer_weight": sh} if with_steer else {}))
